@@ -1,0 +1,220 @@
+"""The DQN's MLP: float32 reference, int8 quantisation, and the decision rule.
+
+A network is a list of ``(weight, bias)`` pairs, ``weight`` of shape
+``(out, in)``; every layer but the last is followed by LeakyReLU(0.2) (SPEC
+section 6). ``quantize`` turns it into a ``QuantMLP``:
+
+* weights: int8, symmetric, one scale per output channel;
+* activations: int8, asymmetric, one (scale, zero point) per layer input, taken
+  from the range seen on calibration inputs. The network input may be split into
+  *segments* (metrics, inter-arrival times) with a (scale, zero point) each,
+  since the two have very different ranges;
+* accumulation in int32, requantisation in float32:
+  ``y[j] = offset[j] + sum_s mult[s, j] * acc_s[j]`` with
+  ``mult[s, j] = w_scale[j] * in_scale[s]`` and ``offset`` folding the bias and
+  the zero points.
+
+``forward_int8`` is the numpy twin of the native ``Int8MLP``: the same float32
+operations in the same order, so the two agree to the bit.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from offload_native import Int8MLP, decide
+
+__all__ = [
+    "LEAKY_SLOPE", "q_length", "q_index", "decide", "decide_reference", "decide_batch",
+    "forward_float", "he_uniform", "QuantLayer", "QuantMLP", "quantize", "forward_int8",
+    "Int8MLP",
+]
+
+LEAKY_SLOPE = np.float32(0.2)
+
+
+def q_length(N, P, M):
+    """Length of the Q-vector: ``M-N+1`` values ``Q(n,0)`` then ``M-P+1`` values ``Q(n,1)``."""
+    return 2 * (M + 1) - N - P
+
+
+def q_index(n, a, N, P, M):
+    """Position of ``Q(n, a)`` in the Q-vector (``n`` in scaled tokens)."""
+    return (n - N) if a == 0 else (M - N + 1 + n - P)
+
+
+def decide_reference(q, n, N, P, M):
+    """Numpy twin of the native ``decide``: offload iff ``n >= P`` and ``Q(n,1) >= Q(n,0)``."""
+    if n < P:
+        return False
+    return bool(q[q_index(n, 1, N, P, M)] >= q[q_index(n, 0, N, P, M)])
+
+
+def decide_batch(q, n, N, P, M):
+    """Decisions for a batch: ``q`` (B, L) Q-vectors, ``n`` (B,) token states -> bool (B,)."""
+    q = np.asarray(q)
+    n = np.asarray(n, dtype=np.int64)
+    rows = np.arange(q.shape[0])
+    ok = n >= P
+    i1 = np.where(ok, M - N + 1 + n - P, 0)
+    return ok & (q[rows, i1] >= q[rows, n - N])
+
+
+def he_uniform(sizes, rng):
+    """Random network with He-uniform weights (the paper's initialisation), zero biases.
+
+    ``sizes`` = ``[in, hidden..., out]``. Returns a list of ``(weight, bias)``.
+    """
+    layers = []
+    for din, dout in zip(sizes[:-1], sizes[1:]):
+        lim = np.sqrt(6.0 / din)
+        layers.append((rng.uniform(-lim, lim, size=(dout, din)).astype(np.float32),
+                       np.zeros(dout, dtype=np.float32)))
+    return layers
+
+
+def forward_float(layers, x):
+    """Float32 forward pass: ``x`` (B, in) or (in,) -> Q-values of the same rank."""
+    h = np.asarray(x, dtype=np.float32)
+    for i, (w, b) in enumerate(layers):
+        h = h @ np.asarray(w, np.float32).T + np.asarray(b, np.float32)
+        if i + 1 < len(layers):
+            h = np.where(h < 0, h * LEAKY_SLOPE, h)
+    return h
+
+
+@dataclass
+class QuantLayer:
+    """One int8 layer. ``seg_start`` has ``nseg + 1`` boundaries into the input."""
+
+    w_int8: np.ndarray      # (out, in) int8
+    w_scale: np.ndarray     # (out,) float32, per output channel
+    bias: np.ndarray        # (out,) float32
+    seg_start: np.ndarray   # (nseg + 1,) int32
+    in_scale: np.ndarray    # (nseg,) float32
+    in_zero: np.ndarray     # (nseg,) int32
+    leaky: bool
+
+    def requant(self):
+        """``(mult (nseg, out), offset (out,))`` in float32, as both forwards use them."""
+        nseg = len(self.in_scale)
+        w = self.w_int8.astype(np.int64)
+        mult = (self.w_scale[None, :].astype(np.float64)
+                * self.in_scale[:, None].astype(np.float64)).astype(np.float32)
+        off = self.bias.astype(np.float64).copy()
+        for s in range(nseg):
+            a, b = self.seg_start[s], self.seg_start[s + 1]
+            rowsum = w[:, a:b].sum(axis=1)
+            off -= mult[s].astype(np.float64) * self.in_zero[s] * rowsum
+        return mult, off.astype(np.float32)
+
+
+@dataclass
+class QuantMLP:
+    """An int8 network plus the float weights it came from."""
+
+    layers: list
+    float_layers: list = field(default_factory=list)
+
+    @property
+    def input_size(self):
+        return self.layers[0].w_int8.shape[1]
+
+    @property
+    def output_size(self):
+        return self.layers[-1].w_int8.shape[0]
+
+    def native_args(self):
+        """Arguments for the native ``Int8MLP``."""
+        args = []
+        for lay in self.layers:
+            mult, off = lay.requant()
+            args.append((lay.w_int8, lay.seg_start, (1.0 / lay.in_scale).astype(np.float32),
+                         lay.in_zero.astype(np.float32), mult, off, lay.leaky))
+        return args
+
+    def native(self):
+        """The compiled forward pass for this network."""
+        return Int8MLP(self.native_args())
+
+
+def _act_quant(lo, hi):
+    """Asymmetric int8 (scale, zero point) covering ``[lo, hi]`` (always including 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8
+    s = (hi - lo) / 255.0
+    z = int(np.clip(np.rint(-128.0 - lo / s), -128, 127))
+    return np.float32(s), z
+
+
+def quantize(layers, calib_x, segments=(0,)):
+    """Quantise a float network to int8 using calibration inputs.
+
+    Parameters
+    ----------
+    layers : list of (weight (out, in), bias (out,))
+    calib_x : array (B, in)
+        Representative inputs; activation ranges are their min/max per layer.
+    segments : sequence of int
+        Start offsets of the input segments that get their own input scale,
+        e.g. ``(0, H)`` for H metrics followed by H inter-arrival times.
+    """
+    calib_x = np.asarray(calib_x, dtype=np.float32)
+    if calib_x.ndim != 2 or calib_x.shape[1] != np.asarray(layers[0][0]).shape[1]:
+        raise ValueError(f"calibration inputs have shape {calib_x.shape}, "
+                         f"the network takes {np.asarray(layers[0][0]).shape[1]} inputs")
+    din = calib_x.shape[1]
+    bounds = np.array(list(segments) + [din], dtype=np.int32)
+    if bounds[0] != 0 or np.any(np.diff(bounds) <= 0):
+        raise ValueError(f"segments {segments} must start at 0 and increase within {din}")
+    qlayers = []
+    h = calib_x
+    for i, (w, b) in enumerate(layers):
+        w = np.asarray(w, np.float32)
+        b = np.asarray(b, np.float32)
+        if i == 0:
+            qs = [_act_quant(h[:, a:c].min(), h[:, a:c].max())
+                  for a, c in zip(bounds[:-1], bounds[1:])]
+            seg = bounds
+        else:
+            qs = [_act_quant(h.min(), h.max())]
+            seg = np.array([0, w.shape[1]], dtype=np.int32)
+        amax = np.abs(w).max(axis=1)
+        w_scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        w_int8 = np.clip(np.rint(w / w_scale[:, None]), -127, 127).astype(np.int8)
+        leaky = i + 1 < len(layers)
+        qlayers.append(QuantLayer(w_int8, w_scale, b.copy(), seg,
+                                  np.array([s for s, _ in qs], np.float32),
+                                  np.array([z for _, z in qs], np.int32), leaky))
+        h = h @ w.T + b
+        if leaky:
+            h = np.where(h < 0, h * LEAKY_SLOPE, h)
+    return QuantMLP(qlayers, [(np.asarray(w, np.float32), np.asarray(b, np.float32))
+                              for w, b in layers])
+
+
+def _quant_input(x, inv, zp):
+    return np.rint(np.clip(x * inv + zp, np.float32(-128), np.float32(127))).astype(np.int32)
+
+
+def forward_int8(qmlp, x):
+    """Numpy twin of the native int8 forward: ``x`` (B, in) float -> (B, out) float32."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    args = qmlp.native_args()
+    w0, st0, inv0, zp0 = args[0][:4]
+    a = np.empty(x.shape, dtype=np.int32)
+    for s in range(len(inv0)):
+        lo, hi = st0[s], st0[s + 1]
+        a[:, lo:hi] = _quant_input(x[:, lo:hi], inv0[s], zp0[s])
+    for li, (w, st, inv, zp, mult, off, leaky) in enumerate(args):
+        w32 = w.astype(np.int32)
+        y = np.broadcast_to(off, (x.shape[0], len(off))).astype(np.float32)
+        for s in range(len(st) - 1):
+            acc = a[:, st[s]:st[s + 1]] @ w32[:, st[s]:st[s + 1]].T
+            y = y + mult[s][None, :] * acc.astype(np.float32)
+        if leaky:
+            y = np.where(y < 0, y * LEAKY_SLOPE, y)
+        if li + 1 == len(args):
+            return y.astype(np.float32)
+        a = _quant_input(y, args[li + 1][2][0], args[li + 1][3][0])

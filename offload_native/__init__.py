@@ -1,0 +1,12 @@
+"""Compiled core of offload: token bucket, history ring, int8 MLP.
+
+Each piece has a numpy twin in ``offload`` that the tests compare it against.
+Import the public names from ``offload.bucket``, ``offload.ring`` and
+``offload.mlp`` rather than from here.
+"""
+
+from ._bucket import TokenBucket
+from ._ring import HistoryRing
+from ._mlp import Int8MLP, decide
+
+__all__ = ["TokenBucket", "HistoryRing", "Int8MLP", "decide"]

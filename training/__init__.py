@@ -1,0 +1,1 @@
+"""Workstation-only training code (needs the training extra: torch)."""
