@@ -1,0 +1,121 @@
+"""Token bucket: (rate, depth) -> (N, P, M) and the native bucket vs the SPEC model."""
+
+import math
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from offload.bucket import TokenBucket, scale, step_reference
+
+
+@pytest.mark.parametrize("rate, depth, expected", [
+    (0.1, 4, (1, 10, 40)),
+    (0.25, 2, (1, 4, 8)),
+    (0.05, 20, (1, 20, 400)),
+    (0.5, 1, (1, 2, 2)),
+    (0.2, 2.5, (2, 10, 25)),  # P'=5 leaves frac(12.5); P'=10 is the first exact one
+])
+def test_scale_examples(rate, depth, expected):
+    assert scale(rate, depth) == expected
+
+
+def _brute_scale(rate, depth):
+    best = min(range(1, 101), key=lambda p: (((rate * p) % 1 + (depth * p) % 1) / p, p))
+    N, M = math.floor(rate * best), math.floor(depth * best)
+    g = math.gcd(math.gcd(N, best), M)
+    return N // g, best // g, M // g
+
+
+@given(st.floats(0.02, 0.98), st.floats(1.0, 50.0))
+def test_scale_matches_definition(rate, depth):
+    try:
+        N, P, M = scale(rate, depth)
+    except ValueError:
+        N, P, M = _brute_scale(rate, depth)
+        assert N == 0 or N >= P or M < P
+        return
+    assert (N, P, M) == _brute_scale(rate, depth)
+    assert math.gcd(math.gcd(N, P), M) == 1
+    assert 0 < N < P <= M
+    # The approximation is within one step of the best denominator's grid.
+    assert abs(N / P - rate) < 1.0 / P + 1e-9 and abs(M / P - depth) < 1.0 / P + 1e-9
+
+
+@pytest.mark.parametrize("rate, depth, msg", [
+    (0.0, 4, "rate"), (1.0, 4, "rate"), (-0.1, 4, "rate"), (0.1, 0.5, "depth"),
+    (float("nan"), 4, "finite"), ("x", 4, "numbers"), (0.001, 4, "no valid bucket"),
+])
+def test_scale_rejects(rate, depth, msg):
+    with pytest.raises(ValueError, match=msg):
+        scale(rate, depth)
+
+
+@pytest.mark.parametrize("args", [(0, 10, 40), (10, 10, 40), (1, 10, 9), (-1, 2, 3)])
+def test_bucket_rejects_bad_parameters(args):
+    with pytest.raises(ValueError, match="invalid bucket"):
+        TokenBucket(*args)
+
+
+def test_bucket_basics():
+    b = TokenBucket(1, 10, 40)
+    assert b.tokens == 40 and b.can_offload()
+    assert b.step(True, 1) == 31
+    for _ in range(3):
+        b.step(True, 1)
+    assert b.tokens == 4 and not b.can_offload()
+    with pytest.raises(ValueError, match="cannot offload"):
+        b.step(True, 1)
+    assert b.tokens == 4  # a refused offload changes nothing
+    with pytest.raises(ValueError, match="slots"):
+        b.step(False, 0)
+    assert b.step(False, 100) == 40
+    b.reset(12)
+    assert b.tokens == 12
+    with pytest.raises(ValueError):
+        b.reset(41)
+
+
+bucket_params = st.tuples(st.integers(1, 20), st.integers(2, 30), st.integers(0, 80)).map(
+    lambda t: (t[0] if t[0] < t[1] else t[1] - 1, t[1], t[1] + t[2]))
+events = st.lists(st.tuples(st.booleans(), st.integers(1, 12)), min_size=1, max_size=300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(bucket_params, events)
+def test_bucket_matches_reference_model(params, evs):
+    N, P, M = params
+    b = TokenBucket(N, P, M)
+    n = M
+    for want, slots in evs:
+        assert N <= b.tokens <= M  # at every decision time
+        assert b.can_offload() == (n >= P)
+        a = want and n >= P
+        n = step_reference(n, a, slots, N, P, M)
+        assert b.step(a, slots) == n == b.tokens
+        assert 0 <= b.tokens <= M
+
+
+@settings(max_examples=150, deadline=None)
+@given(bucket_params, st.lists(st.integers(1, 6), min_size=1, max_size=400))
+def test_greedy_rate_and_burst_limits(params, gaps):
+    """Offload whenever allowed: the long-run rate and every burst stay within the bucket."""
+    N, P, M = params
+    b = TokenBucket(N, P, M)
+    times, sent = [], []
+    t = 0
+    for g in gaps:
+        a = b.can_offload()
+        b.step(a, g)
+        times.append(t)
+        sent.append(a)
+        t += g
+    # Long-run rate: at most b + r*elapsed tokens ever spent.
+    assert sum(sent) * P <= M + N * t
+    # Any window of images [i, j]: offloads <= floor(b) + what refills in between.
+    prefix = [0]
+    for a in sent:
+        prefix.append(prefix[-1] + a)
+    for i in range(len(sent)):
+        for j in range(i, min(len(sent), i + 60)):
+            burst = prefix[j + 1] - prefix[i]
+            assert burst <= (M + N * (times[j] - times[i])) // P

@@ -1,0 +1,96 @@
+"""Int8 MLP: native vs numpy int8 twin (bit-exact) and vs the float32 reference."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from offload import mlp
+from offload.mlp import Int8MLP, decide
+
+from conftest import dqn_inputs, random_network
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.sampled_from([1, 2, 5]),
+       st.booleans())
+def test_native_equals_numpy_int8_twin(seed, din_half, depth, two_segments):
+    rng = np.random.default_rng(seed)
+    din = 2 * din_half
+    layers = random_network(rng, din, int(rng.integers(1, 90)), hidden=(int(rng.integers(1, 70)),) * depth)
+    x = rng.normal(scale=3.0, size=(64, din)).astype(np.float32)
+    q = mlp.quantize(layers, x[:32], segments=(0, din_half) if two_segments else (0,))
+    np.testing.assert_array_equal(q.native().forward(x), mlp.forward_int8(q, x))
+
+
+def test_int8_tracks_float_reference():
+    """Decisions agree on >= 99.5% of random (input, n) pairs; Q error small vs output range."""
+    agree, rel_err = [], []
+    N, P, M = 1, 10, 40
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        layers = random_network(rng, 192, mlp.q_length(N, P, M))
+        q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, 96))
+        x = dqn_inputs(rng, 4000)
+        n = rng.integers(N, M + 1, size=len(x))
+        qi, qf = q.native().forward(x), mlp.forward_float(layers, x)
+        agree.append(np.mean(mlp.decide_batch(qi, n, N, P, M) == mlp.decide_batch(qf, n, N, P, M)))
+        rel_err.append(np.abs(qi - qf).max() / np.ptp(qf))
+    assert np.mean(agree) >= 0.995, agree
+    assert max(rel_err) < 0.05, rel_err
+
+
+def test_forward1_matches_batch(paper_net, rng):
+    _, _, q = paper_net
+    nat = q.native()
+    x = dqn_inputs(rng, 8)
+    out = np.empty(nat.output_size, np.float32)
+    for row, want in zip(x, nat.forward(x)):
+        nat.forward1(row, out)
+        np.testing.assert_array_equal(out, want)
+    with pytest.raises(ValueError, match="expects"):
+        nat.forward1(np.zeros(5, np.float32), out)
+    with pytest.raises(ValueError, match="expects"):
+        nat.forward(np.zeros((2, 5), np.float32))
+
+
+def test_decide_layout_and_ties():
+    N, P, M = 1, 4, 6
+    L = mlp.q_length(N, P, M)
+    assert L == (M - N + 1) + (M - P + 1) == 9
+    q = np.zeros(L, np.float32)
+    assert not decide(q, 3, N, P, M)            # n < P never offloads
+    assert decide(q, 4, N, P, M)                 # tie offloads
+    q[mlp.q_index(5, 0, N, P, M)] = 1.0          # Q(5,0) at position 4
+    assert mlp.q_index(5, 0, N, P, M) == 4 and mlp.q_index(5, 1, N, P, M) == 7
+    assert not decide(q, 5, N, P, M)
+    q[7] = 2.0
+    assert decide(q, 5, N, P, M)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        q = rng.normal(size=L).astype(np.float32)
+        n = int(rng.integers(N, M + 1))
+        assert decide(q, n, N, P, M) == mlp.decide_reference(q, n, N, P, M)
+        assert decide(q, n, N, P, M) == mlp.decide_batch(q[None], [n], N, P, M)[0]
+
+
+def test_decide_errors():
+    with pytest.raises(ValueError, match="needs 9"):
+        decide(np.zeros(8, np.float32), 4, 1, 4, 6)
+    with pytest.raises(ValueError, match="outside"):
+        decide(np.zeros(9, np.float32), 0, 1, 4, 6)
+
+
+def test_quantize_and_native_errors(rng):
+    layers = random_network(rng, 8, 3, hidden=(4,))
+    with pytest.raises(ValueError, match="calibration"):
+        mlp.quantize(layers, np.zeros((4, 7), np.float32))
+    with pytest.raises(ValueError, match="segments"):
+        mlp.quantize(layers, np.zeros((4, 8), np.float32), segments=(0, 9))
+    with pytest.raises(ValueError, match="layers"):
+        Int8MLP([])
+    q = mlp.quantize(layers, rng.normal(size=(16, 8)).astype(np.float32))
+    args = q.native_args()
+    bad = list(args[1])
+    bad[0] = np.zeros((3, 5), np.int8)  # second layer input does not match first output
+    with pytest.raises(ValueError, match="layer 1"):
+        Int8MLP([args[0], tuple(bad)])
