@@ -20,9 +20,6 @@ cdef class TokenBucket:
         Starting count (scaled tokens); the bucket starts full by default.
     """
 
-    cdef readonly long long N, P, M
-    cdef long long n
-
     def __init__(self, long long N, long long P, long long M, tokens=None):
         if N <= 0 or P <= 0 or N >= P or M < P:
             raise ValueError(

@@ -5,31 +5,65 @@ The arithmetic mirrors ``offload.mlp.forward_int8`` (numpy) step for step:
 int8 inputs and weights, int32 dot products, float32 requantisation
 ``y = offset + sum_s mult[s] * acc[s]``, LeakyReLU(0.2), then either float
 Q-values (last layer) or int8 activations for the next layer. The inner dot
-product is a plain int8 x int8 -> int32 reduction over contiguous rows so the
-C compiler vectorises it.
+product is a plain reduction over contiguous rows so the C compiler vectorises
+it. The int8 values are held widened to int16 in memory (weights once at load,
+activations as they are produced): the products are the same, but the compiler
+then maps the loop straight onto 16-bit multiply-add instructions (pmaddwd on
+x86, smlal on ARM) instead of unpacking bytes first, about twice as fast.
 """
 
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
-from libc.math cimport rintf, fminf, fmaxf
-from libc.stdint cimport int8_t, int32_t
+from libc.stdint cimport int8_t, int16_t, int32_t
+
+
 
 import numpy as np
 
-cdef enum:
-    MAX_LAYERS = 64
+# Adding then subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the
+# nearest integer, ties to even: the same result as rintf / numpy.rint, but
+# inline (rintf is a library call without SSE4.1, and this runs 500 times a decision).
+cdef float ROUND_MAGIC = 12582912.0
 
-cdef struct LayerC:
-    int din
-    int dout
-    int nseg
-    bint leaky
-    const int8_t* W          # dout x din, row-major
-    const int32_t* seg_start # nseg + 1 boundaries, last == din
-    const float* seg_inv     # nseg: 1 / input scale
-    const float* seg_zp      # nseg: input zero point (as float)
-    const float* mult        # nseg x dout
-    const float* offset      # dout
+
+cdef inline int16_t to_int8(float v) noexcept nogil:
+    """Clamp to [-128, 127] and round half to even (inputs are finite)."""
+    if v > 127.0:
+        v = 127.0
+    elif v < -128.0:
+        v = -128.0
+    return <int16_t> ((v + ROUND_MAGIC) - ROUND_MAGIC)
+
+cdef inline void dot_rows(const int16_t* W, const int16_t* x, int din, int dout, int a, int b,
+                          int32_t* acc) noexcept nogil:
+    """acc[j] = sum_{i in [a, b)} W[j, i] * x[i]: four rows at a time, sharing each x load."""
+    cdef int j = 0, i
+    cdef int32_t a0, a1, a2, a3, xi
+    cdef const int16_t* r0
+    cdef const int16_t* r1
+    cdef const int16_t* r2
+    cdef const int16_t* r3
+    while j + 4 <= dout:
+        r0 = W + j * din
+        r1 = r0 + din
+        r2 = r1 + din
+        r3 = r2 + din
+        a0 = 0; a1 = 0; a2 = 0; a3 = 0
+        for i in range(a, b):
+            xi = x[i]
+            a0 = a0 + r0[i] * xi
+            a1 = a1 + r1[i] * xi
+            a2 = a2 + r2[i] * xi
+            a3 = a3 + r3[i] * xi
+        acc[j] = a0; acc[j + 1] = a1; acc[j + 2] = a2; acc[j + 3] = a3
+        j += 4
+    while j < dout:
+        r0 = W + j * din
+        a0 = 0
+        for i in range(a, b):
+            a0 = a0 + r0[i] * x[i]
+        acc[j] = a0
+        j += 1
 
 
 cdef class Int8MLP:
@@ -39,30 +73,24 @@ cdef class Int8MLP:
     Q-vector without allocating; ``forward(X)`` runs a batch (rows of ``X``).
     """
 
-    cdef LayerC L[MAX_LAYERS]
-    cdef int nl
-    cdef list keep
-    cdef int8_t* buf_a
-    cdef int8_t* buf_b
-    cdef readonly int input_size
-    cdef readonly int output_size
 
     def __cinit__(self):
         self.buf_a = NULL
         self.buf_b = NULL
+        self.acc = NULL
 
     def __init__(self, layers):
-        cdef const int8_t[:, ::1] W
+        cdef const int16_t[:, ::1] W
         cdef const int32_t[::1] st
         cdef const float[::1] inv, zp, off
         cdef const float[:, ::1] mult
-        cdef int l, width = 0
+        cdef int l, width = 0, accsize = 0
         layers = list(layers)
         if not 1 <= len(layers) <= MAX_LAYERS:
             raise ValueError(f"need 1..{MAX_LAYERS} layers, got {len(layers)}")
         self.keep = []
         for l, (w_, st_, inv_, zp_, mult_, off_, leaky) in enumerate(layers):
-            w_ = np.ascontiguousarray(w_, dtype=np.int8)
+            w_ = np.ascontiguousarray(w_, dtype=np.int8).astype(np.int16)
             st_ = np.ascontiguousarray(st_, dtype=np.int32)
             inv_ = np.ascontiguousarray(inv_, dtype=np.float32)
             zp_ = np.ascontiguousarray(zp_, dtype=np.float32)
@@ -92,59 +120,55 @@ cdef class Int8MLP:
             self.L[l].mult = &mult[0, 0]
             self.L[l].offset = &off[0]
             width = max(width, din, dout)
+            accsize = max(accsize, nseg * dout)
         self.nl = len(layers)
         self.input_size = self.L[0].din
         self.output_size = self.L[self.nl - 1].dout
-        self.buf_a = <int8_t*> malloc(width)
-        self.buf_b = <int8_t*> malloc(width)
-        if self.buf_a == NULL or self.buf_b == NULL:
+        self.buf_a = <int16_t*> malloc(width * sizeof(int16_t))
+        self.buf_b = <int16_t*> malloc(width * sizeof(int16_t))
+        self.acc = <int32_t*> malloc(accsize * sizeof(int32_t))
+        if self.buf_a == NULL or self.buf_b == NULL or self.acc == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
         free(self.buf_a)
         free(self.buf_b)
+        free(self.acc)
 
     cdef void forward_c(self, const float* x, float* out) noexcept nogil:
-        cdef int l, j, s, i, a, b
-        cdef int32_t acc
-        cdef float y, v, inv, zp
-        cdef const int8_t* row
-        cdef const int8_t* cur
-        cdef int8_t* nxt
-        cdef int8_t* tmp
+        cdef int l, j, s, i
+        cdef float y, inv, zp
+        cdef const int16_t* cur
+        cdef int16_t* nxt
+        cdef int16_t* tmp
         cdef LayerC* lay = &self.L[0]
         # Quantise the input, one (scale, zero point) per segment.
         for s in range(lay.nseg):
             inv = lay.seg_inv[s]
             zp = lay.seg_zp[s]
             for i in range(lay.seg_start[s], lay.seg_start[s + 1]):
-                v = fminf(fmaxf(x[i] * inv + zp, -128.0), 127.0)
-                self.buf_a[i] = <int8_t> rintf(v)
+                self.buf_a[i] = to_int8(x[i] * inv + zp)
         cur = self.buf_a
         nxt = self.buf_b
         for l in range(self.nl):
             lay = &self.L[l]
+            for s in range(lay.nseg):
+                dot_rows(lay.W, cur, lay.din, lay.dout, lay.seg_start[s], lay.seg_start[s + 1],
+                         self.acc + s * lay.dout)
             if l + 1 < self.nl:
                 inv = self.L[l + 1].seg_inv[0]
                 zp = self.L[l + 1].seg_zp[0]
             for j in range(lay.dout):
-                row = lay.W + j * lay.din
                 y = lay.offset[j]
                 for s in range(lay.nseg):
-                    a = lay.seg_start[s]
-                    b = lay.seg_start[s + 1]
-                    acc = 0
-                    for i in range(a, b):
-                        acc = acc + <int32_t> row[i] * <int32_t> cur[i]
-                    y = y + lay.mult[s * lay.dout + j] * <float> acc
+                    y = y + lay.mult[s * lay.dout + j] * <float> self.acc[s * lay.dout + j]
                 if lay.leaky and y < 0:
                     y = y * <float> 0.2
                 if l + 1 == self.nl:
                     out[j] = y
                 else:
-                    v = fminf(fmaxf(y * inv + zp, -128.0), 127.0)
-                    nxt[j] = <int8_t> rintf(v)
-            tmp = <int8_t*> cur
+                    nxt[j] = to_int8(y * inv + zp)
+            tmp = <int16_t*> cur
             cur = nxt
             nxt = tmp
 
