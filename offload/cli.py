@@ -1,0 +1,210 @@
+"""``offload-sim``: compare offloading policies on a profile under a token bucket.
+
+Trains the threshold policies on the profile's training split, builds test
+streams from its test split (SPEC section 4), runs each policy and prints a
+table of average loss, reward, offload rate and the share of each oracle's gain
+over Baseline captured. Can also write the table (JSON/CSV) and an MDP or
+Baseline policy as a policy blob for the device.
+"""
+
+import csv
+import json
+import math
+import os
+import sys
+import tempfile
+
+import click
+import numpy as np
+
+from offload import blob, policies, sequences, simulate
+from offload.bucket import scale
+from offload.profile import TRAIN, TEST, Profile
+
+BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
+
+
+def _atomic_write_text(path, text):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _load_profile(path, synthetic, seed):
+    if path is None:
+        from offload.synthetic import synthetic_profile
+
+        click.echo(f"profile: synthetic ({synthetic} images, seed {seed}); "
+                   "pass --profile for a real one", err=True)
+        return synthetic_profile(synthetic, seed=seed)
+    try:
+        prof = Profile.load(path)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if prof.metric is None or prof.metric_mean is None:
+        try:
+            prof.fit_metric()
+        except ValueError as e:
+            raise click.ClickException(f"{path}: {e}") from None
+    return prof
+
+
+def _training_arrivals(arrivals, markov, seed):
+    """A long training sample of inter-arrival slots for the MDP (None = periodic)."""
+    if arrivals == "periodic":
+        return None
+    i1, i2, t1, t2 = markov
+    return sequences.markov_arrivals(100_000, 1, i1, i2, t1, t2, seed + 2)[0]
+
+
+def threshold_policy_blob(prof, theta, N, P, M, name, meta):
+    """A thresholds ``blob.Policy`` carrying the profile's metric pipeline."""
+    if prof.lut_x is None:
+        raise click.ClickException(
+            "the profile has no entropy->metric table (imported metrics only): "
+            "the device could not compute metrics, so no blob is written")
+    return blob.Policy("thresholds", N, P, M, float(prof.metric_mean), float(prof.metric_std),
+                       prof.lut_x, prof.lut_y, tinv=float(prof.tinv or 1.0),
+                       theta=policies.threshold_vector(theta, N, P, M),
+                       meta={"name": name, **meta})
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+              help="Profile .npz (offload.profile); default: a synthetic profile.")
+@click.option("--synthetic", default=20000, type=click.IntRange(20),
+              help="Images in the synthetic profile when no --profile is given.")
+@click.option("--rate", default=0.1, type=float, help="Token rate r (tokens per slot).")
+@click.option("--depth", default=4.0, type=float, help="Bucket depth b (tokens).")
+@click.option("--choice", type=click.Choice(["iid", "location-reset"]), default="location-reset",
+              help="Image choice process.")
+@click.option("--sp", "spread", default=0.1, type=click.FloatRange(0, 1),
+              help="Location-reset spread (fraction of the dataset).")
+@click.option("--rprob", default=0.01, type=click.FloatRange(0, 1),
+              help="Location-reset jump probability per image.")
+@click.option("--arrivals", type=click.Choice(["periodic", "markov"]), default="periodic")
+@click.option("--markov", nargs=4, type=(int, int, float, float), default=(1, 10, 0.1, 0.1),
+              help="Markov-modulated arrivals: I1 I2 tprob1 tprob2.")
+@click.option("--length", default=10000, type=click.IntRange(1), help="Images per test stream.")
+@click.option("--streams", default=10, type=click.IntRange(1), help="Number of test streams.")
+@click.option("--seed", default=0, type=int, help="Seed for profile, streams and arrivals.")
+@click.option("--policy", "policy_names", multiple=True,
+              help=f"Policy to run (repeatable): {', '.join(BUILTIN)} or a policy blob path. "
+                   "Default: all built-in ones.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the table as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV.")
+@click.option("--write-blob", "write_blob", nargs=2, type=(click.Choice(["mdp", "baseline"]),
+              click.Path(dir_okay=False)), multiple=True,
+              help="Write a threshold policy as a policy blob: KIND PATH (repeatable).")
+def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov,
+             length, streams, seed, policy_names, json_path, csv_path, write_blob):
+    """Compare offloading policies on a profile under a token bucket (rate r, depth b)."""
+    try:
+        N, P, M = scale(rate, depth)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if arrivals == "markov":
+        i1, i2, t1, t2 = markov
+        if i1 < 1 or i2 < 1 or not (0 < t1 <= 1 and 0 < t2 <= 1):
+            raise click.ClickException(f"--markov {markov}: need I1, I2 >= 1 and tprobs in (0, 1]")
+    names = list(policy_names) or list(BUILTIN)
+    for name in names:
+        if name not in BUILTIN and not os.path.isfile(name):
+            raise click.ClickException(f"--policy {name!r}: neither one of {', '.join(BUILTIN)} "
+                                       "nor an existing policy blob file")
+    prof = _load_profile(profile_path, synthetic, seed)
+    tr, te = prof.indices(TRAIN), prof.indices(TEST)
+    if len(tr) < 2 or len(te) < 1:
+        raise click.ClickException(f"profile needs training and test images "
+                                   f"(has {len(tr)} train, {len(te)} test)")
+    m = prof.standardized_metric().astype(np.float32)
+    try:
+        st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, streams,
+                                   seed, choice, spread, rprob, arrivals, markov,
+                                   raw_metric=prof.metric[te])
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    tau = st.mean_interarrival
+    click.echo(f"bucket r={rate} b={depth} -> (N, P, M) = ({N}, {P}, {M}); {streams} streams x "
+               f"{length} images, {choice}, {arrivals} arrivals (mean {tau:.3f} slots)", err=True)
+
+    want_mdp = "mdp" in names or any(k == "mdp" for k, _ in write_blob)
+    theta_mdp = None
+    if want_mdp:
+        click.echo("mdp: value iteration...", err=True)
+        theta_mdp = policies.mdp_thresholds(m[tr], prof.reward[tr], N, P, M,
+                                            interarrival=_training_arrivals(arrivals, markov, seed))
+    theta_base = policies.baseline_threshold(m[tr], rate, tau)
+
+    results = {}
+    for name in names + [n for n in ("baseline", "oracle", "oracle-metric") if n not in names]:
+        if name == "lower-bound":
+            results[name] = simulate.run_lower_bound(m[tr], st, rate)
+        elif name == "baseline":
+            results[name] = simulate.run_thresholds(theta_base, st, N, P, M, name="baseline")
+        elif name == "mdp":
+            results[name] = simulate.run_thresholds(theta_mdp, st, N, P, M, name="mdp")
+        elif name in ("oracle", "oracle-metric"):
+            results[name] = simulate.run_oracle(st, N, P, M, metric_only=name == "oracle-metric",
+                                                progress=True)
+        else:
+            try:
+                pol = blob.read_blob(name)
+            except blob.BlobError as e:
+                raise click.ClickException(str(e)) from None
+            if (pol.N, pol.P, pol.M) != (N, P, M):
+                raise click.ClickException(
+                    f"{name}: policy was made for bucket (N, P, M) = ({pol.N}, {pol.P}, {pol.M}), "
+                    f"this run uses ({N}, {P}, {M}) (r={rate}, b={depth})")
+            results[name] = simulate.run_policy(pol, st, name=name, progress=True)
+    rows = []
+    for name in names:
+        row = results[name].row()
+        for o in ("oracle", "oracle-metric"):
+            row[f"share_of_{o}_gain"] = simulate.captured_share(results[name], results["baseline"],
+                                                                results[o])
+        rows.append(row)
+    cols = ["policy", "avg_loss", "mean_reward", "offload_rate", "share_of_oracle_gain",
+            "share_of_oracle-metric_gain", "feasible"]
+    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        click.echo("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
+    meta = {"rate": rate, "depth": depth, "profile": profile_path or "synthetic"}
+    if json_path:
+        _atomic_write_text(json_path, json.dumps(
+            {"bucket": {"rate": rate, "depth": depth, "N": N, "P": P, "M": M},
+             "streams": {"count": streams, "length": length, "choice": choice, "spread": spread,
+                         "rprob": rprob, "arrivals": arrivals, "markov": list(markov),
+                         "seed": seed},
+             "results": [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                          for k, v in r.items()} for r in rows]}, indent=2))
+    if csv_path:
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        w.writerows({c: r[c] for c in cols} for r in rows)
+        _atomic_write_text(csv_path, buf.getvalue())
+    for kind, path in write_blob:
+        theta = theta_mdp if kind == "mdp" else theta_base
+        blob.write_blob(path, threshold_policy_blob(prof, theta, N, P, M, kind, meta))
+        click.echo(f"wrote {kind} policy blob {path}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(sim_main())

@@ -1,0 +1,257 @@
+"""Run policies over many parallel test streams under the token bucket.
+
+A *stream* is one test sequence: per image its standardised metric, the true
+reward of offloading it, the weak classifier's loss, and the slots until the
+next image. ``Streams`` holds ``S`` of them as ``(S, L)`` arrays; ``make_streams``
+builds them from a profile's test split and the generators of
+``offload.sequences`` (SPEC section 4). Every run starts each stream with a full
+bucket and an empty history and returns a ``SimResult``:
+
+* ``mean_reward``: reward per image, averaged over all streams;
+* ``avg_loss``: mean weak loss minus mean reward (SPEC section 5; lower is better);
+* ``offload_rate``: offloads per image;
+* ``token_hist``: how many decisions were taken at each token count ``n``;
+* optionally the per-image trace (decisions, token counts) for plots.
+
+Threshold policies run in a native loop; DQN policies run batched across
+streams (one MLP call per image position for all streams).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from offload import mlp, policies, sequences
+from offload.ring import input_size
+
+__all__ = ["Streams", "SimResult", "make_streams", "run_thresholds", "run_thresholds_numpy",
+           "run_dqn", "run_policy", "run_oracle", "run_lower_bound", "captured_share"]
+
+
+@dataclass
+class Streams:
+    """``S`` test streams of ``L`` images each (all arrays ``(S, L)``)."""
+
+    metric: np.ndarray        # float32, standardised metric
+    reward: np.ndarray        # float32, weak loss - strong loss
+    weak_loss: np.ndarray     # float32
+    interarrival: np.ndarray  # int64 slots to the next image (>= 1)
+    raw_metric: np.ndarray = None  # float32 expected reward f(h); defaults to ``metric``
+
+    def __post_init__(self):
+        if self.raw_metric is None:
+            self.raw_metric = self.metric
+        self.metric = np.ascontiguousarray(self.metric, np.float32)
+        self.reward = np.ascontiguousarray(self.reward, np.float32)
+        self.weak_loss = np.ascontiguousarray(self.weak_loss, np.float32)
+        self.interarrival = np.ascontiguousarray(self.interarrival, np.int64)
+        self.raw_metric = np.ascontiguousarray(self.raw_metric, np.float32)
+        shapes = {a.shape for a in (self.metric, self.reward, self.weak_loss, self.interarrival,
+                                    self.raw_metric)}
+        if len(shapes) != 1 or self.metric.ndim != 2:
+            raise ValueError(f"stream arrays must share one (S, L) shape, got {sorted(shapes)}")
+        if self.metric.size and self.interarrival.min() < 1:
+            raise ValueError("inter-arrival times must be >= 1 slot")
+
+    @property
+    def shape(self):
+        return self.metric.shape
+
+    @property
+    def mean_interarrival(self):
+        return float(self.interarrival.mean())
+
+
+@dataclass
+class SimResult:
+    """What one policy achieved on a set of streams."""
+
+    policy: str
+    mean_reward: float
+    avg_loss: float
+    offload_rate: float
+    stream_reward: np.ndarray = None   # (S,) mean reward per image per stream
+    token_hist: np.ndarray = None      # (M+1,) decisions at each token count
+    decisions: np.ndarray = None       # (S, L) uint8, with trace
+    tokens: np.ndarray = None          # (S, L) int32 scaled tokens before each decision
+    feasible: bool = True              # False: ignores the bucket (lower bound)
+    extra: dict = field(default_factory=dict)
+
+    def row(self):
+        """A flat dict for tables (no arrays)."""
+        return {"policy": self.policy, "avg_loss": self.avg_loss, "mean_reward": self.mean_reward,
+                "offload_rate": self.offload_rate, "feasible": self.feasible, **self.extra}
+
+
+def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", spread=0.1,
+                 rprob=0.1, arrivals="periodic", markov=(1, 10, 0.1, 0.1), raw_metric=None):
+    """Test streams from one split's per-image arrays (SPEC section 4).
+
+    The images are first sorted by metric so that an index range is a metric
+    range (``metric`` standardised, ``raw_metric`` the expected reward it came
+    from, used by the metric-only oracle); ``choice`` is ``"iid"`` or ``"location-reset"`` (with ``spread``,
+    ``rprob``), ``arrivals`` is ``"periodic"`` or ``"markov"`` with
+    ``markov = (I1, I2, tprob1, tprob2)`` (slots, slots, per-slot probabilities).
+    """
+    metric = np.asarray(metric, np.float32)
+    order = np.argsort(metric, kind="stable")
+    raw = metric if raw_metric is None else np.asarray(raw_metric, np.float32)
+    metric, reward, weak_loss = metric[order], np.asarray(reward)[order], np.asarray(weak_loss)[order]
+    raw = raw[order]
+    n = len(metric)
+    if n == 0:
+        raise ValueError("no images to build streams from")
+    if choice == "iid":
+        idx = sequences.iid(n, length, n_seq, seed)
+    elif choice == "location-reset":
+        idx = sequences.location_reset(n, length, n_seq, spread, rprob, seed)
+    else:
+        raise ValueError(f"unknown image choice {choice!r} (iid, location-reset)")
+    if arrivals == "periodic":
+        ia = sequences.periodic(length, n_seq)
+    elif arrivals == "markov":
+        i1, i2, t1, t2 = markov
+        ia = sequences.markov_arrivals(length, n_seq, i1, i2, t1, t2, seed + 1)
+    else:
+        raise ValueError(f"unknown arrival process {arrivals!r} (periodic, markov)")
+    return Streams(metric[idx], reward[idx], weak_loss[idx], ia, raw[idx])
+
+
+def _result(name, streams, total, count, **kw):
+    S, L = streams.shape
+    mean_reward = float(np.sum(total) / (S * L))
+    return SimResult(name, mean_reward, float(streams.weak_loss.mean()) - mean_reward,
+                     float(np.sum(count) / (S * L)), stream_reward=np.asarray(total) / L, **kw)
+
+
+def run_thresholds(theta, streams, N, P, M, trace=False, name="thresholds"):
+    """A threshold policy (scalar = Baseline, or ``M-P+1`` values) in the native loop."""
+    out = policies.simulate_thresholds(streams.metric, streams.reward, streams.interarrival,
+                                       theta, N, P, M, trace=trace)
+    res = _result(name, streams, out[0], out[1], token_hist=out[2])
+    if trace:
+        res.decisions, res.tokens = out[3], out[4]
+    return res
+
+
+def run_thresholds_numpy(theta, streams, N, P, M, name="thresholds"):
+    """The same as ``run_thresholds``, vectorised across streams in numpy (a loop over images).
+
+    The straightforward alternative the native loop is benchmarked against.
+    """
+    theta = policies.threshold_vector(theta, N, P, M)
+    S, L = streams.shape
+    n = np.full(S, M, np.int64)
+    total = np.zeros(S)
+    count = np.zeros(S, np.int64)
+    hist = np.zeros(M + 1, np.int64)
+    for k in range(L):
+        np.add.at(hist, n, 1)
+        ok = n >= P
+        a = ok & (streams.metric[:, k] >= theta[np.where(ok, n - P, 0)])
+        total += np.where(a, streams.reward[:, k], 0.0)
+        count += a
+        n = np.minimum(M, n - P * a + N * streams.interarrival[:, k])
+    return _result(name, streams, total, count, token_hist=hist)
+
+
+def _windows(streams, H, use_ia):
+    """Padded histories so the input at position k is two slices (no per-step concatenation)."""
+    S, _ = streams.shape
+    pm = np.concatenate([np.zeros((S, H - 1), np.float32), streams.metric], axis=1)
+    pi = np.concatenate([np.zeros((S, H), np.float32),
+                         streams.interarrival.astype(np.float32)], axis=1) if use_ia else None
+    return pm, pi
+
+
+def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, name="dqn",
+            progress=False):
+    """A DQN policy batched across streams.
+
+    ``network`` is a ``QuantMLP`` (runs the native int8 forward, as the device
+    does), an ``Int8MLP``, or a list of float ``(weight, bias)`` layers (runs the
+    float32 numpy reference). The input at image ``k`` is SPEC section 6's
+    window of ``H`` metrics and, optionally, ``H`` inter-arrival times.
+    """
+    if isinstance(network, mlp.QuantMLP):
+        network = network.native()
+    if isinstance(network, mlp.Int8MLP):
+        forward, din = network.forward, network.input_size
+    else:
+        layers = network
+        forward, din = (lambda x: mlp.forward_float(layers, x)), np.shape(layers[0][0])[1]
+    if din != input_size(H, use_interarrival):
+        raise ValueError(f"network takes {din} inputs, H={H} "
+                         f"{'with' if use_interarrival else 'without'} inter-arrival times "
+                         f"gives {input_size(H, use_interarrival)}")
+    S, L = streams.shape
+    pm, pi = _windows(streams, H, use_interarrival)
+    x = np.empty((S, din), np.float32)
+    n = np.full(S, M, np.int64)
+    total = np.zeros(S)
+    count = np.zeros(S, np.int64)
+    hist = np.zeros(M + 1, np.int64)
+    dec = np.zeros((S, L), np.uint8) if trace else None
+    tok = np.zeros((S, L), np.int32) if trace else None
+    for k in tqdm(range(L), desc=name, unit="image", disable=not progress, leave=False):
+        x[:, :H] = pm[:, k:k + H][:, ::-1]          # m[k], ..., m[k-H+1]
+        if use_interarrival:
+            x[:, H:] = pi[:, k:k + H][:, ::-1]      # i[k-1], ..., i[k-H]
+        a = mlp.decide_batch(forward(x), n, N, P, M)
+        np.add.at(hist, n, 1)
+        if trace:
+            dec[:, k], tok[:, k] = a, n
+        total += np.where(a, streams.reward[:, k], 0.0)
+        count += a
+        n = np.minimum(M, n - P * a + N * streams.interarrival[:, k])
+    return _result(name, streams, total, count, token_hist=hist, decisions=dec, tokens=tok)
+
+
+def run_policy(policy, streams, trace=False, name=None, int8=True, progress=False):
+    """Run a policy blob (``offload.blob.Policy``): thresholds natively, DQN int8 or float."""
+    name = name or policy.meta.get("name", policy.kind)
+    if policy.kind == "thresholds":
+        return run_thresholds(policy.theta, streams, policy.N, policy.P, policy.M, trace, name)
+    net = policy.qmlp if int8 else policy.qmlp.float_layers
+    return run_dqn(net, streams, policy.N, policy.P, policy.M, policy.H, policy.interarrival,
+                   trace, name, progress)
+
+
+def run_oracle(streams, N, P, M, metric_only=False, progress=False):
+    """Oracle per stream (SPEC section 5): true rewards, or metrics only (then scored on rewards).
+
+    The metric-only form maximises the sum of ``raw_metric`` (expected rewards)
+    sent. Both respect the bucket but know the future, so no device can run them.
+    """
+    S, L = streams.shape
+    total = np.zeros(S)
+    count = np.zeros(S, np.int64)
+    for s in tqdm(range(S), desc="oracle-metric" if metric_only else "oracle", unit="stream",
+                  disable=not progress, leave=False):
+        if metric_only:
+            t, mask = policies.oracle_metric(streams.raw_metric[s], streams.reward[s],
+                                             streams.interarrival[s], N, P, M)
+        else:
+            t, mask = policies.oracle(streams.reward[s], streams.interarrival[s], N, P, M)
+        total[s], count[s] = t, mask.sum()
+    return _result("oracle-metric" if metric_only else "oracle", streams, total, count)
+
+
+def run_lower_bound(train_metric, streams, rate):
+    """Offload every test image above the training ``(1 - rate*tau)`` quantile, no bucket.
+
+    Not feasible under the bucket; ``tau`` is the streams' mean inter-arrival time.
+    """
+    theta = policies.baseline_threshold(train_metric, rate, streams.mean_interarrival)
+    a = streams.metric >= theta
+    total = np.where(a, streams.reward, 0.0).sum(axis=1)
+    return _result("lower-bound", streams, total, a.sum(axis=1), feasible=False)
+
+
+def captured_share(result, baseline, oracle):
+    """Share of the gain ``oracle - baseline`` (mean reward) that ``result`` captures."""
+    gain = oracle.mean_reward - baseline.mean_reward
+    if abs(gain) < 1e-12:
+        return float("nan")
+    return (result.mean_reward - baseline.mean_reward) / gain
