@@ -23,6 +23,7 @@ cdef class Int8MLP:
     cdef int16_t* buf_a
     cdef int16_t* buf_b
     cdef int32_t* acc        # nseg x dout scratch for the dot products
+    cdef float* ybuf         # dout scratch for requantisation
     cdef readonly int input_size
     cdef readonly int output_size
     cdef void forward_c(self, const float* x, float* out) noexcept nogil

@@ -27,11 +27,12 @@ cdef float ROUND_MAGIC = 12582912.0
 
 
 cdef inline int16_t to_int8(float v) noexcept nogil:
-    """Clamp to [-128, 127] and round half to even (inputs are finite)."""
-    if v > 127.0:
-        v = 127.0
-    elif v < -128.0:
-        v = -128.0
+    """Clamp to [-128, 127] and round half to even (inputs are finite).
+
+    Written as selects, not branches, so loops over it vectorise (min/max).
+    """
+    v = v if v < <float> 127.0 else <float> 127.0
+    v = v if v > <float> -128.0 else <float> -128.0
     return <int16_t> ((v + ROUND_MAGIC) - ROUND_MAGIC)
 
 cdef inline void dot_rows(const int16_t* W, const int16_t* x, int din, int dout, int a, int b,
@@ -78,6 +79,7 @@ cdef class Int8MLP:
         self.buf_a = NULL
         self.buf_b = NULL
         self.acc = NULL
+        self.ybuf = NULL
 
     def __init__(self, layers):
         cdef const int16_t[:, ::1] W
@@ -127,17 +129,20 @@ cdef class Int8MLP:
         self.buf_a = <int16_t*> malloc(width * sizeof(int16_t))
         self.buf_b = <int16_t*> malloc(width * sizeof(int16_t))
         self.acc = <int32_t*> malloc(accsize * sizeof(int32_t))
-        if self.buf_a == NULL or self.buf_b == NULL or self.acc == NULL:
+        self.ybuf = <float*> malloc(width * sizeof(float))
+        if self.buf_a == NULL or self.buf_b == NULL or self.acc == NULL or self.ybuf == NULL:
             raise MemoryError()
 
     def __dealloc__(self):
         free(self.buf_a)
         free(self.buf_b)
         free(self.acc)
+        free(self.ybuf)
 
     cdef void forward_c(self, const float* x, float* out) noexcept nogil:
         cdef int l, j, s, i
-        cdef float y, inv, zp
+        cdef float inv, zp, v
+        cdef float* y
         cdef const int16_t* cur
         cdef int16_t* nxt
         cdef int16_t* tmp
@@ -155,19 +160,26 @@ cdef class Int8MLP:
             for s in range(lay.nseg):
                 dot_rows(lay.W, cur, lay.din, lay.dout, lay.seg_start[s], lay.seg_start[s + 1],
                          self.acc + s * lay.dout)
-            if l + 1 < self.nl:
+            # Requantise in separate passes over j so each pass vectorises;
+            # LeakyReLU(0.2) as max(y, 0.2 y) avoids a data-dependent branch.
+            y = self.ybuf
+            for j in range(lay.dout):
+                y[j] = lay.offset[j]
+            for s in range(lay.nseg):
+                for j in range(lay.dout):
+                    y[j] = y[j] + lay.mult[s * lay.dout + j] * <float> self.acc[s * lay.dout + j]
+            if lay.leaky:
+                for j in range(lay.dout):
+                    v = y[j] * <float> 0.2
+                    y[j] = y[j] if y[j] > v else v
+            if l + 1 == self.nl:
+                for j in range(lay.dout):
+                    out[j] = y[j]
+            else:
                 inv = self.L[l + 1].seg_inv[0]
                 zp = self.L[l + 1].seg_zp[0]
-            for j in range(lay.dout):
-                y = lay.offset[j]
-                for s in range(lay.nseg):
-                    y = y + lay.mult[s * lay.dout + j] * <float> self.acc[s * lay.dout + j]
-                if lay.leaky and y < 0:
-                    y = y * <float> 0.2
-                if l + 1 == self.nl:
-                    out[j] = y
-                else:
-                    nxt[j] = to_int8(y * inv + zp)
+                for j in range(lay.dout):
+                    nxt[j] = to_int8(y[j] * inv + zp)
             tmp = <int16_t*> cur
             cur = nxt
             nxt = tmp
