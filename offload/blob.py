@@ -14,12 +14,12 @@ only ever reads them.
 import json
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from offload.atomic import atomic_write_bytes
 from offload.mlp import QuantLayer, QuantMLP, q_length
 from offload.ring import input_size
 
@@ -262,20 +262,7 @@ def from_bytes(data, name="<bytes>"):
 
 def write_blob(path, policy):
     """Write ``policy`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    data = to_bytes(policy)
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".blob-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, to_bytes(policy))
 
 
 def read_blob(path):

@@ -12,32 +12,16 @@ import json
 import math
 import os
 import sys
-import tempfile
 
 import click
 import numpy as np
 
 from offload import blob, policies, sequences, simulate
+from offload.atomic import atomic_write_text
 from offload.bucket import scale
 from offload.profile import TRAIN, TEST, Profile
 
 BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
-
-
-def _atomic_write_text(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual mode
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _load_profile(path, synthetic, seed):
@@ -188,7 +172,7 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
         click.echo("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, widths)))
     meta = {"rate": rate, "depth": depth, "profile": profile_path or "synthetic"}
     if json_path:
-        _atomic_write_text(json_path, json.dumps(
+        atomic_write_text(json_path, json.dumps(
             {"bucket": {"rate": rate, "depth": depth, "N": N, "P": P, "M": M},
              "streams": {"count": streams, "length": length, "choice": choice, "spread": spread,
                          "rprob": rprob, "arrivals": arrivals, "markov": list(markov),
@@ -202,7 +186,7 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
         w = csv.DictWriter(buf, fieldnames=cols)
         w.writeheader()
         w.writerows({c: r[c] for c in cols} for r in rows)
-        _atomic_write_text(csv_path, buf.getvalue())
+        atomic_write_text(csv_path, buf.getvalue())
     for kind, path in write_blob:
         theta = theta_mdp if kind == "mdp" else theta_base
         blob.write_blob(path, threshold_policy_blob(prof, theta, N, P, M, kind, meta))

@@ -11,7 +11,6 @@ documented field by field in ``docs/profile.md`` and in ``Profile``.
 """
 
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, fields
@@ -20,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from . import metric as _metric
+from .atomic import atomic_path
 
 __all__ = [
     "Profile",
@@ -344,22 +344,9 @@ class Profile:
         a reader sees the old file or the new one, never a partial one.
         """
         self.validate()
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as fh:
+        with atomic_path(path, suffix="") as tmp:
+            with open(tmp, "wb") as fh:
                 (np.savez_compressed if compress else np.savez)(fh, **self.to_arrays())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
 
     @classmethod
     def load(cls, path):

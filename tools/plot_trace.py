@@ -13,36 +13,22 @@ two policies' offload counts differ most (``--start`` picks one by hand).
 Needs matplotlib (in the ``training`` extra).
 """
 
-import os
 import sys
-import tempfile
 
 import click
 import numpy as np
 
 from offload import policies, simulate
+from offload.atomic import atomic_path
 from offload.bucket import scale
 from offload.cli import _load_profile, _training_arrivals
 from offload.profile import TEST, TRAIN
 
 
 def _atomic_savefig(fig, path, dpi):
-    """Save ``fig`` as PNG to a temp file beside ``path``, then rename it over ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Save ``fig`` as PNG beside ``path``, then rename it over ``path``."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
 
 
 def busiest_window(a, b, width):
