@@ -43,7 +43,7 @@ def _load_profile(path, synthetic, seed):
     return prof
 
 
-def _training_arrivals(arrivals, markov, seed):
+def training_arrivals(arrivals, markov, seed):
     """A long training sample of inter-arrival slots for the MDP (None = periodic)."""
     if arrivals == "periodic":
         return None
@@ -63,6 +63,53 @@ def threshold_policy_blob(prof, theta, N, P, M, name, meta):
                        meta={"name": name, **meta})
 
 
+def scenario_options(command):
+    """The options every simulation command shares: profile, bucket, image choice, arrivals, seed."""
+    opts = [
+        click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
+                     help="Profile .npz (offload.profile); default: a synthetic profile."),
+        click.option("--synthetic", default=20000, type=click.IntRange(20),
+                     help="Images in the synthetic profile when no --profile is given."),
+        click.option("--rate", default=0.1, type=float, help="Token rate r (tokens per slot)."),
+        click.option("--depth", default=4.0, type=float, help="Bucket depth b (tokens)."),
+        click.option("--choice", type=click.Choice(["iid", "location-reset"]),
+                     default="location-reset", help="Image choice process."),
+        click.option("--sp", "spread", default=0.1, type=click.FloatRange(0, 1),
+                     help="Location-reset spread (fraction of the dataset)."),
+        click.option("--rprob", default=0.01, type=click.FloatRange(0, 1),
+                     help="Location-reset jump probability per image."),
+        click.option("--arrivals", type=click.Choice(["periodic", "markov"]), default="periodic"),
+        click.option("--markov", nargs=4, type=(int, int, float, float),
+                     default=(1, 10, 0.1, 0.1), help="Markov-modulated arrivals: I1 I2 tprob1 tprob2."),
+        click.option("--seed", default=0, type=int, help="Seed for profile, streams and arrivals."),
+    ]
+    for opt in reversed(opts):
+        command = opt(command)
+    return command
+
+
+def load_scenario(profile_path, synthetic, rate, depth, arrivals, markov, seed):
+    """Check the shared options and load the profile.
+
+    Returns ``(N, P, M)``, the profile, its standardised metrics (float32) and
+    the train and test indices; every problem becomes a ``click.ClickException``.
+    """
+    try:
+        N, P, M = scale(rate, depth)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if arrivals == "markov":
+        i1, i2, t1, t2 = markov
+        if i1 < 1 or i2 < 1 or not (0 < t1 <= 1 and 0 < t2 <= 1):
+            raise click.ClickException(f"--markov {markov}: need I1, I2 >= 1 and tprobs in (0, 1]")
+    prof = _load_profile(profile_path, synthetic, seed)
+    tr, te = prof.indices(TRAIN), prof.indices(TEST)
+    if len(tr) < 2 or len(te) < 1:
+        raise click.ClickException(f"profile needs training and test images "
+                                   f"(has {len(tr)} train, {len(te)} test)")
+    return (N, P, M), prof, prof.standardized_metric().astype(np.float32), tr, te
+
+
 def _fmt(v):
     if isinstance(v, float):
         return "n/a" if math.isnan(v) else f"{v:.4f}"
@@ -70,24 +117,9 @@ def _fmt(v):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
-              help="Profile .npz (offload.profile); default: a synthetic profile.")
-@click.option("--synthetic", default=20000, type=click.IntRange(20),
-              help="Images in the synthetic profile when no --profile is given.")
-@click.option("--rate", default=0.1, type=float, help="Token rate r (tokens per slot).")
-@click.option("--depth", default=4.0, type=float, help="Bucket depth b (tokens).")
-@click.option("--choice", type=click.Choice(["iid", "location-reset"]), default="location-reset",
-              help="Image choice process.")
-@click.option("--sp", "spread", default=0.1, type=click.FloatRange(0, 1),
-              help="Location-reset spread (fraction of the dataset).")
-@click.option("--rprob", default=0.01, type=click.FloatRange(0, 1),
-              help="Location-reset jump probability per image.")
-@click.option("--arrivals", type=click.Choice(["periodic", "markov"]), default="periodic")
-@click.option("--markov", nargs=4, type=(int, int, float, float), default=(1, 10, 0.1, 0.1),
-              help="Markov-modulated arrivals: I1 I2 tprob1 tprob2.")
+@scenario_options
 @click.option("--length", default=10000, type=click.IntRange(1), help="Images per test stream.")
 @click.option("--streams", default=10, type=click.IntRange(1), help="Number of test streams.")
-@click.option("--seed", default=0, type=int, help="Seed for profile, streams and arrivals.")
 @click.option("--policy", "policy_names", multiple=True,
               help=f"Policy to run (repeatable): {', '.join(BUILTIN)} or a policy blob path. "
                    "Default: all built-in ones.")
@@ -99,25 +131,13 @@ def _fmt(v):
 def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov,
              length, streams, seed, policy_names, json_path, csv_path, write_blob):
     """Compare offloading policies on a profile under a token bucket (rate r, depth b)."""
-    try:
-        N, P, M = scale(rate, depth)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    if arrivals == "markov":
-        i1, i2, t1, t2 = markov
-        if i1 < 1 or i2 < 1 or not (0 < t1 <= 1 and 0 < t2 <= 1):
-            raise click.ClickException(f"--markov {markov}: need I1, I2 >= 1 and tprobs in (0, 1]")
     names = list(policy_names) or list(BUILTIN)
     for name in names:
         if name not in BUILTIN and not os.path.isfile(name):
             raise click.ClickException(f"--policy {name!r}: neither one of {', '.join(BUILTIN)} "
                                        "nor an existing policy blob file")
-    prof = _load_profile(profile_path, synthetic, seed)
-    tr, te = prof.indices(TRAIN), prof.indices(TEST)
-    if len(tr) < 2 or len(te) < 1:
-        raise click.ClickException(f"profile needs training and test images "
-                                   f"(has {len(tr)} train, {len(te)} test)")
-    m = prof.standardized_metric().astype(np.float32)
+    (N, P, M), prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, arrivals,
+                                               markov, seed)
     try:
         st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, streams,
                                    seed, choice, spread, rprob, arrivals, markov,
@@ -133,7 +153,7 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
     if want_mdp:
         click.echo("mdp: value iteration...", err=True)
         theta_mdp = policies.mdp_thresholds(m[tr], prof.reward[tr], N, P, M,
-                                            interarrival=_training_arrivals(arrivals, markov, seed))
+                                            interarrival=training_arrivals(arrivals, markov, seed))
     theta_base = policies.baseline_threshold(m[tr], rate, tau)
 
     results = {}

@@ -20,9 +20,7 @@ import numpy as np
 
 from offload import policies, simulate
 from offload.atomic import atomic_path
-from offload.bucket import scale
-from offload.cli import _load_profile, _training_arrivals
-from offload.profile import TEST, TRAIN
+from offload.cli import training_arrivals, load_scenario, scenario_options
 
 
 def _atomic_savefig(fig, path, dpi):
@@ -87,20 +85,8 @@ def plot(seg, N, P, M, theta_base, theta_mdp, title):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
-              help="Profile .npz (offload.profile); default: a synthetic profile.")
-@click.option("--synthetic", default=20000, type=click.IntRange(20),
-              help="Images in the synthetic profile when no --profile is given.")
-@click.option("--rate", default=0.1, type=float, help="Token rate r (tokens per slot).")
-@click.option("--depth", default=4.0, type=float, help="Bucket depth b (tokens).")
-@click.option("--choice", type=click.Choice(["iid", "location-reset"]), default="location-reset")
-@click.option("--sp", "spread", default=0.1, type=click.FloatRange(0, 1))
-@click.option("--rprob", default=0.01, type=click.FloatRange(0, 1))
-@click.option("--arrivals", type=click.Choice(["periodic", "markov"]), default="periodic")
-@click.option("--markov", nargs=4, type=(int, int, float, float), default=(1, 10, 0.1, 0.1),
-              help="Markov-modulated arrivals: I1 I2 tprob1 tprob2.")
+@scenario_options
 @click.option("--length", default=10000, type=click.IntRange(1), help="Images in the stream.")
-@click.option("--seed", default=0, type=int, help="Seed for profile, stream and arrivals.")
 @click.option("--window", default=300, type=click.IntRange(10), help="Images to plot.")
 @click.option("--start", default=None, type=click.IntRange(0),
               help="First image plotted; default: where MDP and Baseline offload counts differ most.")
@@ -114,25 +100,18 @@ def main(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, 
         import matplotlib  # noqa: F401
     except ImportError:
         raise click.ClickException("matplotlib is needed: pip install matplotlib") from None
-    try:
-        N, P, M = scale(rate, depth)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
     if window > length:
         raise click.ClickException(f"--window {window} is longer than --length {length}")
     if start is not None and start + window > length:
         raise click.ClickException(f"--start {start} + --window {window} exceeds --length {length}")
-    prof = _load_profile(profile_path, synthetic, seed)
-    tr, te = prof.indices(TRAIN), prof.indices(TEST)
-    if len(tr) < 2 or len(te) < 1:
-        raise click.ClickException("profile needs training and test images")
-    m = prof.standardized_metric().astype(np.float32)
+    (N, P, M), prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, arrivals,
+                                               markov, seed)
     try:
         st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, 1, seed,
                                    choice, spread, rprob, arrivals, markov,
                                    raw_metric=prof.metric[te])
         theta_mdp = policies.mdp_thresholds(m[tr], prof.reward[tr], N, P, M,
-                                            interarrival=_training_arrivals(arrivals, markov,
+                                            interarrival=training_arrivals(arrivals, markov,
                                                                             seed))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
