@@ -1,0 +1,354 @@
+"""The device-side weak classifier: an int8 ``.tflite`` model run by LiteRT.
+
+Torch-free. The model is loaded with ``ai_edge_litert.interpreter.Interpreter``;
+the Coral Edge TPU is reached through LiteRT's
+``load_delegate("libedgetpu.so.1")`` (never the unrelated PyPI "pycoral").
+
+Image convention (shared with ``training/``, which calls :func:`prepare_image`
+so that training and the device see the same pixels):
+
+- An image is a NumPy array ``HxW``, ``HxWx1``, ``HxWx3`` (BGR, as OpenCV
+  reads it) or ``HxWx4`` (BGRA); ``uint8`` pixels (0..255) or floats in
+  ``[0, 1]``.
+- It is turned into floats in ``[0, 1]``, into the model's channel count
+  (greyscale by OpenCV's BGR->grey weights, or grey replicated to 3 channels),
+  and resized to the model's input height x width (``cv2.INTER_AREA`` when
+  shrinking, ``cv2.INTER_LINEAR`` when enlarging).
+- The model's float input is that ``[0, 1]`` image; an int8 (or uint8) input
+  tensor receives ``clip(round(x / scale) + zero_point)`` with the tensor's
+  own scale and zero point (half-way cases round up, after snapping
+  ``x / scale`` to 1/1000 of a step so float noise cannot flip them).
+
+The output is the model's int8 logits and their dequantised values
+``(q - zero_point) * scale``, which is what the profile stores and what the
+entropy/metric is computed from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "ClassifierError",
+    "EdgeTPUUnavailable",
+    "WeakClassifier",
+    "WeakOutput",
+    "prepare_image",
+    "to_unit_float",
+    "EDGETPU_LIBRARY",
+]
+
+log = logging.getLogger(__name__)
+
+#: Shared library of the Coral Edge TPU runtime, loaded as a LiteRT delegate.
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+
+
+class ClassifierError(ValueError):
+    """A model file or an input image the weak classifier cannot use."""
+
+
+class EdgeTPUUnavailable(RuntimeError):
+    """``edgetpu=True`` was asked for but the Edge TPU delegate could not be loaded."""
+
+
+# --------------------------------------------------------------------------- images
+
+
+def to_unit_float(image):
+    """Pixels as float32 in ``[0, 1]``: ``uint8 / 255``, floats checked and kept.
+
+    Raises
+    ------
+    ClassifierError
+        For other dtypes, non-finite floats or floats outside ``[0, 1]``.
+    """
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) * np.float32(1.0 / 255.0)
+    if np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32, copy=False)
+        if a.size and (not np.all(np.isfinite(a)) or a.min() < 0.0 or a.max() > 1.0):
+            raise ClassifierError("float images must hold finite values in [0, 1]")
+        return a
+    raise ClassifierError(f"images must be uint8 (0..255) or float in [0, 1], got dtype {a.dtype}")
+
+
+def prepare_image(image, height, width, channels=1, *, bgr=True):
+    """An image as the model's float input: ``height x width x channels`` in ``[0, 1]``.
+
+    Parameters
+    ----------
+    image : ndarray
+        ``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4``; uint8 or float in [0, 1].
+    height, width : int
+        Model input size in pixels.
+    channels : int
+        1 (greyscale) or 3.
+    bgr : bool
+        Colour images are in OpenCV's BGR(A) order (True) or RGB(A) (False).
+
+    Returns
+    -------
+    ndarray of float32, shape ``(height, width, channels)``
+    """
+    import cv2
+
+    x = to_unit_float(image)
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[:, :, 0]
+    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in (3, 4)):
+        raise ClassifierError(
+            f"an image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {np.shape(image)}"
+        )
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ClassifierError(f"empty image, shape {np.shape(image)}")
+    if x.ndim == 3:
+        x = np.ascontiguousarray(x[:, :, :3])
+        if channels == 1:
+            x = cv2.cvtColor(x, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
+        elif not bgr:
+            x = x[:, :, ::-1]  # keep BGR order inside
+    if channels not in (1, 3):
+        raise ClassifierError(f"models with {channels} input channels are not supported")
+    if (x.shape[0], x.shape[1]) != (height, width):
+        shrink = height <= x.shape[0] and width <= x.shape[1]
+        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        x = cv2.resize(np.ascontiguousarray(x), (int(width), int(height)), interpolation=interp)
+    if x.ndim == 2:
+        x = x[:, :, None]
+        if channels == 3:
+            x = np.repeat(x, 3, axis=2)
+    return np.clip(x, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+@dataclass
+class WeakOutput:
+    """One weak-classifier answer.
+
+    Attributes
+    ----------
+    q : ndarray of int8 (or the model's output dtype), shape (n_classes,)
+        Raw quantised logits.
+    logits : ndarray of float32, shape (n_classes,)
+        Dequantised logits ``(q - zero_point) * scale``.
+    """
+
+    q: np.ndarray
+    logits: np.ndarray
+
+    @property
+    def top1(self):
+        """Index of the most likely class (first on ties)."""
+        return int(np.argmax(self.logits))
+
+
+def _tensor_qparams(detail):
+    scale, zp = detail.get("quantization", (0.0, 0))
+    return float(scale), int(zp)
+
+
+class WeakClassifier:
+    """The weak classifier of the device: a LiteRT model, on the Edge TPU when present.
+
+    Parameters
+    ----------
+    model_path : str or os.PathLike
+        A ``.tflite`` file with one image input (``1xHxWxC`` NHWC, or
+        ``1xCxHxW`` NCHW) and one ``1 x n_classes`` output; int8 tensors
+        expected (uint8 and float32 also work).
+    edgetpu : None, True or False
+        ``None`` (auto): try the Edge TPU delegate, fall back to the CPU with
+        a logged note. ``True``: the Edge TPU is required
+        (:class:`EdgeTPUUnavailable` otherwise). ``False``: CPU only.
+        Only a model compiled by ``edgetpu_compiler`` actually runs its ops on
+        the Edge TPU; any other model runs on the CPU even with the delegate.
+    num_threads : int, optional
+        CPU threads for LiteRT.
+    class_names : sequence of str, optional
+        Names of the output classes, for display.
+    bgr : bool
+        Colour input images are BGR (OpenCV's order); False for RGB.
+
+    Raises
+    ------
+    ClassifierError
+        The file is missing, not a LiteRT model, or not a one-image-in,
+        one-vector-out classifier.
+    EdgeTPUUnavailable
+        ``edgetpu=True`` and ``libedgetpu.so.1`` could not be loaded.
+    """
+
+    def __init__(self, model_path, edgetpu=None, *, num_threads=None, class_names=None, bgr=True):
+        self.model_path = os.fspath(model_path)
+        self.bgr = bool(bgr)
+        if edgetpu not in (None, True, False):
+            raise ValueError(f"edgetpu must be None (auto), True or False, got {edgetpu!r}")
+        if not os.path.isfile(self.model_path):
+            raise ClassifierError(f"weak model not found: {self.model_path}")
+        try:
+            from ai_edge_litert.interpreter import Interpreter, load_delegate
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ClassifierError(
+                "the weak classifier needs ai-edge-litert (pip install 'offload[device]')"
+            ) from exc
+
+        delegates = []
+        self.on_edgetpu = False
+        if edgetpu is not False:
+            try:
+                # Probe with ctypes first: a failed load_delegate() leaves a
+                # half-built Delegate whose __del__ prints a spurious traceback.
+                ctypes.CDLL(EDGETPU_LIBRARY)
+                delegates = [load_delegate(EDGETPU_LIBRARY)]
+                self.on_edgetpu = True
+            except (ValueError, OSError, RuntimeError) as exc:
+                if edgetpu is True:
+                    raise EdgeTPUUnavailable(
+                        f"Edge TPU requested but its delegate {EDGETPU_LIBRARY} could not be "
+                        f"loaded ({exc}); install libedgetpu1-std and plug in the Coral device, "
+                        "or use edgetpu=None/False for the CPU"
+                    ) from exc
+                log.info("Edge TPU delegate unavailable (%s); running %s on the CPU",
+                         exc, self.model_path)
+        try:
+            self._interp = Interpreter(
+                model_path=self.model_path,
+                experimental_delegates=delegates or None,
+                num_threads=num_threads,
+            )
+            self._interp.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            if "edgetpu-custom-op" in str(exc):
+                raise EdgeTPUUnavailable(
+                    f"{self.model_path} is compiled for the Edge TPU (edgetpu-custom-op) and needs "
+                    f"{EDGETPU_LIBRARY} and the device; use the uncompiled .tflite on the CPU"
+                ) from exc
+            raise ClassifierError(f"{self.model_path} is not a usable LiteRT model: {exc}") from exc
+
+        ins, outs = self._interp.get_input_details(), self._interp.get_output_details()
+        if len(ins) != 1 or len(outs) != 1:
+            raise ClassifierError(
+                f"{self.model_path}: expected 1 input and 1 output, got {len(ins)} and {len(outs)}"
+            )
+        self._in, self._out = ins[0], outs[0]
+        shape = [int(s) for s in self._in["shape"]]
+        if len(shape) != 4 or shape[0] != 1:
+            raise ClassifierError(f"{self.model_path}: input must be a 1-image 4-D tensor, got {shape}")
+        if shape[3] in (1, 3):
+            self.layout, (self.height, self.width, self.channels) = "NHWC", shape[1:]
+        elif shape[1] in (1, 3):
+            self.layout = "NCHW"
+            self.channels, self.height, self.width = shape[1:]
+        else:
+            raise ClassifierError(f"{self.model_path}: cannot tell the channel axis of input {shape}")
+        oshape = [int(s) for s in self._out["shape"]]
+        if len(oshape) != 2 or oshape[0] != 1 or oshape[1] < 2:
+            raise ClassifierError(f"{self.model_path}: output must be 1 x n_classes, got {oshape}")
+        self.n_classes = oshape[1]
+        self.input_dtype = np.dtype(self._in["dtype"])
+        self.output_dtype = np.dtype(self._out["dtype"])
+        self.input_scale, self.input_zero_point = _tensor_qparams(self._in)
+        self.output_scale, self.output_zero_point = _tensor_qparams(self._out)
+        if self.input_dtype != np.float32 and self.input_scale <= 0:
+            raise ClassifierError(f"{self.model_path}: integer input without quantisation parameters")
+        if self.output_dtype != np.float32 and self.output_scale <= 0:
+            raise ClassifierError(f"{self.model_path}: integer output without quantisation parameters")
+        if class_names is not None and len(class_names) != self.n_classes:
+            raise ClassifierError(
+                f"{len(class_names)} class names for a model with {self.n_classes} outputs"
+            )
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+
+    # ------------------------------------------------------------------ details
+
+    @property
+    def input_shape(self):
+        """Input tensor shape, e.g. ``(1, 14, 14, 1)``."""
+        return tuple(int(s) for s in self._in["shape"])
+
+    def ops(self):
+        """Builtin op names of the model, in execution order, without runtime delegates.
+
+        Read from a second interpreter with no default delegate, so that the
+        list is the model's own (e.g. ``CONV_2D``), not ``DELEGATE`` nodes.
+        """
+        return model_ops(self.model_path)
+
+    # ------------------------------------------------------------------ inference
+
+    def quantize_input(self, image):
+        """The input tensor for ``image``: resized, channel-converted and quantised."""
+        x = prepare_image(image, self.height, self.width, self.channels, bgr=self.bgr)
+        if self.layout == "NCHW":
+            x = np.transpose(x, (2, 0, 1))
+        x = x[None]
+        if self.input_dtype == np.float32:
+            return x.astype(np.float32)
+        info = np.iinfo(self.input_dtype)
+        v = x.astype(np.float64) / self.input_scale
+        # Resized pixels often fall exactly half-way between two int8 steps
+        # (a 2x2 average of uint8 values is a multiple of 1/4). Snap to 1/1000
+        # of a step before rounding half up, so that float noise between
+        # equivalent inputs (uint8 vs float, grey vs grey-in-BGR) cannot flip
+        # the rounding.
+        q = np.floor(np.round(v, 3) + 0.5) + self.input_zero_point
+        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+
+    def classify(self, image):
+        """Run the model on one image; returns :class:`WeakOutput` (int8 and float logits)."""
+        return self.run_quantized(self.quantize_input(image))
+
+    __call__ = classify
+
+    def run_quantized(self, tensor):
+        """Run the model on an already-prepared input tensor (``quantize_input``'s output)."""
+        self._interp.set_tensor(self._in["index"], tensor)
+        self._interp.invoke()
+        q = self._interp.get_tensor(self._out["index"])[0].copy()
+        if self.output_dtype == np.float32:
+            return WeakOutput(q, q.astype(np.float32))
+        logits = (q.astype(np.float32) - np.float32(self.output_zero_point)) * np.float32(self.output_scale)
+        return WeakOutput(q, logits)
+
+    def classify_many(self, images, progress=False):
+        """Classify a sequence of images one by one, as the device does.
+
+        Returns ``(q, logits)``: int8 outputs and dequantised float32 logits,
+        each ``(n, n_classes)``. ``progress=True`` shows a tqdm bar.
+        """
+        n = len(images)
+        q = np.empty((n, self.n_classes), dtype=self.output_dtype)
+        z = np.empty((n, self.n_classes), dtype=np.float32)
+        it = range(n)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc="weak int8 (LiteRT)", unit="img", mininterval=0.5)
+        for i in it:
+            out = self.classify(images[i])
+            q[i], z[i] = out.q, out.logits
+        return q, z
+
+
+def model_ops(model_path):
+    """Builtin op names of a ``.tflite`` file, in execution order (no runtime delegate)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    try:
+        it = Interpreter(
+            model_path=os.fspath(model_path),
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+        it.allocate_tensors()
+        return [d["op_name"] for d in it._get_ops_details() if d["op_name"] != "DELEGATE"]
+    except (ValueError, RuntimeError) as exc:
+        raise ClassifierError(f"{model_path} is not a usable LiteRT model: {exc}") from exc

@@ -1,0 +1,325 @@
+"""``offload-train``: train, quantise and profile the weak/strong classifier pair.
+
+Commands
+--------
+``offload-train classifiers``
+    Read images (IDX files or a folder per class), split them, train the weak
+    and strong CNNs, export the weak one as a full-int8 ``.tflite`` and the
+    strong one as TorchScript, measure float / int8 / strong accuracy on the
+    source's test set, write ``classifiers.json``.
+``offload-train profile``
+    Run both exported models over the held-out images (the weak one through
+    LiteRT, as the device does), write the profile ``.npz`` with its fitted
+    metric, the section II breakdown (JSON), the Fig. 3 PNG and a demo clip.
+
+Every error the user can cause (missing data, malformed IDX, wrong model file)
+ends in one ``click`` error message, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import click
+import numpy as np
+
+from offload.atomic import atomic_write_json, atomic_write_text
+from training.data import FASHION_MNIST_DIR, DataError, load_images, make_split
+
+DEFAULT_OUT = "artifacts"
+MANIFEST = "classifiers.json"
+WEAK_FILE = "weak_int8.tflite"
+STRONG_FILE = "strong.torchscript.pt"
+
+
+def _fail(exc):
+    raise click.ClickException(str(exc)) from None
+
+
+def _load_data(data_dir, size, progress):
+    try:
+        return load_images(data_dir, size=(size, size), progress=progress)
+    except DataError as exc:
+        _fail(exc)
+
+
+@click.group()
+def main():
+    """Train, quantise and profile the weak/strong classifier pair (workstation, torch)."""
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+@main.command()
+@click.option("--data-dir", default=FASHION_MNIST_DIR, show_default=True,
+              help="Folder with the four MNIST-style IDX files (.gz or raw), or a folder "
+                   "of images with one sub-folder per class (optionally under train/ and test/).")
+@click.option("--out-dir", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
+              help="Where to write the models and classifiers.json.")
+@click.option("--image-size", default=28, show_default=True,
+              help="Strong model input (and folder images are resized to it), pixels.")
+@click.option("--weak-size", default=14, show_default=True, help="Weak model input, pixels.")
+@click.option("--weak-width", default=4, show_default=True, help="Weak CNN base channels.")
+@click.option("--strong-width", default=32, show_default=True, help="Strong CNN base channels.")
+@click.option("--weak-epochs", default=4, show_default=True)
+@click.option("--strong-epochs", default=8, show_default=True)
+@click.option("--batch-size", default=128, show_default=True)
+@click.option("--fit-fraction", default=2 / 3, show_default="2/3",
+              help="Share of the source's training pool that trains the classifiers; "
+                   "the rest is profiled.")
+@click.option("--val-fraction", default=0.25, show_default=True,
+              help="Share of the profiled training-pool images in the profile's validation split.")
+@click.option("--max-fit", type=int, default=None, help="Use at most this many training images (quick runs).")
+@click.option("--max-eval", type=int, default=None, help="Evaluate on at most this many test images.")
+@click.option("--calib-images", default=1000, show_default=True,
+              help="Training images used to calibrate the int8 quantisation.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--threads", default=1, show_default=True, help="torch CPU threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def classifiers(data_dir, out_dir, image_size, weak_size, weak_width, strong_width, weak_epochs,
+                strong_epochs, batch_size, fit_fraction, val_fraction, max_fit, max_eval,
+                calib_images, seed, threads, quiet):
+    """Train the weak/strong pair and export them for the device and the server."""
+    try:
+        import torch
+    except ImportError:
+        _fail("offload-train needs the training extra: pip install torch==2.13.0 'offload[training]'")
+    from offload.classifier import ClassifierError, WeakClassifier
+    from training.export import ExportError, export_strong_torchscript, export_weak_int8, load_strong
+    from training.models import build_strong, build_weak, count_params
+    from training.train import accuracy, images_to_tensor, predict_logits, set_threads, train_classifier
+
+    progress = not quiet
+    set_threads(threads)
+    t0 = time.time()
+    data = _load_data(data_dir, image_size, progress)
+    if data.images.shape[1:] != (image_size, image_size):
+        _fail(f"{data_dir}: images are {data.images.shape[1]}x{data.images.shape[2]}, "
+              f"not {image_size}x{image_size}; pass --image-size")
+    try:
+        split = make_split(data, fit_fraction=fit_fraction, val_fraction=val_fraction, seed=seed,
+                           max_fit=max_fit)
+    except DataError as exc:
+        _fail(exc)
+    test = np.flatnonzero(data.is_test)
+    if max_eval is not None:
+        test = test[:max_eval]
+    y_fit, y_test = data.labels[split.fit], data.labels[test]
+    n_cls = data.n_classes
+    click.echo(f"data: {data.source}: {len(data)} images, {n_cls} classes; "
+               f"fit {len(split.fit)}, profiled {len(split.profile)} "
+               f"(train {int(np.sum(split.profile_split == 0))}, "
+               f"validation {int(np.sum(split.profile_split == 1))}, "
+               f"test {int(np.sum(split.profile_split == 2))})")
+    os.makedirs(out_dir, exist_ok=True)
+
+    # weak -------------------------------------------------------------------
+    xw_fit = images_to_tensor(data.images[split.fit], weak_size)
+    xw_test = images_to_tensor(data.images[test], weak_size)
+    weak = build_weak(weak_size, n_cls, weak_width)
+    tw = time.time()
+    train_classifier(weak, xw_fit, y_fit, epochs=weak_epochs, batch_size=batch_size, seed=seed,
+                     desc="weak", progress=progress)
+    weak_train_s = time.time() - tw
+    weak_float_acc = accuracy(predict_logits(weak, xw_test, desc="weak float eval",
+                                             progress=progress), y_test)
+    click.echo(f"weak float accuracy: {100 * weak_float_acc:.2f}%")
+    weak_path = os.path.join(out_dir, WEAK_FILE)
+    calib = xw_fit[torch.randperm(len(xw_fit), generator=torch.Generator().manual_seed(seed))[:calib_images]]
+    try:
+        report = export_weak_int8(weak, calib, weak_path)
+    except ExportError as exc:
+        _fail(exc)
+    try:
+        clf = WeakClassifier(weak_path, edgetpu=False)
+    except ClassifierError as exc:
+        _fail(exc)
+    _, zq = clf.classify_many(data.images[test], progress=progress)
+    weak_int8_acc = accuracy(zq, y_test)
+    drop = 100 * (weak_float_acc - weak_int8_acc)
+    click.echo(f"weak int8 accuracy (LiteRT): {100 * weak_int8_acc:.2f}% "
+               f"({drop:+.2f} points lost); {report['size_bytes']} bytes; ops {report['ops']}")
+    if drop > 1.0:
+        click.echo(f"warning: int8 model loses {drop:.2f} points (> 1)", err=True)
+
+    # strong -----------------------------------------------------------------
+    xs_fit = images_to_tensor(data.images[split.fit], image_size)
+    xs_test = images_to_tensor(data.images[test], image_size)
+    strong = build_strong(image_size, n_cls, strong_width)
+    ts = time.time()
+    train_classifier(strong, xs_fit, y_fit, epochs=strong_epochs, batch_size=batch_size, seed=seed + 1,
+                     augment=True, desc="strong", progress=progress)
+    strong_train_s = time.time() - ts
+    strong_path = os.path.join(out_dir, STRONG_FILE)
+    export_strong_torchscript(strong, strong_path, class_names=data.class_names, size=image_size)
+    module, _ = load_strong(strong_path)  # the file, not the object in memory
+    strong_acc = accuracy(predict_logits(module, xs_test, desc="strong eval (TorchScript)",
+                                         progress=progress), y_test)
+    click.echo(f"strong accuracy (TorchScript): {100 * strong_acc:.2f}%; "
+               f"{os.path.getsize(strong_path)} bytes")
+
+    manifest = dict(
+        source=data.source,
+        data_dir=os.path.abspath(data_dir),
+        class_names=data.class_names,
+        image_size=image_size,
+        split=dict(split.params, n_fit=int(len(split.fit)), n_profile=int(len(split.profile)),
+                   n_profile_train=int(np.sum(split.profile_split == 0)),
+                   n_profile_validation=int(np.sum(split.profile_split == 1)),
+                   n_profile_test=int(np.sum(split.profile_split == 2))),
+        evaluation=dict(images=int(len(test)), on="the source's test set"),
+        weak=dict(
+            file=WEAK_FILE, input_size=weak_size, width=weak_width, epochs=weak_epochs,
+            params=count_params(weak), float_accuracy=weak_float_acc, int8_accuracy=weak_int8_acc,
+            int8_drop_points=drop, int8_within_1_point=bool(drop <= 1.0),
+            calibration_images=int(len(calib)), train_seconds=round(weak_train_s, 1), tflite=report,
+        ),
+        strong=dict(
+            file=STRONG_FILE, input_size=image_size, width=strong_width, epochs=strong_epochs,
+            params=count_params(strong), accuracy=strong_acc,
+            size_bytes=os.path.getsize(strong_path), train_seconds=round(strong_train_s, 1),
+        ),
+        seconds=round(time.time() - t0, 1),
+    )
+    atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
+    click.echo(f"wrote {weak_path}, {strong_path}, {os.path.join(out_dir, MANIFEST)} "
+               f"in {manifest['seconds']:.0f} s")
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def _read_manifest(models_dir):
+    path = os.path.join(models_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        _fail(f"{path} not found: run `offload-train classifiers --out-dir {models_dir}` first")
+    except (OSError, json.JSONDecodeError) as exc:
+        _fail(f"{path}: not a classifiers manifest ({exc})")
+
+
+@main.command()
+@click.option("--models-dir", default=DEFAULT_OUT, show_default=True,
+              type=click.Path(file_okay=False),
+              help="Folder written by `offload-train classifiers` (models + classifiers.json).")
+@click.option("--data-dir", default=None,
+              help="Image data (default: the one the classifiers were trained from).")
+@click.option("--weak-model", default=None, help="Weak .tflite (default: from --models-dir).")
+@click.option("--strong-model", default=None, help="Strong TorchScript (default: from --models-dir).")
+@click.option("--out", "out_path", default=None,
+              help="Profile .npz to write (default: MODELS_DIR/profile.npz).")
+@click.option("-k", "--top-k", "k", default=1, show_default=True, help="k of the top-k loss.")
+@click.option("--edgetpu", type=click.Choice(["auto", "on", "off"]), default="off", show_default=True,
+              help="Run the weak model on the Edge TPU (on), CPU (off), or whichever is there.")
+@click.option("--max-profile", type=int, default=None,
+              help="Profile at most this many images (quick runs; keeps split proportions).")
+@click.option("--fig", "fig_path", default=None,
+              help="Fig. 3 PNG (default: MODELS_DIR/fig3_entropy_metric.png).")
+@click.option("--demo-dir", default=None,
+              help="Write a demo clip of held-out test images here (default: MODELS_DIR/demo).")
+@click.option("--demo-count", default=200, show_default=True, help="Frames in the demo clip (0: none).")
+@click.option("--demo-fps", default=5.0, show_default=True, help="Frame rate of the demo video.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def profile(models_dir, data_dir, weak_model, strong_model, out_path, k, edgetpu, max_profile,
+            fig_path, demo_dir, demo_count, demo_fps, quiet):
+    """Profile the pair on held-out images, fit the metric, write breakdown and Fig. 3."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _fail("offload-train needs the training extra: pip install torch==2.13.0 'offload[training]'")
+    from offload.classifier import ClassifierError, EdgeTPUUnavailable, WeakClassifier
+    from training.export import ExportError, load_strong
+    from training.profiling import breakdown, build_profile, format_breakdown, plot_fig3, run_strong
+
+    progress = not quiet
+    t0 = time.time()
+    man = _read_manifest(models_dir)
+    try:
+        data_dir = data_dir or man["data_dir"]
+        size = int(man["image_size"])
+        sp = man["split"]
+        weak_model = weak_model or os.path.join(models_dir, man["weak"]["file"])
+        strong_model = strong_model or os.path.join(models_dir, man["strong"]["file"])
+    except (KeyError, TypeError, ValueError) as exc:
+        _fail(f"{os.path.join(models_dir, MANIFEST)}: missing or bad entry {exc}")
+    out_path = out_path or os.path.join(models_dir, "profile.npz")
+    fig_path = fig_path or os.path.join(models_dir, "fig3_entropy_metric.png")
+    demo_dir = demo_dir or os.path.join(models_dir, "demo")
+
+    try:
+        weak = WeakClassifier(weak_model, edgetpu={"auto": None, "on": True, "off": False}[edgetpu],
+                              class_names=man.get("class_names"))
+    except (ClassifierError, EdgeTPUUnavailable) as exc:
+        _fail(exc)
+    try:
+        strong, meta = load_strong(strong_model)
+    except ExportError as exc:
+        _fail(exc)
+    data = _load_data(data_dir, size, progress)
+    try:
+        split = make_split(data, fit_fraction=sp["fit_fraction"], val_fraction=sp["val_fraction"],
+                           seed=sp["seed"], max_fit=sp.get("max_fit"), max_profile=max_profile)
+    except DataError as exc:
+        _fail(exc)
+    except KeyError as exc:
+        _fail(f"{os.path.join(models_dir, MANIFEST)}: split entry lacks {exc}")
+    if np.intersect1d(split.fit, split.profile).size:  # pragma: no cover - make_split guarantees it
+        _fail("internal error: profiled images overlap the classifiers' training images")
+    if weak.n_classes != data.n_classes:
+        _fail(f"{weak_model} has {weak.n_classes} outputs but the data have {data.n_classes} classes")
+    images, labels = data.images[split.profile], data.labels[split.profile]
+    click.echo(f"profiling {len(labels)} images ({data.source}); weak on "
+               f"{'the Edge TPU' if weak.on_edgetpu else 'the CPU'}")
+
+    _, zw = weak.classify_many(images, progress=progress)
+    try:
+        zs = run_strong(strong, images, size, progress=progress)
+    except RuntimeError as exc:
+        _fail(f"{strong_model}: cannot run on {size}x{size} images ({str(exc).splitlines()[0]})")
+    if zs.ndim != 2 or zs.shape[1] != data.n_classes:
+        _fail(f"{strong_model}: output shape {zs.shape} does not match {data.n_classes} classes")
+    try:
+        prof = build_profile(zw, zs, labels, split.profile_split, k=k,
+                             source=f"offload-train profile: {data.source}; weak {os.path.basename(weak_model)} "
+                                    f"(int8, LiteRT), strong {os.path.basename(strong_model)}")
+    except ValueError as exc:
+        _fail(f"metric fit failed: {exc}")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    prof.save(out_path, compress=True)
+
+    table = breakdown(prof)
+    text = format_breakdown(table, k)
+    click.echo(text)
+    summary = dict(
+        profile=os.path.basename(out_path), k=k, images=prof.n, source=data.source,
+        split_counts={name: int(np.sum(prof.split == code)) for code, name in
+                      ((0, "train"), (1, "validation"), (2, "test"))},
+        breakdown=table,
+        metric=dict(tinv=prof.tinv, metric_mean=prof.metric_mean, metric_std=prof.metric_std,
+                    entropy_range=[float(prof.lut_x[0]), float(prof.lut_x[-1])],
+                    metric_range=[float(prof.lut_y.min()), float(prof.lut_y.max())]),
+        weak_on_edgetpu=weak.on_edgetpu,
+    )
+    base = os.path.splitext(out_path)[0]
+    atomic_write_json(base + "_breakdown.json", summary)
+    atomic_write_text(base + "_breakdown.txt", text + "\n")
+    plot_fig3(prof, fig_path)
+    click.echo(f"calibrated tinv={prof.tinv:.4f}; wrote {out_path}, {base}_breakdown.json, {fig_path}")
+
+    if demo_count > 0:
+        from training.demo import write_demo
+
+        tests = np.flatnonzero(prof.split == 2)
+        n_demo = write_demo(demo_dir, images, labels, tests, prof, data.class_names,
+                            count=demo_count, fps=demo_fps, seed=sp["seed"])
+        click.echo(f"wrote a demo clip of {n_demo} held-out test images to {demo_dir}")
+    click.echo(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name="offload-train")

@@ -1,0 +1,231 @@
+"""Export the classifier pair: the weak model as a full-int8 ``.tflite`` (Edge TPU), the
+strong one as TorchScript (edge server).
+
+Weak model, with litert-torch's PT2E quantiser:
+
+1. ``torch.export`` the float model (batch axis dynamic for calibration);
+2. ``prepare_pt2e`` with ``PT2EQuantizer`` +
+   ``get_symmetric_quantization_config(is_per_channel=True)`` (int8 activations
+   per tensor, int8 weights per output channel; BatchNorm is folded into the
+   convolutions here);
+3. calibrate on training images (never on profiled ones); ``convert_pt2e``;
+4. ``litert_torch.to_channel_last_io`` (NHWC input, as TFLite and the Edge TPU
+   want) and ``litert_torch.convert(..., quant_config=QuantConfig(pt2e_quantizer=...))``.
+
+The result has int8 input and output tensors and only int8 builtin ops
+(checked: a float tensor or a non-Edge-TPU op raises :class:`ExportError`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from offload.atomic import atomic_path
+
+__all__ = [
+    "ExportError",
+    "export_weak_int8",
+    "export_strong_torchscript",
+    "load_strong",
+    "tflite_report",
+    "EDGETPU_OPS",
+    "STRONG_META_NAME",
+]
+
+#: TFLite builtin ops the Edge TPU compiler can map (coral.ai "supported operations").
+EDGETPU_OPS = frozenset({
+    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
+    "FULLY_CONNECTED", "L2_NORMALIZATION", "LOGISTIC", "LSTM", "MAXIMUM", "MAX_POOL_2D", "MEAN",
+    "MINIMUM", "MUL", "PACK", "PAD", "PRELU", "QUANTIZE", "REDUCE_MAX", "REDUCE_MIN", "RELU",
+    "RELU6", "RELU_N1_TO_1", "RESHAPE", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "RSQRT",
+    "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT", "SQUEEZE", "STRIDED_SLICE", "SUB", "SUM",
+    "SQUARED_DIFFERENCE", "TANH", "TRANSPOSE_CONV",
+})
+#: Name of the JSON metadata stored inside the strong TorchScript file.
+STRONG_META_NAME = "offload.json"
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported in the required form."""
+
+
+def _quiet_converter_logs():
+    """torchao warns about optional CUDA kernels it cannot load on a CPU machine; hide that."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _fix_input_range(prepared, lo, hi):
+    """Give the model input the fixed quantisation range ``[lo, hi]`` instead of a calibrated one.
+
+    With ``[0, 1]`` the int8 input is ``scale = 1/255, zero_point = -128``: a
+    uint8 pixel ``p`` becomes exactly ``p - 128``, and no bright pixel is
+    clipped (a histogram observer would trim the range to what it saw).
+    """
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    placeholders = [n for n in prepared.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise ExportError(f"expected one model input, found {len(placeholders)}")
+    observers = [u for u in placeholders[0].users
+                 if u.op == "call_module" and str(u.target).startswith("activation_post_process")]
+    if len(observers) != 1:
+        raise ExportError("cannot find the observer of the model input")
+    obs = MinMaxObserver(dtype=torch.int8, quant_min=-128, quant_max=127,
+                         qscheme=torch.per_tensor_affine, eps=2**-12)
+    obs(torch.tensor([float(lo), float(hi)]))
+    setattr(prepared, observers[0].target, obs)
+
+
+def export_weak_int8(model, calib_x, out_path, *, calib_batch=64, input_range=(0.0, 1.0),
+                     verbose=False):
+    """Quantise ``model`` to full int8 and write it as a ``.tflite`` file.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Float weak model, NCHW input ``(n, 1, H, W)`` in [0, 1].
+    calib_x : torch.Tensor, shape (n, 1, H, W)
+        Calibration images (a few hundred to a few thousand training images).
+    out_path : str
+        Output ``.tflite`` (written atomically).
+    input_range : (float, float) or None
+        Fixed real range of the input (default ``[0, 1]``: int8 = pixel - 128);
+        None calibrates it like every other activation.
+
+    Returns
+    -------
+    dict
+        :func:`tflite_report` of the written file.
+    """
+    _quiet_converter_logs()
+    import litert_torch
+    from litert_torch.quantize import pt2e_quantizer, quant_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if not verbose:
+        litert_torch.config.show_progress = False
+    model = model.eval()
+    shape = tuple(calib_x.shape[1:])
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(
+        pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
+    )
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    sample = calib_x[:2].contiguous()
+    exported = torch.export.export(model, (sample,), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for b in range(0, len(calib_x), calib_batch):
+            prepared(calib_x[b:b + calib_batch])
+    if input_range is not None:
+        _fix_input_range(prepared, *input_range)
+    converted = convert_pt2e(prepared, fold_quantize=False)
+    try:
+        from torchao.quantization.pt2e import move_exported_model_to_eval
+
+        converted = move_exported_model_to_eval(converted)
+    except ImportError:  # pragma: no cover - older torchao
+        pass
+    nhwc = litert_torch.to_channel_last_io(converted, args=[0])
+    nhwc.training = False  # the graph inside is already in eval form; don't recurse into it
+    one = calib_x[:1].permute(0, 2, 3, 1).contiguous()
+    edge = litert_torch.convert(nhwc, (one,), quant_config=quant_config.QuantConfig(pt2e_quantizer=quantizer))
+    with atomic_path(out_path) as tmp:
+        edge.export(tmp)
+        report = tflite_report(tmp)
+        _check_int8(report, shape)
+    return report
+
+
+def _check_int8(report, shape):
+    for which in ("input", "output"):
+        if report[which]["dtype"] != "int8":
+            raise ExportError(f"exported model's {which} is {report[which]['dtype']}, not int8")
+    bad = sorted(set(report["ops"]) - EDGETPU_OPS)
+    if bad:
+        raise ExportError(f"exported model uses ops the Edge TPU compiler cannot map: {bad}")
+    c, h, w = shape
+    if tuple(report["input"]["shape"]) != (1, h, w, c):
+        raise ExportError(f"unexpected input shape {report['input']['shape']}")
+
+
+def tflite_report(path):
+    """Size, tensor types, quantisation and op names of a ``.tflite`` file."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_path=os.fspath(path),
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+
+    def tensor(d):
+        scale, zp = d["quantization"]
+        return dict(shape=[int(s) for s in d["shape"]], dtype=np.dtype(d["dtype"]).name,
+                    scale=float(scale), zero_point=int(zp))
+
+    ops = [d["op_name"] for d in it._get_ops_details() if d["op_name"] != "DELEGATE"]
+    tensor_types = sorted({np.dtype(d["dtype"]).name for d in it.get_tensor_details()})
+    return dict(
+        size_bytes=os.path.getsize(path),
+        input=tensor(it.get_input_details()[0]),
+        output=tensor(it.get_output_details()[0]),
+        ops=ops,
+        tensor_dtypes=tensor_types,
+    )
+
+
+class _StrongWrapper(torch.nn.Module):
+    """What the server runs: float ``(n, 1, H, W)`` in [0, 1] -> logits ``(n, n_classes)``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def export_strong_torchscript(model, out_path, *, class_names, size):
+    """Trace the strong model to TorchScript (loadable with ``torch.jit.load`` alone).
+
+    The file carries its own metadata as the extra file ``offload.json``:
+    input layout ``NCHW``, ``(1, size, size)`` greyscale in [0, 1], class names.
+    """
+    model = model.eval()
+    wrapper = _StrongWrapper(model).eval()
+    example = torch.rand(2, 1, size, size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what the server loads
+        traced = torch.jit.trace(wrapper, example, check_trace=True)
+    meta = dict(
+        kind="strong-classifier", input_layout="NCHW", input_shape=[1, size, size],
+        input_range=[0.0, 1.0], channels="grey", output="logits",
+        class_names=list(class_names),
+    )
+    with atomic_path(out_path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(traced, tmp, _extra_files={STRONG_META_NAME: json.dumps(meta)})
+    return meta
+
+
+def load_strong(path):
+    """Load the strong TorchScript model and its metadata: ``(module, meta)``."""
+    extra = {STRONG_META_NAME: ""}
+    if not os.path.isfile(os.fspath(path)):
+        raise ExportError(f"strong model not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(os.fspath(path), map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ExportError(f"{path} is not a TorchScript model: {str(exc).splitlines()[0]}") from None
+    try:
+        meta = json.loads(extra[STRONG_META_NAME]) if extra[STRONG_META_NAME] else {}
+    except json.JSONDecodeError:
+        meta = {}
+    return module.eval(), meta

@@ -1,0 +1,171 @@
+"""Profile the classifier pair the way the system runs them, and fit the offloading metric.
+
+- The weak classifier runs as on the device: the int8 ``.tflite`` through
+  LiteRT (:class:`offload.classifier.WeakClassifier`), one uint8 image at a
+  time, int8 logits dequantised with the output tensor's scale/zero point.
+- The strong classifier runs as on the edge server: the TorchScript file.
+- Ranks of the true class, the split and the weak logits go into an
+  :class:`offload.profile.Profile`; its ``fit_metric`` calibrates, computes
+  entropies and fits the metric map on the training split (SPEC section 3).
+
+Also the paper's section II breakdown (both right / both wrong / only the
+strong one right / only the weak one right) and its Fig. 3 (reward vs entropy
+with the fitted metric curve).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from offload.profile import TEST, TRAIN, VALIDATION, Profile
+
+__all__ = [
+    "rank_of_true",
+    "run_weak",
+    "run_strong",
+    "build_profile",
+    "breakdown",
+    "format_breakdown",
+    "plot_fig3",
+    "SPLIT_NAMES",
+]
+
+SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation", TEST: "test"}
+
+
+def rank_of_true(logits, labels):
+    """Rank (1 = best) of the true class in each row of ``logits``.
+
+    Ties are broken by class index, as a stable descending sort (and
+    ``argmax``) does: rank 1 exactly when ``argmax(logits) == label``. With
+    int8 outputs ties are common, so this matters.
+    """
+    z = np.asarray(logits)
+    y = np.asarray(labels, dtype=np.int64)
+    zy = z[np.arange(len(y)), y][:, None]
+    cls = np.arange(z.shape[1])[None, :]
+    ahead = (z > zy) | ((z == zy) & (cls < y[:, None]))
+    return (1 + ahead.sum(axis=1)).astype(np.int64)
+
+
+def run_weak(classifier, images, progress=True):
+    """Weak classifier over uint8 images: ``(int8 logits, dequantised float32 logits)``."""
+    return classifier.classify_many(images, progress=progress)
+
+
+def run_strong(module, images, size, batch_size=512, progress=True):
+    """Strong TorchScript classifier over uint8 images: float32 logits ``(n, n_classes)``."""
+    import torch
+
+    from training.train import images_to_tensor
+
+    out = []
+    with torch.no_grad():
+        for b in tqdm(range(0, len(images), batch_size), desc="strong (TorchScript)",
+                      unit="batch", disable=not progress):
+            x = images_to_tensor(images[b:b + batch_size], size)
+            out.append(module(x).numpy().astype(np.float32))
+    return np.concatenate(out)
+
+
+def build_profile(weak_logits, strong_logits, labels, split, k=1, source=""):
+    """A fitted :class:`Profile` from both classifiers' logits (metric fit on ``split == 0``)."""
+    prof = Profile.from_ranks(
+        rank_of_true(weak_logits, labels), rank_of_true(strong_logits, labels), split, k=k,
+        weak_logits=weak_logits, labels=labels, source=source,
+    )
+    return prof.fit_metric()
+
+
+def breakdown(profile):
+    """Section II shares, overall and per split.
+
+    Returns ``{"all"|"train"|"validation"|"test": {"n", "both_right" (a),
+    "both_wrong" (b), "only_strong_right" (c), "only_weak_right",
+    "weak_accuracy", "strong_accuracy"}}`` with shares in [0, 1] ("right" =
+    top-k loss 0).
+    """
+    wl, sl = profile.weak_loss, profile.strong_loss
+    parts = {"all": np.ones(profile.n, dtype=bool)}
+    for code, name in SPLIT_NAMES.items():
+        parts[name] = profile.split == code
+    out = {}
+    for name, m in parts.items():
+        n = int(m.sum())
+        if n == 0:
+            continue
+        w_ok, s_ok = wl[m] == 0, sl[m] == 0
+        out[name] = dict(
+            n=n,
+            both_right=float(np.mean(w_ok & s_ok)),
+            both_wrong=float(np.mean(~w_ok & ~s_ok)),
+            only_strong_right=float(np.mean(~w_ok & s_ok)),
+            only_weak_right=float(np.mean(w_ok & ~s_ok)),
+            weak_accuracy=float(np.mean(w_ok)),
+            strong_accuracy=float(np.mean(s_ok)),
+        )
+    return out
+
+
+def format_breakdown(table, k=1):
+    """A plain-text table of :func:`breakdown` (percentages)."""
+    head = (f"{'split':<11}{'images':>8}  {'(a) both':>9}{'(b) none':>9}{'(c) strong':>11}"
+            f"{'weak only':>10}  {'weak acc':>9}{'strong acc':>11}")
+    lines = [f"top-{k} correctness of the weak/strong pair (paper section II)", head]
+    for name, r in table.items():
+        lines.append(
+            f"{name:<11}{r['n']:>8}  {100 * r['both_right']:>8.2f}%{100 * r['both_wrong']:>8.2f}%"
+            f"{100 * r['only_strong_right']:>10.2f}%{100 * r['only_weak_right']:>9.2f}%  "
+            f"{100 * r['weak_accuracy']:>8.2f}%{100 * r['strong_accuracy']:>10.2f}%"
+        )
+    return "\n".join(lines)
+
+
+def binned_means(entropy, reward, n_bins=25):
+    """Mean reward in equal-count entropy bins: ``(bin centre, mean reward, count)``."""
+    h = np.asarray(entropy, dtype=np.float64)
+    r = np.asarray(reward, dtype=np.float64)
+    order = np.argsort(h, kind="stable")
+    chunks = np.array_split(order, min(n_bins, max(1, len(h))))
+    centres = np.array([h[c].mean() for c in chunks if len(c)])
+    means = np.array([r[c].mean() for c in chunks if len(c)])
+    counts = np.array([len(c) for c in chunks if len(c)])
+    return centres, means, counts
+
+
+def plot_fig3(profile, path, title=None, seed=0):
+    """The paper's Fig. 3 for ``profile``'s training split, as a PNG (atomic write).
+
+    Purple dots: reward of each training image (jittered vertically so the
+    three levels -1/0/1 show density) against the calibrated entropy of the
+    weak output; black: mean reward in equal-count entropy bins; red: the
+    fitted metric map ``f(h)``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from offload.atomic import atomic_path
+
+    train = profile.split == TRAIN
+    h, r = profile.entropy[train], profile.reward[train]
+    rng = np.random.default_rng(seed)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    ax.scatter(h, r + rng.uniform(-0.06, 0.06, size=len(r)), s=4, alpha=0.25, color="#7b3fa0",
+               linewidths=0, label="reward (training images, jittered)")
+    cx, cy, _ = binned_means(h, r)
+    ax.plot(cx, cy, "o", color="black", ms=3.5, label="binned mean reward")
+    ax.plot(profile.lut_x, profile.lut_y, "-", color="red", lw=2, label="metric f(h)")
+    ax.set_xlabel("entropy h(x) of the calibrated weak output (nats)")
+    ax.set_ylabel("metric m(x) / reward R(x, y)")
+    ax.set_ylim(-1.2, 1.2)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_title(title or f"Entropy to offloading metric (top-{profile.k}, tinv={profile.tinv:.3f})",
+                 fontsize=10)
+    ax.legend(loc="upper left", fontsize=8, markerscale=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
