@@ -194,7 +194,9 @@ def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, na
     hist = np.zeros(M + 1, np.int64)
     dec = np.zeros((S, L), np.uint8) if trace else None
     tok = np.zeros((S, L), np.int32) if trace else None
-    for k in tqdm(range(L), desc=name, unit="image", disable=not progress, leave=False):
+    # disable=None: bars only on a terminal, never as clutter in logs and pipes.
+    for k in tqdm(range(L), desc=name, unit="image", disable=None if progress else True,
+                  leave=False):
         x[:, :H] = pm[:, k:k + H][:, ::-1]          # m[k], ..., m[k-H+1]
         if use_interarrival:
             x[:, H:] = pi[:, k:k + H][:, ::-1]      # i[k-1], ..., i[k-H]
@@ -228,7 +230,7 @@ def run_oracle(streams, N, P, M, metric_only=False, progress=False):
     total = np.zeros(S)
     count = np.zeros(S, np.int64)
     for s in tqdm(range(S), desc="oracle-metric" if metric_only else "oracle", unit="stream",
-                  disable=not progress, leave=False):
+                  disable=None if progress else True, leave=False):
         if metric_only:
             t, mask = policies.oracle_metric(streams.raw_metric[s], streams.reward[s],
                                              streams.interarrival[s], N, P, M)
