@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from offload.atomic import atomic_write_bytes
+from offload.metric import MetricMap
 from offload.mlp import QuantLayer, QuantMLP, q_length
 from offload.ring import input_size
 
@@ -68,13 +69,14 @@ class Policy:
         """Number of past values of each kind in the DQN input (``T - 1``)."""
         return self.T - 1
 
-    def standardize(self, metric):
-        """Raw metric -> the standardised space thresholds and the DQN work in."""
-        return (np.asarray(metric, np.float64) - self.metric_mean) / self.metric_std
+    def metric_map(self):
+        """The blob's metric pipeline as an ``offload.metric.MetricMap``
+        (logits -> calibrated entropy -> lookup table -> standardised metric)."""
+        return MetricMap(self.tinv, self.lut_x, self.lut_y, self.metric_mean, self.metric_std)
 
     def metric_from_entropy(self, h):
         """Entropy (nats) -> standardised metric, via the lookup table (clamped at its ends)."""
-        return self.standardize(np.interp(h, self.lut_x, self.lut_y))
+        return self.metric_map().from_entropy(h)
 
     def validate(self):
         """Raise ``ValueError`` naming the first inconsistency."""
