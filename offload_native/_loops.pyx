@@ -80,6 +80,22 @@ cdef inline Py_ssize_t _shift(int64_t i, Py_ssize_t N, Py_ssize_t M) noexcept no
     return _imin(M, N * <Py_ssize_t> i)
 
 
+cdef inline Py_ssize_t _merged_shift(double vk, int64_t iak, Py_ssize_t* t, Py_ssize_t N,
+                                     Py_ssize_t M) noexcept nogil:
+    """Walking backwards: the refill to apply at image ``k``, or -1 to skip it.
+
+    An image with ``v <= 0`` is skipped and its refill added to the pending
+    ``*t``; a positive image applies its own refill plus the pending one.
+    """
+    cdef Py_ssize_t s = _shift(iak, N, M)
+    if not vk > 0:
+        t[0] = _imin(M, t[0] + s)
+        return -1
+    s = _imin(M, s + t[0])
+    t[0] = 0
+    return s
+
+
 cdef void _block_values(const double* v, const int64_t* ia, Py_ssize_t lo, Py_ssize_t hi,
                         double** Wn, double** Wc, Py_ssize_t N, Py_ssize_t P,
                         Py_ssize_t M) noexcept nogil:
@@ -93,12 +109,9 @@ cdef void _block_values(const double* v, const int64_t* ia, Py_ssize_t lo, Py_ss
     cdef Py_ssize_t k, s, t = 0
     cdef double* tmp
     for k in range(hi - 1, lo - 1, -1):
-        s = _shift(ia[k], N, M)
-        if not v[k] > 0:
-            t = _imin(M, t + s)
+        s = _merged_shift(v[k], ia[k], &t, N, M)
+        if s < 0:
             continue
-        s = _imin(M, s + t)
-        t = 0
         _step_keep(Wn[0], Wc[0], s, N, M)
         _step_send(Wn[0], Wc[0], v[k], s, N, P, M)
         tmp = Wn[0]; Wn[0] = Wc[0]; Wc[0] = tmp
@@ -119,12 +132,9 @@ cdef void _block_rows(const double* v, const int64_t* ia, Py_ssize_t lo, Py_ssiz
     """
     cdef Py_ssize_t k, s, t = 0, cur = B, S0 = M - N + 1
     for k in range(hi - 1, lo - 1, -1):
-        s = _shift(ia[k], N, M)
-        if not v[k] > 0:
-            t = _imin(M, t + s)
+        s = _merged_shift(v[k], ia[k], &t, N, M)
+        if s < 0:
             continue
-        s = _imin(M, s + t)
-        t = 0
         _step_keep(R + cur * S0, R + (k - lo) * S0, s, N, M)
         _step_send(R + cur * S0, R + (k - lo) * S0, v[k], s, N, P, M)
         src[k - lo] = <int32_t> cur
