@@ -26,7 +26,7 @@ from offload import mlp, policies, sequences
 from offload.ring import input_size
 
 __all__ = ["Streams", "SimResult", "make_streams", "run_thresholds", "run_thresholds_numpy",
-           "run_dqn", "run_policy", "run_oracle", "run_lower_bound", "captured_share"]
+           "run_dqn", "dqn_inputs", "run_policy", "run_oracle", "run_lower_bound", "captured_share"]
 
 
 @dataclass
@@ -165,19 +165,38 @@ def _windows(streams, H, use_ia):
     return pm, pi
 
 
-def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, name="dqn",
-            progress=False):
-    """A DQN policy batched across streams.
+def dqn_inputs(streams, H, use_interarrival, start, stop):
+    """SPEC section 6 inputs for positions ``start..stop-1`` of every stream.
 
-    ``network`` is a ``QuantMLP`` (runs the native int8 forward, as the device
-    does), an ``Int8MLP``, or a list of float ``(weight, bias)`` layers (runs the
-    float32 numpy reference). The input at image ``k`` is SPEC section 6's
-    window of ``H`` metrics and, optionally, ``H`` inter-arrival times.
+    Returns float32 ``(S, stop-start, H or 2H)``: ``m[k], ..., m[k-H+1]`` and,
+    with ``use_interarrival``, ``i[k-1], ..., i[k-H]`` (slots), zeros before
+    the start of a stream. The inputs do not depend on the policy's actions,
+    which is what lets a whole block of positions go through the network in
+    one batch.
     """
+    pm, pi = _windows(streams, H, use_interarrival)
+    return _block(pm, pi, H, start, stop)
+
+
+def _block(pm, pi, H, start, stop):
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    S = pm.shape[0]
+    x = np.empty((S, stop - start, 2 * H if pi is not None else H), np.float32)
+    x[:, :, :H] = sliding_window_view(pm, H, axis=1)[:, start:stop, ::-1]
+    if pi is not None:
+        x[:, :, H:] = sliding_window_view(pi, H, axis=1)[:, start:stop, ::-1]
+    return x
+
+
+def _forward_fn(network, H, use_interarrival):
+    """``(forward(x (B, din)) -> Q (B, out), din)`` for any network form run_dqn takes."""
     if isinstance(network, mlp.QuantMLP):
         network = network.native()
     if isinstance(network, mlp.Int8MLP):
         forward, din = network.forward, network.input_size
+    elif callable(network):
+        forward, din = network, getattr(network, "input_size", input_size(H, use_interarrival))
     else:
         layers = network
         forward, din = (lambda x: mlp.forward_float(layers, x)), np.shape(layers[0][0])[1]
@@ -185,28 +204,61 @@ def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, na
         raise ValueError(f"network takes {din} inputs, H={H} "
                          f"{'with' if use_interarrival else 'without'} inter-arrival times "
                          f"gives {input_size(H, use_interarrival)}")
+    return forward, din
+
+
+# Rows per network call: big enough that per-call overhead vanishes, small
+# enough that a block of inputs stays in a few tens of MB.
+_BLOCK_ROWS = 1 << 15
+
+
+def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, name="dqn",
+            progress=False):
+    """A DQN policy batched across streams and positions.
+
+    ``network`` is a ``QuantMLP`` (runs the native int8 forward, as the device
+    does), an ``Int8MLP``, a list of float ``(weight, bias)`` layers (runs the
+    float32 numpy reference), or any callable mapping float32 inputs
+    ``(B, din)`` to Q-vectors ``(B, out)``. The input at image ``k`` is SPEC
+    section 6's window of ``H`` metrics and, optionally, ``H`` inter-arrival
+    times (slots).
+
+    Since the inputs do not depend on the decisions, the Q-vectors of a block
+    of positions of every stream are computed in one network call; only the
+    token states (scaled tokens) are then walked image by image.
+    """
+    forward, din = _forward_fn(network, H, use_interarrival)
     S, L = streams.shape
     pm, pi = _windows(streams, H, use_interarrival)
-    x = np.empty((S, din), np.float32)
     n = np.full(S, M, np.int64)
     total = np.zeros(S)
     count = np.zeros(S, np.int64)
     hist = np.zeros(M + 1, np.int64)
     dec = np.zeros((S, L), np.uint8) if trace else None
     tok = np.zeros((S, L), np.int32) if trace else None
+    rows = np.arange(S)
+    step = max(1, _BLOCK_ROWS // max(S, 1))
     # disable=None: bars only on a terminal, never as clutter in logs and pipes.
-    for k in tqdm(range(L), desc=name, unit="image", disable=None if progress else True,
-                  leave=False):
-        x[:, :H] = pm[:, k:k + H][:, ::-1]          # m[k], ..., m[k-H+1]
-        if use_interarrival:
-            x[:, H:] = pi[:, k:k + H][:, ::-1]      # i[k-1], ..., i[k-H]
-        a = mlp.decide_batch(forward(x), n, N, P, M)
-        np.add.at(hist, n, 1)
-        if trace:
-            dec[:, k], tok[:, k] = a, n
-        total += np.where(a, streams.reward[:, k], 0.0)
-        count += a
-        n = np.minimum(M, n - P * a + N * streams.interarrival[:, k])
+    bar = tqdm(total=S * L, desc=name, unit="decision", unit_scale=True,
+               disable=None if progress else True, leave=False)
+    for k0 in range(0, L, step):
+        k1 = min(L, k0 + step)
+        x = _block(pm, pi, H, k0, k1)
+        q = np.asarray(forward(x.reshape(-1, din)), np.float32).reshape(S, k1 - k0, -1)
+        # Q(n, 1) >= Q(n, 0) for every token state at once: (S, K, M-P+1).
+        send = q[:, :, M - N + 1:] >= q[:, :, P - N:M - N + 1]
+        for j in range(k1 - k0):
+            k = k0 + j
+            ok = n >= P
+            a = ok & send[rows, j, np.where(ok, n - P, 0)]
+            np.add.at(hist, n, 1)
+            if trace:
+                dec[:, k], tok[:, k] = a, n
+            total += np.where(a, streams.reward[:, k], 0.0)
+            count += a
+            n = np.minimum(M, n - P * a + N * streams.interarrival[:, k])
+        bar.update(S * (k1 - k0))
+    bar.close()
     return _result(name, streams, total, count, token_hist=hist, decisions=dec, tokens=tok)
 
 
