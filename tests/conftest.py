@@ -1,9 +1,42 @@
-"""Shared fixtures: small random networks and DQN-like inputs."""
+"""Shared fixtures (small random networks, DQN-like inputs) and hypothesis profiles.
+
+Hypothesis profiles, chosen by the environment variable ``HYPOTHESIS_PROFILE``:
+
+* ``ci``: derandomised (the same examples on every run, so a change lands or
+  not on its merits), no example database, 100 examples per test. The default
+  whenever ``CI`` is set (to anything but ``""``, ``0`` or ``false``); ``.ci/run``
+  selects it explicitly.
+* ``dev`` (the default otherwise): random, 200 examples per test, with the
+  local example database, for hunting bugs. Vary ``--hypothesis-seed=N`` to
+  explore further.
+
+Both print the failing example and a ``@reproduce_failure`` blob that replays it.
+No profile has a per-example deadline: timing is not a pass criterion; a hang
+is caught by pytest-timeout's per-test cap (``timeout`` in pyproject.toml).
+"""
+
+import os
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from offload import mlp
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
+                          deadline=None, max_examples=100)
+settings.register_profile("dev", print_blob=True, deadline=None, max_examples=200)
+
+
+def _profile():
+    chosen = os.environ.get("HYPOTHESIS_PROFILE")
+    if chosen:
+        return chosen
+    ci = os.environ.get("CI", "").strip().lower()
+    return "ci" if ci not in ("", "0", "false", "no") else "dev"
+
+
+settings.load_profile(_profile())
 
 
 def dqn_inputs(rng, count, H=96, interarrival=True):
