@@ -7,11 +7,13 @@ over Baseline captured. Can also write the table (JSON/CSV) and an MDP or
 Baseline policy as a policy blob for the device.
 """
 
+import contextlib
 import csv
 import json
 import math
 import os
 import sys
+import warnings
 
 import click
 import numpy as np
@@ -41,6 +43,23 @@ def _load_profile(path, synthetic, seed):
         except ValueError as e:
             raise click.ClickException(f"{path}: {e}") from None
     return prof
+
+
+@contextlib.contextmanager
+def user_errors(what):
+    """Turn a refusal of the user's parameters (``ValueError``, ``MemoryError``) into one line.
+
+    The core refuses what it cannot do in bounded time and memory with a
+    ``ValueError`` that names the parameters; a command shows it as a click
+    error (exit code 1) prefixed with ``what``, never as a traceback.
+    """
+    try:
+        yield
+    except ValueError as e:
+        raise click.ClickException(f"{what}: {e}") from None
+    except MemoryError:
+        raise click.ClickException(f"{what}: not enough memory; use fewer or shorter streams "
+                                   "(--streams, --length)") from None
 
 
 def training_arrivals(arrivals, markov, seed):
@@ -98,10 +117,19 @@ def load_scenario(profile_path, synthetic, rate, depth, arrivals, markov, seed):
         N, P, M = scale(rate, depth)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    if M - N + 1 > policies.MAX_DP_STATES:
+        raise click.ClickException(
+            f"--rate {rate} --depth {depth}: bucket (N, P, M) = ({N}, {P}, {M}) has "
+            f"{M - N + 1:,} token states, above the supported {policies.MAX_DP_STATES:,}; "
+            "use a smaller --depth")
     if arrivals == "markov":
         i1, i2, t1, t2 = markov
         if i1 < 1 or i2 < 1 or not (0 < t1 <= 1 and 0 < t2 <= 1):
             raise click.ClickException(f"--markov {markov}: need I1, I2 >= 1 and tprobs in (0, 1]")
+        try:
+            sequences.markov_check(*markov)
+        except ValueError as e:
+            raise click.ClickException(f"--markov {' '.join(map(str, markov))}: {e}") from None
     prof = _load_profile(profile_path, synthetic, seed)
     tr, te = prof.indices(TRAIN), prof.indices(TEST)
     if len(tr) < 2 or len(te) < 1:
@@ -138,12 +166,10 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
                                        "nor an existing policy blob file")
     (N, P, M), prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, arrivals,
                                                markov, seed)
-    try:
+    with user_errors("test streams"):
         st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, streams,
                                    seed, choice, spread, rprob, arrivals, markov,
                                    raw_metric=prof.metric[te])
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
     tau = st.mean_interarrival
     click.echo(f"bucket r={rate} b={depth} -> (N, P, M) = ({N}, {P}, {M}); {streams} streams x "
                f"{length} images, {choice}, {arrivals} arrivals (mean {tau:.3f} slots)", err=True)
@@ -152,31 +178,39 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
     theta_mdp = None
     if want_mdp:
         click.echo("mdp: value iteration...", err=True)
-        theta_mdp = policies.mdp_thresholds(m[tr], prof.reward[tr], N, P, M,
-                                            interarrival=training_arrivals(arrivals, markov, seed))
-    theta_base = policies.baseline_threshold(m[tr], rate, tau)
+        with user_errors("mdp"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            theta_mdp = policies.mdp_thresholds(
+                m[tr], prof.reward[tr], N, P, M,
+                interarrival=training_arrivals(arrivals, markov, seed))
+        for w in caught:
+            click.echo(f"mdp: warning: {w.message}", err=True)
+    with user_errors("baseline"):
+        theta_base = policies.baseline_threshold(m[tr], rate, tau)
 
     results = {}
     for name in names + [n for n in ("baseline", "oracle", "oracle-metric") if n not in names]:
-        if name == "lower-bound":
-            results[name] = simulate.run_lower_bound(m[tr], st, rate)
-        elif name == "baseline":
-            results[name] = simulate.run_thresholds(theta_base, st, N, P, M, name="baseline")
-        elif name == "mdp":
-            results[name] = simulate.run_thresholds(theta_mdp, st, N, P, M, name="mdp")
-        elif name in ("oracle", "oracle-metric"):
-            results[name] = simulate.run_oracle(st, N, P, M, metric_only=name == "oracle-metric",
-                                                progress=True)
-        else:
-            try:
-                pol = blob.read_blob(name)
-            except blob.BlobError as e:
-                raise click.ClickException(str(e)) from None
-            if (pol.N, pol.P, pol.M) != (N, P, M):
-                raise click.ClickException(
-                    f"{name}: policy was made for bucket (N, P, M) = ({pol.N}, {pol.P}, {pol.M}), "
-                    f"this run uses ({N}, {P}, {M}) (r={rate}, b={depth})")
-            results[name] = simulate.run_policy(pol, st, name=name, progress=True)
+        with user_errors(name):
+            if name == "lower-bound":
+                results[name] = simulate.run_lower_bound(m[tr], st, rate)
+            elif name == "baseline":
+                results[name] = simulate.run_thresholds(theta_base, st, N, P, M, name="baseline")
+            elif name == "mdp":
+                results[name] = simulate.run_thresholds(theta_mdp, st, N, P, M, name="mdp")
+            elif name in ("oracle", "oracle-metric"):
+                results[name] = simulate.run_oracle(
+                    st, N, P, M, metric_only=name == "oracle-metric", progress=True)
+            else:
+                try:
+                    pol = blob.read_blob(name)
+                except blob.BlobError as e:
+                    raise click.ClickException(str(e)) from None
+                if (pol.N, pol.P, pol.M) != (N, P, M):
+                    raise click.ClickException(
+                        f"{name}: policy was made for bucket (N, P, M) = "
+                        f"({pol.N}, {pol.P}, {pol.M}), this run uses ({N}, {P}, {M}) "
+                        f"(r={rate}, b={depth})")
+                results[name] = simulate.run_policy(pol, st, name=name, progress=True)
     rows = []
     for name in names:
         row = results[name].row()

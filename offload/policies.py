@@ -12,6 +12,8 @@ A threshold policy offloads image ``k`` iff ``n >= P`` and
 for ``n = P..M``.
 """
 
+import warnings
+
 import numpy as np
 
 from offload_native import oracle_dp, simulate_thresholds as _simulate_native, upper_hull
@@ -19,11 +21,17 @@ from offload_native import oracle_dp, simulate_thresholds as _simulate_native, u
 __all__ = [
     "lower_bound", "baseline_threshold", "mdp_thresholds", "oracle", "oracle_metric",
     "threshold_vector", "simulate_thresholds", "interarrival_distribution",
-    "DISCOUNT", "MAX_SWEEPS",
+    "DISCOUNT", "MAX_SWEEPS", "MAX_DP_STATES", "MAX_MDP_TABLE",
 ]
 
 DISCOUNT = 0.9999
 MAX_SWEEPS = 10_000
+# The MDP and the oracles work over every token count n = N..M: they refuse
+# buckets with more states than this (a depth of 655 tokens at P = 100).
+MAX_DP_STATES = 1 << 16
+# The MDP tabulates next(n, a) for every state and distinct inter-arrival
+# time: it refuses tables larger than this (entries), which bounds a sweep.
+MAX_MDP_TABLE = 1 << 20
 
 
 # ----------------------------------------------------------------------------- checks
@@ -35,6 +43,15 @@ def _check_bucket(N, P, M):
     if not 0 < N < P <= M:
         raise ValueError(f"invalid bucket (N={N}, P={P}, M={M}): need 0 < N < P <= M")
     return int(N), int(P), int(M)
+
+
+def _check_dp_bucket(N, P, M, what):
+    N, P, M = _check_bucket(N, P, M)
+    if M - N + 1 > MAX_DP_STATES:
+        raise ValueError(
+            f"{what}: bucket (N={N}, P={P}, M={M}) has {M - N + 1:,} token states, above the "
+            f"supported {MAX_DP_STATES:,}; use a smaller depth")
+    return N, P, M
 
 
 def _vector(x, name, dtype=np.float64):
@@ -151,12 +168,21 @@ def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOU
 
     with ``next(n, a) = min(M, n - P*a + N*I)`` and ``E`` over the inter-arrival
     slots ``I``. Stops when no threshold moves by more than
-    ``1e-6 * max|metric|`` between sweeps, or after 10,000 sweeps.
+    ``1e-6 * max|metric|`` between sweeps, or after 10,000 sweeps (then it
+    returns the last sweep's thresholds, as SPEC section 5 says, and emits a
+    ``RuntimeWarning`` naming the threshold move still left).
 
     Since ``score(j) = g E0 + (C(j) + (j+1) d) / K`` with ``d = g (E1 - E0)``,
     the best ``j`` is the vertex of the upper convex hull of the points
     ``(j+1, C(j))`` that is extreme in direction ``(d, 1)``: a binary search per
     state, so a sweep costs ``O((M-N) * (#I values) + (M-P) log K)``.
+
+    Limits: at most ``MAX_DP_STATES`` token states (``M - N + 1``) and a
+    next-state table of at most ``MAX_MDP_TABLE`` entries (``M - N + 1``
+    times the number of distinct inter-arrival times); larger problems are
+    refused with a ``ValueError`` before any sweep. A sweep at the table cap
+    takes a few milliseconds, so even 10,000 sweeps stay around a minute;
+    typical problems (``M`` in the tens) converge in a few milliseconds.
 
     Ties: ``metric >= theta`` offloads every image equal to ``theta``, so only
     the last position of each run of equal metrics is a candidate (then ``F``
@@ -185,7 +211,7 @@ def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOU
     theta : float64 array (M-P+1,)
         ``theta[n-P]`` for ``n = P..M``, each a training metric value.
     """
-    N, P, M = _check_bucket(N, P, M)
+    N, P, M = _check_dp_bucket(N, P, M, "MDP")
     metrics = _vector(metrics, "metrics")
     rewards = _vector(rewards, "rewards")
     _same_length(metrics=metrics, rewards=rewards)
@@ -194,6 +220,11 @@ def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOU
     if int(max_sweeps) < 1:
         raise ValueError(f"max_sweeps={max_sweeps} must be >= 1")
     vals, prob = interarrival_distribution(interarrival)
+    if (M - N + 1) * len(vals) > MAX_MDP_TABLE:
+        raise ValueError(
+            f"MDP: bucket (N={N}, P={P}, M={M}) with {len(vals):,} distinct inter-arrival times "
+            f"needs a {M - N + 1:,} x {len(vals):,} next-state table, above the supported "
+            f"{MAX_MDP_TABLE:,} entries; use a smaller depth")
     m, ends, C = _threshold_candidates(metrics, rewards)
     K = len(metrics)
     hull = upper_hull(ends + 1.0, C)
@@ -206,6 +237,7 @@ def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOU
     tol = rtol * np.max(np.abs(metrics))
     V = np.zeros(M - N + 1)
     theta = np.full(M - P + 1, np.nan)
+    moved = np.inf
     for _ in range(int(max_sweeps)):
         E0 = V[nxt0] @ prob
         E1 = V[nxt1] @ prob
@@ -215,17 +247,25 @@ def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOU
         newV[P - N:] += (hy[best] + hx[best] * d) / K
         new_theta = m[hj[best]]
         V = newV
-        done = np.max(np.abs(new_theta - theta)) <= tol  # NaN on the first sweep: False
+        moved = np.max(np.abs(new_theta - theta))  # NaN on the first sweep
         theta = new_theta
-        if done:
+        if moved <= tol:
             break
+    else:
+        if tol >= 0:
+            last = (f"a threshold still moved by {moved:.3g} in the last sweep"
+                    if np.isfinite(moved) else "one sweep cannot show convergence")
+            warnings.warn(
+                f"MDP value iteration stopped after {int(max_sweeps):,} sweep(s) without "
+                f"converging: {last} (tolerance {tol:.3g}); the last sweep's thresholds are used",
+                RuntimeWarning, stacklevel=2)
     return theta
 
 
 # ----------------------------------------------------------------------------- oracle
 
 def _oracle_inputs(values, interarrival, N, P, M, name):
-    N, P, M = _check_bucket(N, P, M)
+    N, P, M = _check_dp_bucket(N, P, M, "oracle")
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {values.shape}")
@@ -241,7 +281,9 @@ def oracle(rewards, interarrival, N, P, M):
 
     Exact dynamic programming over (image, scaled tokens) with the bucket
     starting full (SPEC section 1); an upper bound for every policy under the
-    same bucket.
+    same bucket. Work: about 2 ns per image and token state (``M - N + 1``,
+    at most ``MAX_DP_STATES``, else ``ValueError``); memory about
+    ``16 * sqrt(L) * (M - N + 1)`` bytes.
 
     Parameters
     ----------

@@ -395,6 +395,20 @@ def _read_npz(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
+    # numpy would try any non-zip, non-.npy file as a pickle and, with pickles
+    # refused, say "This file contains pickled (object) data": name the real
+    # problem instead.
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
+    if head.startswith(b"\x93NUMPY"):
+        raise ValueError(f"{path}: not a .npz profile (not a readable .npz file: it holds a "
+                         "single .npy array, not an .npz archive)")
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise ValueError(f"{path}: not a .npz profile (not a readable .npz file: it is not a "
+                         f"zip archive, as every .npz is; it starts with {head[:12]!r})")
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
