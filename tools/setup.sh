@@ -1,13 +1,33 @@
 #!/usr/bin/env bash
 # Set up offload on a fresh Debian / Raspberry Pi OS machine, in ./.venv.
-#   bash tools/setup.sh            # everything: device, server, training, tests
-#   bash tools/setup.sh device     # a Raspberry Pi: base + device extra, no torch
+#   bash tools/setup.sh                  # everything: device, server, training, tests
+#   bash tools/setup.sh device           # a Raspberry Pi: base + device extra, no torch
+#   bash tools/setup.sh all --editable   # development: an editable install (or EDITABLE=1)
 # Installs the Debian packages it needs (root or sudo), makes a virtual
 # environment (Debian's own Python refuses system-wide pip installs), and
-# installs the package editable so the native core is built for this CPU.
+# installs the package, building the native core for this CPU.
+#
+# The default is a regular install: the compiled core is built once and
+# copied into .venv, so any number of processes (sweeps, Ray or server
+# workers) can import it at the same time. An editable install instead
+# rebuilds changed sources on import; concurrent imports then race on
+# build/cp*/.ninja_deps and each may rebuild for a minute, so keep it for
+# development, and rerun this script after changing the code otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-all}"
+extras=""
+editable="${EDITABLE:-0}"
+for arg in "$@"; do
+    case "$arg" in
+        --editable) editable=1 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -*) echo "setup: unknown option $arg (see --help)" >&2; exit 2 ;;
+        *) if [ -n "$extras" ]; then echo "setup: one extras list only, got '$extras' and '$arg'" >&2; exit 2; fi
+           extras="$arg" ;;
+    esac
+done
+extras="${extras:-all}"
+case "$editable" in 0|"") editable=0 ;; *) editable=1 ;; esac
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -36,6 +56,12 @@ case "$extras" in
         # The CPU build; a bare "torch" requirement would pull a multi-GB CUDA build.
         "$PY" -m pip install -q "torch==2.13.0" ;;
 esac
-echo "setup: installing offload[$extras] (builds the native core)"
-"$PY" -m pip install -q --no-build-isolation -e ".[$extras]"
+if [ "$editable" = 1 ]; then
+    echo "setup: installing offload[$extras] editable (builds the native core; rebuilds on import)"
+    "$PY" -m pip install -q --no-build-isolation -e ".[$extras]"
+else
+    echo "setup: installing offload[$extras] (builds the native core)"
+    # A regular install replaces an earlier editable one (its loader and .pth go).
+    "$PY" -m pip install -q --no-build-isolation ".[$extras]"
+fi
 echo "setup: done; commands are in .venv/bin (offload-sim, offload-train, ...)"
