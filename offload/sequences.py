@@ -392,9 +392,9 @@ def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=F
     20 % margin), where ``2 / (a1 + a2) <= mean inter-arrival <= 1,000``:
     a few sojourns per value for ordinary parameters, at most 1,000 at the
     cap (about 50 ns per sojourn on a desktop x86 core, so at most about
-    50 us per value). Memory is the output plus at most ``_BLOCK_ENTRIES``
-    (about a million) sojourns at a time: sojourns are drawn in blocks, for
-    a chunk of sequences at a time.
+    50 us per value). Memory is a few times the output plus at most
+    ``_BLOCK_ENTRIES`` (about a million) sojourns at a time: sojourns are
+    drawn in blocks, for a chunk of sequences at a time.
 
     Parameters
     ----------
