@@ -26,7 +26,7 @@ from offload_native import Int8MLP, decide
 
 __all__ = [
     "LEAKY_SLOPE", "q_length", "q_index", "decide", "decide_reference", "decide_batch",
-    "forward_float", "he_uniform", "QuantLayer", "QuantMLP", "quantize", "forward_int8",
+    "forward_float", "he_uniform", "QuantLayer", "QuantMLP", "equalize", "quantize", "forward_int8",
     "Int8MLP",
 ]
 
@@ -136,6 +136,36 @@ class QuantMLP:
     def native(self):
         """The compiled forward pass for this network."""
         return Int8MLP(self.native_args())
+
+
+def equalize(layers, calib_x, alpha=0.5):
+    """The same network with its hidden channels rescaled for per-layer int8 activations.
+
+    LeakyReLU commutes with a positive scale (``f(c z) = c f(z)``), so
+    multiplying hidden unit ``j`` of layer ``l`` (its weight row and bias) by
+    ``c_j`` and dividing column ``j`` of layer ``l+1`` by ``c_j`` computes the
+    same function. ``quantize`` gives each layer's input one int8 scale; a
+    unit whose activations span a small range then gets few of its 256
+    levels. With ``c_j = (R / R_j) ** alpha`` (``R_j`` the unit's range on
+    ``calib_x``, ``R`` the largest in the layer) the ranges move towards each
+    other; ``alpha = 0.5`` splits the difference with the weights of the
+    next layer, whose per-row int8 scales the ``1 / c_j`` columns stretch.
+    Returns new float32 ``(weight, bias)`` layers.
+    """
+    out = [(np.asarray(w, np.float64).copy(), np.asarray(b, np.float64).copy()) for w, b in layers]
+    h = np.asarray(calib_x, np.float64)
+    for i in range(len(out) - 1):
+        w, b = out[i]
+        z = h @ w.T + b
+        a = np.where(z < 0, z * float(LEAKY_SLOPE), z)
+        r = a.max(axis=0) - a.min(axis=0)
+        r = np.maximum(r, 1e-6 * max(float(r.max()), 1e-30))
+        c = (r.max() / r) ** alpha
+        out[i] = (w * c[:, None], b * c)
+        w2, b2 = out[i + 1]
+        out[i + 1] = (w2 / c[None, :], b2)
+        h = a * c
+    return [(w.astype(np.float32), b.astype(np.float32)) for w, b in out]
 
 
 def _act_quant(lo, hi):

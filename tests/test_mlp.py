@@ -94,3 +94,28 @@ def test_quantize_and_native_errors(rng):
     bad[0] = np.zeros((3, 5), np.int8)  # second layer input does not match first output
     with pytest.raises(ValueError, match="layer 1"):
         Int8MLP([args[0], tuple(bad)])
+
+
+def test_equalize_keeps_the_function_and_evens_hidden_ranges(rng):
+    layers = random_network(rng, 12, 7, hidden=(16, 16, 16))
+    # Make the units' ranges very uneven.
+    w0, b0 = layers[0]
+    layers[0] = (w0 * np.geomspace(0.01, 10, 16, dtype=np.float32)[:, None], b0)
+    x = rng.normal(size=(3000, 12)).astype(np.float32)
+    eq = mlp.equalize(layers, x, alpha=1.0)
+    np.testing.assert_allclose(mlp.forward_float(eq, x), mlp.forward_float(layers, x),
+                               rtol=1e-4, atol=1e-4)
+
+    def ranges(ls):
+        h = x.astype(np.float64)
+        out = []
+        for w, b in ls[:-1]:
+            h = h @ w.T.astype(np.float64) + b
+            h = np.where(h < 0, 0.2 * h, h)
+            out.append(h.max(0) - h.min(0))
+        return out
+
+    before, after = ranges(layers), ranges(eq)
+    assert before[0].max() / before[0].min() > 100
+    for r in after:
+        np.testing.assert_allclose(r, r.max(), rtol=1e-3)   # alpha = 1: all equal

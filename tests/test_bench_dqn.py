@@ -1,0 +1,85 @@
+"""One DQN Q-iteration at the published size, timed (training.dqn).
+
+The anchor is the authors' TensorFlow trainer, which takes 1.0-1.3 s per
+Q-iteration on a 2-core machine like ours: freeze the target network, sample
+16,384 tuples (128 x 128), compute their targets, take 128 Adam steps of 128.
+``dqn-iteration`` runs exactly that with our trainer on the paper's network
+(5 x 64, 96 metrics + 96 inter-arrival times, bucket (1, 10, 40)); the two
+contenders split the same iteration into its parts (sampling and targets,
+the Adam steps) to show where the time goes.
+
+Run with
+``pytest tests/test_bench_dqn.py --benchmark-enable --benchmark-group-by=group``.
+In the normal test run each executes once, as a test that it works.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from offload import sequences, simulate  # noqa: E402
+from training import dqn  # noqa: E402
+
+N, P, M = 1, 10, 40
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    rng = np.random.default_rng(0)
+    n = 6000
+    metric = rng.normal(size=n).astype(np.float32)
+    weak = (rng.random(n) < 0.3).astype(np.float32)
+    strong = (rng.random(n) < 0.1).astype(np.float32)
+    split = np.repeat(np.array([0, 1, 2], np.int8), [3000, 1000, 2000])
+    from offload.profile import Profile
+
+    prof = Profile(weak_loss=weak, strong_loss=strong, split=split, metric=metric,
+                   metric_mean=0.0, metric_std=1.0)
+    sc = dqn.Scenario(0.1, 4, N, P, M, "location-reset", 0.1, 0.01, "markov", (1, 3, 0.01, 0.01))
+    cfg = dqn.DQNConfig(T=97, interarrival=True, steps=128, batch=128, train_streams=4,
+                        train_length=50_000, val_streams=2, val_length=1000, threads=0,
+                        device="cpu")
+    return dqn.Trainer(dqn.prepare_data(prof), sc, cfg, dqn.profile_fingerprint(prof))
+
+
+@pytest.mark.benchmark(group="dqn-iteration")
+def test_bench_q_iteration(benchmark, trainer):
+    """The whole Q-iteration: the number compared with the 1.0-1.3 s anchor."""
+    loss = benchmark.pedantic(trainer.iterate, rounds=10, iterations=1, warmup_rounds=2)
+    benchmark.extra_info["tuples"] = trainer.cfg.steps * trainer.cfg.batch
+    benchmark.extra_info["torch_threads"] = torch.get_num_threads()
+    assert np.isfinite(loss)
+
+
+@pytest.mark.benchmark(group="dqn-iteration-parts")
+def test_bench_sample_and_targets(benchmark, trainer):
+    sc, cfg = trainer.sc, trainer.cfg
+
+    def part():
+        x, xn, R, I = trainer.replay.sample(trainer.rng, cfg.steps * cfg.batch)
+        with torch.no_grad():
+            t = dqn.q_targets(trainer.target(torch.from_numpy(xn)), torch.from_numpy(R),
+                              torch.from_numpy(I), sc.N, sc.P, sc.M, cfg.discount)
+        return t - t.mean()
+
+    t = benchmark.pedantic(part, rounds=10, iterations=1, warmup_rounds=1)
+    assert t.shape == (cfg.steps * cfg.batch, 2 * (M + 1) - N - P)
+
+
+@pytest.mark.benchmark(group="dqn-iteration-parts")
+def test_bench_adam_steps(benchmark, trainer):
+    cfg = trainer.cfg
+    x = torch.randn(cfg.steps * cfg.batch, trainer.din)
+    t = torch.randn(cfg.steps * cfg.batch, trainer.dout)
+
+    def steps():
+        for j in range(cfg.steps):
+            sl = slice(j * cfg.batch, (j + 1) * cfg.batch)
+            loss = torch.mean((trainer.net(x[sl]) - t[sl]) ** 2)
+            trainer.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            trainer.opt.step()
+        return float(loss)
+
+    assert np.isfinite(benchmark.pedantic(steps, rounds=10, iterations=1, warmup_rounds=1))

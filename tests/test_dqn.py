@@ -1,0 +1,401 @@
+"""Tests for the DQN trainer (training.dqn, SPEC section 6) and ``offload-train dqn``."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from offload import blob, mlp, simulate  # noqa: E402
+from offload.bucket import scale  # noqa: E402
+from offload.profile import TEST, TRAIN, VALIDATION, Profile  # noqa: E402
+from offload.ring import window_reference  # noqa: E402
+from offload.synthetic import synthetic_profile  # noqa: E402
+from training import dqn  # noqa: E402
+
+# A run small enough for tests: a few seconds on one core.
+TINY = dict(T=9, layers=2, width=16, iterations=30, steps=4, batch=64, validate_every=5,
+            train_streams=2, train_length=3000, val_streams=2, val_length=1000, test_streams=2,
+            test_length=1000, calib_states=2000, threads=1, device="cpu")
+TINY_FLAGS = ["-T", "9", "--layers", "2", "--width", "16", "--iterations", "30", "--steps", "4",
+              "--batch", "64", "--validate-every", "5", "--train-streams", "2",
+              "--train-length", "3000", "--val-streams", "2", "--val-length", "1000",
+              "--test-streams", "2", "--test-length", "1000", "--threads", "1",
+              "--device", "cpu", "--quiet"]
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def test_targets_hand_worked():
+    # Bucket (N, P, M) = (1, 2, 3): Q(n,0) for n = 1, 2, 3, then Q(n,1) for n = 2, 3.
+    N, P, M, g = 1, 2, 3, 0.5
+    q_next = np.array([[1.0, 2.0, 3.0, 5.0, 0.0]] * 2)
+    # best(1) = 1 (only a = 0 is feasible), best(2) = max(2, 5) = 5, best(3) = max(3, 0) = 3.
+    R, I = np.array([0.5, 0.5]), np.array([1, 5])
+    want = np.array([
+        # I = 1: target(n,0) = g best(n+1) (n = 3 clamps at M); target(n,1) = R + g best(n-1)
+        [0.5 * 5, 0.5 * 3, 0.5 * 3, 0.5 + 0.5 * 1, 0.5 + 0.5 * 5],
+        # I = 5: every next state clamps at M = 3, best(3) = 3
+        [1.5, 1.5, 1.5, 2.0, 2.0],
+    ])
+    got = dqn.q_targets(torch.tensor(q_next), torch.tensor(R), torch.tensor(I), N, P, M, g)
+    np.testing.assert_allclose(got.numpy(), want)
+    np.testing.assert_allclose(dqn.q_targets_reference(q_next, R, I, N, P, M, g), want)
+
+
+def test_targets_infeasible_offload_uses_only_keep_values():
+    # Right after an offload from n = P the bucket holds n' = N*I < P: only a' = 0 counts,
+    # however large the (infeasible) Q(n', 1) entries would be if they existed.
+    N, P, M, g = 1, 3, 5, 0.9
+    L = mlp.q_length(N, P, M)
+    q_next = np.zeros((1, L))
+    q_next[0, :M - N + 1] = [10.0, 20.0, 30.0, 40.0, 50.0]     # Q(n,0), n = 1..5
+    q_next[0, M - N + 1:] = [100.0, 0.0, 0.0]                 # Q(n,1), n = 3..5
+    got = dqn.q_targets(torch.tensor(q_next), torch.tensor([1.0]), torch.tensor([1]),
+                        N, P, M, g).numpy()[0]
+    # offload at n = 3 -> n' = 1: best(1) = Q(1,0) = 10
+    assert got[mlp.q_index(3, 1, N, P, M)] == pytest.approx(1.0 + 0.9 * 10.0)
+    # keep at n = 2 -> n' = 3: best(3) = max(30, 100) = 100
+    assert got[mlp.q_index(2, 0, N, P, M)] == pytest.approx(0.9 * 100.0)
+
+
+@pytest.mark.parametrize("bucket", [(1, 10, 40), (1, 4, 8), (3, 7, 20)])
+def test_targets_match_reference_on_random_batches(bucket):
+    N, P, M = bucket
+    rng = np.random.default_rng(1)
+    B = 64
+    q = rng.normal(size=(B, mlp.q_length(N, P, M)))
+    R = rng.integers(-1, 2, size=B).astype(float)
+    I = rng.integers(1, 3 * M, size=B)
+    got = dqn.q_targets(torch.tensor(q), torch.tensor(R), torch.tensor(I), N, P, M, 0.9999)
+    np.testing.assert_allclose(got.numpy(), dqn.q_targets_reference(q, R, I, N, P, M, 0.9999),
+                               rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def _streams(rng, S, L, periodic=False):
+    metric = rng.normal(size=(S, L)).astype(np.float32)
+    reward = rng.integers(-1, 2, size=(S, L)).astype(np.float32)
+    ia = np.ones((S, L), np.int64) if periodic else rng.integers(1, 6, size=(S, L))
+    return simulate.Streams(metric, reward, np.zeros((S, L), np.float32), ia)
+
+
+@pytest.mark.parametrize("use_ia", [True, False])
+def test_replay_tuples_follow_spec_input_order(use_ia):
+    rng = np.random.default_rng(2)
+    H, S, L = 6, 3, 40
+    st = _streams(rng, S, L)
+    scale_ = 2.5
+    rep = dqn.Replay(st, H, use_ia, ia_scale=scale_)
+    s = np.array([0, 1, 2, 2, 0, 1])
+    k = np.array([0, 1, 5, 6, 38, 20])    # at the start (zero padding), inside, at the end
+    x, xn, R, I = rep.tuples(s, k)
+    for b in range(len(s)):
+        for pos, got in ((k[b], x[b]), (k[b] + 1, xn[b])):
+            want = window_reference(st.metric[s[b]], st.interarrival[s[b]], pos, H, use_ia)
+            if use_ia:
+                want[H:] /= np.float32(scale_)
+            np.testing.assert_array_equal(got, want)
+        assert R[b] == st.reward[s[b], k[b]] and I[b] == st.interarrival[s[b], k[b]]
+
+
+def test_replay_sampling_is_uniform_and_repeatable():
+    rng = np.random.default_rng(3)
+    st = _streams(rng, 2, 50)
+    rep = dqn.Replay(st, 4, True)
+    a = rep.sample(np.random.default_rng(7), 20000)
+    b = rep.sample(np.random.default_rng(7), 20000)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    # Every position 0..L-2 of every sequence can be drawn; the last cannot (it has no x').
+    x = a[0]
+    firsts = {tuple(r) for r in np.round(x[:, :1], 6)}
+    assert len(firsts) == 2 * 49
+
+
+# --------------------------------------------------------------------------- network
+
+
+def test_exported_layers_compute_the_network_on_raw_slots():
+    rng = np.random.default_rng(4)
+    H, din, dout = 5, 10, 7
+    net = dqn.build_network(din, dout, 3, 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.5)
+    x = rng.normal(size=(50, din)).astype(np.float32)
+    x[:, H:] = rng.integers(1, 9, size=(50, H))
+    ia_scale = 2.5
+    xs = x.copy()
+    xs[:, H:] /= ia_scale
+    q = net(torch.from_numpy(xs)).detach().numpy()
+    layers = dqn.export_layers(net, H, True, ia_scale)
+    assert len(layers) == 4 and [w.shape for w, _ in layers][-1] == (dout, 16)
+    np.testing.assert_allclose(mlp.forward_float(layers, x), q, rtol=1e-4, atol=1e-4)
+    # Centred output: the same Q-vector less its mean, so the same decisions.
+    qc = mlp.forward_float(dqn.center_output(layers), x)
+    np.testing.assert_allclose(qc, q - q.mean(axis=1, keepdims=True), rtol=1e-4, atol=1e-4)
+
+
+def test_he_uniform_initialisation_bounds():
+    net = dqn.build_network(96, 71, 5, 64, torch.Generator().manual_seed(1))
+    lins = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(lins) == 6   # 5 hidden and the output
+    for lin in lins:
+        lim = np.sqrt(6.0 / lin.in_features)
+        w = lin.weight.detach().numpy()
+        assert np.abs(w).max() <= lim and np.abs(w).max() > 0.9 * lim
+        assert not lin.bias.detach().numpy().any()
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@pytest.fixture(scope="module")
+def small_profile():
+    return synthetic_profile(4000, seed=3)
+
+
+def _trainer(prof, tmp_path=None, markov=False, **over):
+    N, P, M = scale(0.1, 4)
+    sc = dqn.Scenario(0.1, 4, N, P, M, "location-reset", 0.1, 0.01,
+                      "markov" if markov else "periodic", (1, 3, 0.01, 0.01), seed=0)
+    cfg = dqn.DQNConfig(**{**TINY, "interarrival": markov, **over})
+    ckpt = str(tmp_path / "run.ckpt") if tmp_path else None
+    return dqn.Trainer(dqn.prepare_data(prof), sc, cfg, dqn.profile_fingerprint(prof),
+                       checkpoint=ckpt, log=lambda *a: None)
+
+
+def test_validation_split_is_used_or_held_out(small_profile):
+    d = dqn.prepare_data(small_profile)
+    assert d.val_source == "validation split"
+    assert set(d.val) == set(small_profile.indices(VALIDATION))
+    no_val = small_profile.take(np.flatnonzero(small_profile.split != VALIDATION))
+    d2 = dqn.prepare_data(no_val, holdout=0.25)
+    train0 = no_val.indices(TRAIN)
+    assert len(np.intersect1d(d2.train, d2.val)) == 0
+    assert sorted(np.concatenate([d2.train, d2.val])) == sorted(train0)
+    assert abs(len(d2.val) - 0.25 * len(train0)) <= 1
+    assert set(d2.test) == set(no_val.indices(TEST))
+
+
+def test_training_reduces_the_loss_and_keeps_the_best(small_profile):
+    tr = _trainer(small_profile, iterations=40)
+    losses = [tr.iterate() for _ in range(30)]
+    assert np.mean(losses[-5:]) < losses[0]
+    tr2 = _trainer(small_profile)
+    layers = tr2.run()
+    assert tr2.stopped_by and tr2.curve
+    assert tr2.best_val == max(c["dqn"] for c in tr2.curve)
+    # The exported best network gives the recorded validation reward.
+    res = simulate.run_dqn(layers, tr2.val, 1, 10, 40, tr2.cfg.H, False)
+    assert res.mean_reward == pytest.approx(tr2.best_val, abs=1e-12)
+
+
+def test_int8_policy_agrees_with_float(small_profile):
+    tr = _trainer(small_profile, iterations=30, val_streams=4, val_length=5000)
+    layers = tr.run()
+    q = tr.quantize(layers)
+    st, H = tr.val, tr.cfg.H
+    res = simulate.run_dqn(q, st, 1, 10, 40, H, False, trace=True)
+    agree = dqn.int8_agreement(q, layers, st, 1, 10, 40, H, False, res)
+    # The same count, directly with the numpy twins along the int8 trajectory.
+    S, L = st.shape
+    x = simulate.dqn_inputs(st, H, False, 0, L).reshape(S * L, -1)
+    n = res.tokens.reshape(-1).astype(np.int64)
+    a_f = mlp.decide_batch(mlp.forward_float(layers, x), n, 1, 10, 40)
+    a_q = mlp.decide_batch(mlp.forward_int8(q, x), n, 1, 10, 40)
+    assert agree["decisions"] == S * L
+    assert agree["all"] == pytest.approx(np.mean(a_f == a_q), abs=2e-4)
+    assert agree["n_ge_P"] >= 0.9   # a barely trained 2 x 16 net: many near-ties
+    # Equalised float layers compute the same network.
+    np.testing.assert_allclose(mlp.forward_float(q.float_layers, x[:500]),
+                               mlp.forward_float(layers, x[:500]), rtol=1e-4, atol=1e-4)
+    f = simulate.run_dqn(layers, st, 1, 10, 40, H, False)
+    assert abs(res.avg_loss - f.avg_loss) <= 0.001
+
+
+def test_checkpoint_resume_continues_where_it_stopped(small_profile, tmp_path):
+    tr = _trainer(small_profile, tmp_path, iterations=10)
+    tr.run()
+    assert os.path.exists(tmp_path / "run.ckpt")
+    tr2 = _trainer(small_profile, tmp_path, iterations=20)
+    tr2.restore(str(tmp_path / "run.ckpt"))
+    assert tr2.iteration == 10 and tr2.curve == tr.curve
+    for (k, a), b in zip(tr.net.state_dict().items(), tr2.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    tr2.run()
+    assert tr2.iteration == 20 and len(tr2.curve) == 4
+
+
+def test_checkpoint_for_another_bucket_or_layout_is_refused(small_profile, tmp_path):
+    tr = _trainer(small_profile, tmp_path, iterations=5)
+    tr.run()
+    path = str(tmp_path / "run.ckpt")
+    other = _trainer(small_profile, None, width=8)
+    with pytest.raises(dqn.CheckpointError, match="network layout"):
+        other.restore(path)
+    N, P, M = scale(0.25, 2)
+    sc = dqn.Scenario(0.25, 2, N, P, M, seed=0)
+    cfg = dqn.DQNConfig(**TINY)
+    d = dqn.prepare_data(small_profile)
+    with pytest.raises(dqn.CheckpointError, match="bucket"):
+        dqn.Trainer(d, sc, cfg, dqn.profile_fingerprint(small_profile)).restore(path)
+    with pytest.raises(dqn.CheckpointError, match="profile"):
+        _ = dqn.Trainer(d, tr.sc, tr.cfg, "another-profile").restore(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04broken zip"])
+def test_corrupt_checkpoint_is_refused(small_profile, tmp_path, content):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(content)
+    tr = _trainer(small_profile)
+    with pytest.raises(dqn.CheckpointError, match="not a readable DQN checkpoint"):
+        tr.restore(str(path))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="discount"):
+        dqn.DQNConfig(discount=1.0).validate()
+    with pytest.raises(ValueError, match="unknown preset"):
+        dqn.preset("slow")
+    assert dqn.preset("paper").steps * dqn.preset("paper").batch * 4000 == 65_536_000
+
+
+# --------------------------------------------------------------------------- command line
+
+
+# Subprocesses start outside the repository: ``python -m`` puts the working
+# directory first on sys.path, where the source tree would shadow the install.
+def _cli(args, **kw):
+    return subprocess.run([sys.executable, "-m", "training.cli", "dqn", *args],
+                          capture_output=True, text=True, timeout=240, cwd=tempfile.gettempdir(),
+                          **kw)
+
+
+@pytest.fixture(scope="module")
+def profile_file(small_profile, tmp_path_factory):
+    path = tmp_path_factory.mktemp("prof") / "p.npz"
+    small_profile.save(str(path))
+    return str(path)
+
+
+def test_cli_end_to_end_blob_runs_in_offload_sim(profile_file, tmp_path):
+    out = tmp_path / "fig7.bin"
+    r = _cli(["--profile", profile_file, "--rate", "0.1", "--depth", "4", "--choice",
+              "location-reset", "--sp", "0.1", "--rprob", "0.01", "--arrivals", "periodic",
+              "--preset", "quick", "--out", str(out), *TINY_FLAGS])
+    assert r.returncode == 0, r.stderr
+    pol = blob.read_blob(str(out))
+    assert pol.kind == "dqn" and (pol.N, pol.P, pol.M) == (1, 10, 40) and pol.T == 9
+    assert not pol.interarrival and pol.meta["device_ready"]
+    rep = json.loads((tmp_path / "fig7.json").read_text())
+    names = [row["policy"] for row in rep["test"]]
+    assert names == ["dqn-float", "dqn-int8", "mdp", "baseline", "lower-bound", "oracle",
+                     "oracle-metric"]
+    assert rep["training"]["curve"] and rep["int8"]["int8_agreement"]["decisions"] == 2000
+    assert (tmp_path / "fig7.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sim = subprocess.run([sys.executable, "-m", "offload.cli", "--profile", profile_file,
+                          "--policy", "baseline", "--policy", str(out), "--length", "500",
+                          "--streams", "2"], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert sim.returncode == 0, sim.stderr
+    assert str(out) in sim.stdout
+
+
+def test_cli_markov_from_dqn_layout_profile_without_validation_split(tmp_path):
+    # A profile in the DQN paper's layout (training and test only), saved and read back.
+    rng = np.random.default_rng(5)
+    n_tr, n_ts = 3000, 1500
+    metric = rng.beta(1, 6, size=n_tr + n_ts).astype(np.float32)
+    weak = (rng.random(n_tr + n_ts) < 0.2 + metric).astype(np.float32)
+    strong = (rng.random(n_tr + n_ts) < 0.1).astype(np.float32)
+    xb = np.linspace(0, 2, 50, dtype=np.float32)
+    src = tmp_path / "dqn_layout.npz"
+    np.savez(src, metric_tr=metric[:n_tr], metric_ts=metric[n_tr:], wcost_tr=weak[:n_tr],
+             wcost_ts=weak[n_tr:], scost_tr=strong[:n_tr], scost_ts=strong[n_tr:],
+             mtog=np.stack([xb, np.linspace(0, 0.5, 50)]).astype(np.float32))
+    from offload.profile import from_dqn_file
+
+    prof = from_dqn_file(str(src))
+    path = tmp_path / "P.npz"
+    prof.save(str(path))
+    assert len(Profile.load(str(path)).indices(VALIDATION)) == 0
+    out = tmp_path / "fig10.bin"
+    r = _cli(["--profile", str(path), "--rate", "0.1", "--depth", "4", "--choice", "iid",
+              "--arrivals", "markov", "--markov", "1", "3", "0.001", "0.0005", "--preset",
+              "quick", "--out", str(out), *TINY_FLAGS])
+    assert r.returncode == 0, r.stderr
+    pol = blob.read_blob(str(out))
+    assert pol.interarrival and pol.kind == "dqn"
+    rep = json.loads((tmp_path / "fig10.json").read_text())
+    assert "held out" in rep["profile"]["validation_from"]
+
+
+def test_cli_interrupt_keeps_best_policy_and_resume_finishes(profile_file, tmp_path):
+    out = tmp_path / "p.bin"
+    flags = [f for f in TINY_FLAGS]
+    flags[flags.index("--iterations") + 1] = "100000"
+    args = ["--profile", profile_file, "--out", str(out), *flags]
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "dqn", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    ckpt = tmp_path / "p.ckpt"
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert ckpt.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    first = blob.read_blob(str(out))
+    rep = json.loads((tmp_path / "p.json").read_text())
+    done = rep["training"]["iterations"]
+    assert rep["test"] is None and rep["training"]["stopped_by"] == "stopped by SIGINT"
+    assert first.kind == "dqn"
+    # Rerun without --resume: refused, nothing overwritten.
+    r = _cli(args)
+    assert r.returncode != 0 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    flags[flags.index("--iterations") + 1] = str(done + 10)
+    r = _cli(["--profile", profile_file, "--out", str(out), *flags, "--resume"])
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "p.json").read_text())
+    assert rep["training"]["iterations"] == done + 10 and rep["test"]
+    assert blob.read_blob(str(out)).kind == "dqn"
+
+
+def test_cli_refuses_corrupt_and_mismatched_checkpoints(profile_file, tmp_path):
+    out = tmp_path / "p.bin"
+    (tmp_path / "p.ckpt").write_bytes(b"\x00" * 64)
+    r = _cli(["--profile", profile_file, "--out", str(out), "--resume", *TINY_FLAGS])
+    assert r.returncode == 1 and "not a readable DQN checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
+    os.unlink(tmp_path / "p.ckpt")
+    flags = list(TINY_FLAGS)
+    flags[flags.index("--iterations") + 1] = "5"
+    assert _cli(["--profile", profile_file, "--out", str(out), *flags]).returncode == 0
+    r = _cli(["--profile", profile_file, "--out", str(out), "--depth", "2", "--resume", *flags])
+    assert r.returncode == 1 and "bucket" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bad_arguments_get_one_clear_message(profile_file, tmp_path):
+    r = _cli(["--profile", profile_file, "--out", str(tmp_path / "x.bin"), "--lr", "-1",
+              *TINY_FLAGS])
+    assert r.returncode != 0 and "lr=-1" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["--profile", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "x.bin")])
+    assert r.returncode != 0 and "Traceback" not in r.stderr
