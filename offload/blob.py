@@ -28,7 +28,9 @@ __all__ = ["MAGIC", "VERSION", "BlobError", "Policy", "to_bytes", "from_bytes",
            "write_blob", "read_blob"]
 
 MAGIC = b"OFLDPLCY"
-VERSION = 1
+VERSION = 2
+# Version 1 had no separate float bias (the float layers used the int8 layers' bias).
+READABLE = (1, 2)
 KINDS = {"dqn": 0, "thresholds": 1}
 FLAG_INTERARRIVAL = 1
 _HEAD = struct.Struct("<8sHHIIIIIddd")   # magic .. tinv
@@ -162,7 +164,7 @@ def to_bytes(policy):
         floats = policy.qmlp.float_layers or [
             ((lay.w_int8 * lay.w_scale[:, None]).astype(np.float32), lay.bias) for lay in layers]
         parts.append(struct.pack("<I", len(layers)))
-        for lay, (w, _) in zip(layers, floats):
+        for lay, (w, bf) in zip(layers, floats):
             dout, din = lay.w_int8.shape
             parts.append(_LAYER.pack(din, dout, len(lay.in_scale), int(lay.leaky)))
             parts += [np.asarray(lay.seg_start, "<i4").tobytes(),
@@ -171,7 +173,8 @@ def to_bytes(policy):
                       np.asarray(lay.w_scale, "<f4").tobytes(),
                       np.asarray(lay.bias, "<f4").tobytes(),
                       np.ascontiguousarray(lay.w_int8, np.int8).tobytes(),
-                      np.ascontiguousarray(w, "<f4").tobytes()]
+                      np.ascontiguousarray(w, "<f4").tobytes(),
+                      np.ascontiguousarray(bf, "<f4").tobytes()]
     body = b"".join(parts)
     return body + struct.pack("<I", zlib.crc32(body))
 
@@ -208,8 +211,9 @@ def from_bytes(data, name="<bytes>"):
         raise BlobError(f"{name}: truncated ({len(data)} bytes, header alone needs "
                         f"{_HEAD.size + 4})")
     version = struct.unpack_from("<H", data, 8)[0]
-    if version != VERSION:
-        raise BlobError(f"{name}: unknown format version {version} (this reader knows {VERSION})")
+    if version not in READABLE:
+        raise BlobError(f"{name}: unknown format version {version} "
+                        f"(this reader knows {', '.join(map(str, READABLE))})")
     body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
     if zlib.crc32(body) != crc:
         raise BlobError(f"{name}: CRC mismatch (file is corrupt or truncated)")
@@ -250,8 +254,9 @@ def from_bytes(data, name="<bytes>"):
             bias = r.array("<f4", dout, what).astype(np.float32)
             wq = r.array(np.int8, dout * din, what).reshape(dout, din)
             wf = r.array("<f4", dout * din, what).astype(np.float32).reshape(dout, din)
+            bf = r.array("<f4", dout, what).astype(np.float32) if version >= 2 else bias
             layers.append(QuantLayer(wq, wsc, bias, st, isc, izp, bool(leaky)))
-            floats.append((wf, bias))
+            floats.append((wf, bf))
         pol.qmlp = QuantMLP(layers, floats)
     if r.pos != len(body):
         raise BlobError(f"{name}: {len(body) - r.pos} unexpected bytes after the last field")

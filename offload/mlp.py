@@ -26,7 +26,7 @@ from offload_native import Int8MLP, decide
 
 __all__ = [
     "LEAKY_SLOPE", "q_length", "q_index", "decide", "decide_reference", "decide_batch",
-    "forward_float", "he_uniform", "QuantLayer", "QuantMLP", "equalize", "quantize", "forward_int8",
+    "forward_float", "he_uniform", "QuantLayer", "QuantMLP", "equalize", "quantize", "correct_bias", "forward_int8",
     "Int8MLP",
 ]
 
@@ -228,8 +228,8 @@ def _quant_input(x, inv, zp):
     return np.rint(np.clip(x * inv + zp, np.float32(-128), np.float32(127))).astype(np.int32)
 
 
-def forward_int8(qmlp, x):
-    """Numpy twin of the native int8 forward: ``x`` (B, in) float -> (B, out) float32."""
+def _int8_outputs(qmlp, x):
+    """Each layer's output (float32, before its LeakyReLU) along the int8 path."""
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     args = qmlp.native_args()
     w0, st0, inv0, zp0 = args[0][:4]
@@ -243,8 +243,38 @@ def forward_int8(qmlp, x):
         for s in range(len(st) - 1):
             acc = a[:, st[s]:st[s + 1]] @ w32[:, st[s]:st[s + 1]].T
             y = y + mult[s][None, :] * acc.astype(np.float32)
+        yield y
         if leaky:
             y = np.where(y < 0, y * LEAKY_SLOPE, y)
-        if li + 1 == len(args):
-            return y.astype(np.float32)
-        a = _quant_input(y, args[li + 1][2][0], args[li + 1][3][0])
+        if li + 1 < len(args):
+            a = _quant_input(y, args[li + 1][2][0], args[li + 1][3][0])
+
+
+def forward_int8(qmlp, x):
+    """Numpy twin of the native int8 forward: ``x`` (B, in) float -> (B, out) float32."""
+    for y in _int8_outputs(qmlp, x):
+        pass
+    return y.astype(np.float32)
+
+
+def correct_bias(qmlp, calib_x):
+    """Remove each int8 layer's mean error on ``calib_x``, first layer to last (in place).
+
+    Rounding weights and activations shifts a layer's outputs on average,
+    and the shift passes on through the later layers; subtracting the mean
+    difference between the int8 and the float layer outputs from the float
+    bias undoes it (one layer at a time, each seeing the corrected ones
+    before it). Returns ``qmlp``.
+    """
+    x = np.asarray(calib_x, dtype=np.float32)
+    h = x.astype(np.float64)
+    for i, (w, b) in enumerate(qmlp.float_layers):
+        ref = h @ np.asarray(w, np.float64).T + np.asarray(b, np.float64)
+        for j, y in enumerate(_int8_outputs(qmlp, x)):
+            if j == i:
+                break
+        lay = qmlp.layers[i]
+        lay.bias = (lay.bias.astype(np.float64) - (y.astype(np.float64) - ref).mean(axis=0)
+                    ).astype(np.float32)
+        h = np.where(ref < 0, ref * float(LEAKY_SLOPE), ref)
+    return qmlp

@@ -138,7 +138,44 @@ def test_header_layout_is_documented_offsets(threshold_policy):
     """docs/blob.md gives byte offsets; keep them true."""
     data = to_bytes(threshold_policy)
     assert data[:8] == blob.MAGIC
-    assert struct.unpack_from("<HHIIIII", data, 8) == (1, 1, 1, 4, 8, 97, 0)
+    assert struct.unpack_from("<HHIIIII", data, 8) == (2, 1, 1, 4, 8, 97, 0)
     threshold_policy.tinv = 0.75
     data = to_bytes(threshold_policy)
     assert struct.unpack_from("<ddd", data, 32) == (0.0, 1.0, 0.75)  # mean, std, tinv
+
+
+def _as_version_1(data, policy):
+    """The same blob in format version 1: no separate float bias after each layer."""
+    body = bytearray(data[:-4])
+    struct.pack_into("<H", body, 8, 1)
+    lx = np.asarray(policy.lut_x)
+    meta_len = struct.unpack_from("<I", body, blob._HEAD.size)[0]
+    pos = blob._HEAD.size + 4 + meta_len + 4 + 2 * 4 * len(lx) + 4
+    out = bytearray(body[:pos])
+    for lay in policy.qmlp.layers:
+        dout, din = lay.w_int8.shape
+        nseg = len(lay.in_scale)
+        size = 16 + 4 * (nseg + 1) + 8 * nseg + 8 * dout + dout * din + 4 * dout * din
+        out += body[pos:pos + size]
+        pos += size + 4 * dout          # skip the float bias
+    assert pos == len(body)
+    return _recrc(bytes(out))
+
+
+def test_float_bias_kept_apart_from_the_int8_bias(dqn_policy, rng):
+    # Bias correction changes the int8 layers' bias, never the float reference's.
+    q = dqn_policy.qmlp
+    q.layers[0].bias = q.layers[0].bias + 0.5
+    back = from_bytes(to_bytes(dqn_policy))
+    np.testing.assert_array_equal(back.qmlp.layers[0].bias, q.layers[0].bias)
+    np.testing.assert_array_equal(back.qmlp.float_layers[0][1], q.float_layers[0][1])
+    assert not np.array_equal(back.qmlp.float_layers[0][1], back.qmlp.layers[0].bias)
+
+
+def test_version_1_blobs_still_read(dqn_policy):
+    v1 = _as_version_1(to_bytes(dqn_policy), dqn_policy)
+    back = from_bytes(v1)
+    for lay, (w, b) in zip(back.qmlp.layers, back.qmlp.float_layers):
+        np.testing.assert_array_equal(b, lay.bias)   # version 1: one shared bias
+    x = dqn_inputs(np.random.default_rng(0), 50)
+    np.testing.assert_array_equal(back.qmlp.native().forward(x), dqn_policy.qmlp.native().forward(x))

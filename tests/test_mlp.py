@@ -119,3 +119,15 @@ def test_equalize_keeps_the_function_and_evens_hidden_ranges(rng):
     assert before[0].max() / before[0].min() > 100
     for r in after:
         np.testing.assert_allclose(r, r.max(), rtol=1e-3)   # alpha = 1: all equal
+
+
+def test_correct_bias_removes_the_mean_int8_error(rng, paper_net):
+    (N, P, M), layers, _ = paper_net
+    x = dqn_inputs(rng, 4000)
+    q = mlp.quantize(layers, x, segments=(0, 96))
+    before = (mlp.forward_int8(q, x) - mlp.forward_float(layers, x)).mean(axis=0)
+    mlp.correct_bias(q, x)
+    after = (mlp.forward_int8(q, x) - mlp.forward_float(layers, x)).mean(axis=0)
+    assert np.abs(after).max() < 0.2 * np.abs(before).max()
+    # Still bit-identical to the native forward.
+    np.testing.assert_array_equal(q.native().forward(x[:200]), mlp.forward_int8(q, x[:200]))

@@ -773,13 +773,16 @@ class Trainer:
         """Int8 network calibrated on states from the training sequences.
 
         The layers are first equalised (``offload.mlp.equalize``: the same
-        function, hidden ranges evened out for per-layer activation scales);
-        the returned ``QuantMLP`` carries those float layers.
+        function, hidden ranges evened out for per-layer activation scales),
+        then quantised, then each layer's mean int8 error on the calibration
+        states is taken out of its bias (``offload.mlp.correct_bias``). The
+        returned ``QuantMLP`` carries the equalised float layers.
         """
         rng = np.random.default_rng([self.cfg.seed, 404])
         calib = self.replay.raw_states(rng, count or self.cfg.calib_states)
         segments = (0, self.cfg.H) if self.cfg.interarrival else (0,)
-        return mlp.quantize(mlp.equalize(layers, calib), calib, segments=segments)
+        q = mlp.quantize(mlp.equalize(layers, calib), calib, segments=segments)
+        return mlp.correct_bias(q, calib)
 
 
 # --------------------------------------------------------------------------- evaluation
