@@ -498,11 +498,12 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
                                           f"r={rate}, b={depth}")
     if rows:
         cols = ["policy", "avg_loss", "mean_reward", "offload_rate", "share_of_oracle-metric_gain"]
-        widths = [max(len(c), 10) for c in cols]
+        cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+                 for r in rows]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
         click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-        for r in rows:
-            click.echo("  ".join((f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c])).ljust(w)
-                                 for c, w in zip(cols, widths)))
+        for row in cells:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
         a = extra["int8_agreement"]
         click.echo(f"int8 vs float: {100 * a['n_ge_P']:.2f}% of decisions with n >= P agree "
                    f"({100 * a['all']:.2f}% of all); avg loss int8 - float = "

@@ -182,7 +182,7 @@ class DQNConfig:
 PRESETS = {
     # Reaches the quality bar of docs/dqn.md in a few minutes on 2 cores.
     "quick": dict(iterations=3000, steps=32, batch=256, lr=1e-3, lr_decay=0.3, lr_min=1e-5,
-                  patience=6, validate_every=25, time_limit=540.0, train_streams=16,
+                  patience=8, validate_every=25, time_limit=540.0, train_streams=16,
                   train_length=100_000, val_streams=32, val_length=20_000, test_streams=20,
                   test_length=100_000),
     # The published schedule: 4,000 iterations of 128 x 128 tuples (~6.55e7),
