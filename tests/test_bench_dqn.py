@@ -80,6 +80,6 @@ def test_bench_adam_steps(benchmark, trainer):
             trainer.opt.zero_grad(set_to_none=True)
             loss.backward()
             trainer.opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     assert np.isfinite(benchmark.pedantic(steps, rounds=10, iterations=1, warmup_rounds=1))
