@@ -18,7 +18,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from offload import sequences, simulate  # noqa: E402
 from training import dqn  # noqa: E402
 
 N, P, M = 1, 10, 40
@@ -54,17 +53,10 @@ def test_bench_q_iteration(benchmark, trainer):
 
 @pytest.mark.benchmark(group="dqn-iteration-parts")
 def test_bench_sample_and_targets(benchmark, trainer):
-    sc, cfg = trainer.sc, trainer.cfg
-
-    def part():
-        x, xn, R, I = trainer.replay.sample(trainer.rng, cfg.steps * cfg.batch)
-        with torch.no_grad():
-            t = dqn.q_targets(trainer.target(torch.from_numpy(xn)), torch.from_numpy(R),
-                              torch.from_numpy(I), sc.N, sc.P, sc.M, cfg.discount)
-        return t - t.mean()
-
-    t = benchmark.pedantic(part, rounds=10, iterations=1, warmup_rounds=1)
-    assert t.shape == (cfg.steps * cfg.batch, 2 * (M + 1) - N - P)
+    B = trainer.cfg.steps * trainer.cfg.batch
+    x, t = benchmark.pedantic(trainer.sample_targets, (B,), rounds=10, iterations=1,
+                              warmup_rounds=1)
+    assert x.shape == (B, trainer.din) and t.shape == (B, 2 * (M + 1) - N - P)
 
 
 @pytest.mark.benchmark(group="dqn-iteration-parts")
@@ -73,13 +65,5 @@ def test_bench_adam_steps(benchmark, trainer):
     x = torch.randn(cfg.steps * cfg.batch, trainer.din)
     t = torch.randn(cfg.steps * cfg.batch, trainer.dout)
 
-    def steps():
-        for j in range(cfg.steps):
-            sl = slice(j * cfg.batch, (j + 1) * cfg.batch)
-            loss = torch.mean((trainer.net(x[sl]) - t[sl]) ** 2)
-            trainer.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            trainer.opt.step()
-        return float(loss.detach())
-
-    assert np.isfinite(benchmark.pedantic(steps, rounds=10, iterations=1, warmup_rounds=1))
+    loss = benchmark.pedantic(trainer.fit, (x, t), rounds=10, iterations=1, warmup_rounds=1)
+    assert np.isfinite(loss)

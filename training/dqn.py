@@ -670,12 +670,14 @@ class Trainer:
 
         Returns the mean training loss.
         """
-        cfg, sc = self.cfg, self.sc
-        B = cfg.steps * cfg.batch
         self.target.load_state_dict(self.net.state_dict())
+        x, tq = self.sample_targets(self.cfg.steps * self.cfg.batch)
+        return self.fit(x, tq)
+
+    def sample_targets(self, B):
+        """``B`` tuples from the replay and their mean-shifted targets, as tensors on the device."""
+        cfg, sc, dev = self.cfg, self.sc, self.device
         x, xn, R, I = self.replay.sample(self.rng, B)
-        dev = self.device
-        x = torch.from_numpy(x).to(dev)
         with torch.no_grad():
             tq = q_targets(self.target(torch.from_numpy(xn).to(dev)), torch.from_numpy(R).to(dev),
                            torch.from_numpy(I).to(dev), sc.N, sc.P, sc.M, cfg.discount)
@@ -683,7 +685,15 @@ class Trainer:
                 tq -= tq.mean(dim=1, keepdim=True)
             else:
                 tq -= tq.mean()
-        total = torch.zeros((), device=dev)
+        return torch.from_numpy(x).to(dev), tq
+
+    def fit(self, x, tq):
+        """``steps`` Adam steps of MSE between ``net(x)`` and ``tq`` in consecutive batches.
+
+        Returns the mean loss over the steps.
+        """
+        cfg = self.cfg
+        total = torch.zeros((), device=x.device)
         for j in range(cfg.steps):
             sl = slice(j * cfg.batch, (j + 1) * cfg.batch)
             loss = torch.mean((self.net(x[sl]) - tq[sl]) ** 2)
