@@ -365,10 +365,10 @@ def _dqn_options(command):
                      help="Units per hidden layer."),
         click.option("--discount", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      default=0.9999, show_default=True, help="Discount g."),
-        click.option("--shift", type=click.Choice(["row", "batch"]), default="row",
+        click.option("--shift", type=click.Choice(["batch", "row"]), default="batch",
                      show_default=True,
-                     help="Targets less the mean of each tuple's row, or of the whole batch "
-                          "(SPEC section 6, the published code); see docs/dqn.md."),
+                     help="Targets less the mean of the whole batch (SPEC section 6, the "
+                          "published code) or of each tuple's own row; see docs/dqn.md."),
         click.option("--lr", type=float, help="Initial Adam learning rate."),
         click.option("--lr-decay", type=float,
                      help="Factor applied to the learning rate when validation stops improving."),
