@@ -173,7 +173,7 @@ def _trainer(prof, tmp_path=None, markov=False, **over):
     cfg = dqn.DQNConfig(**{**TINY, "interarrival": markov, **over})
     ckpt = str(tmp_path / "run.ckpt") if tmp_path else None
     return dqn.Trainer(dqn.prepare_data(prof), sc, cfg, dqn.profile_fingerprint(prof),
-                       checkpoint=ckpt, log=lambda *a: None)
+                       checkpoint=ckpt)
 
 
 def test_validation_split_is_used_or_held_out(small_profile):
@@ -200,6 +200,15 @@ def test_training_reduces_the_loss_and_keeps_the_best(small_profile):
     # The exported best network gives the recorded validation reward.
     res = simulate.run_dqn(layers, tr2.val, 1, 10, 40, tr2.cfg.H, False)
     assert res.mean_reward == pytest.approx(tr2.best_val, abs=1e-12)
+
+
+def test_stop_before_the_first_validation_still_judges_the_network(small_profile):
+    tr = _trainer(small_profile, time_limit=1e-9)
+    layers = tr.run()
+    assert tr.iteration == 1 and tr.stopped_by.startswith("time limit")
+    assert np.isfinite(tr.best_val) and tr.best_iteration == 1
+    res = simulate.run_dqn(layers, tr.val, 1, 10, 40, tr.cfg.H, False)
+    assert res.mean_reward == pytest.approx(tr.best_val, abs=1e-12)
 
 
 def test_int8_policy_agrees_with_float(small_profile):

@@ -490,7 +490,13 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     rows, extra = (None, None)
     if not interrupted:
         click.echo("test: running every policy on the test split...", err=True)
-        rows, extra = D.evaluate(trainer, layers_f, qmlp, rate, progress=not quiet)
+        try:
+            rows, extra = D.evaluate(trainer, layers_f, qmlp, rate, progress=not quiet)
+        except KeyboardInterrupt:
+            click.echo(f"interrupted during the test report: {out} holds the trained policy; "
+                       f"the same command plus --resume continues from the checkpoint and then reports",
+                       err=True)
+            raise SystemExit(130) from None
     report = D.report(trainer, prof, profile_path, preset, rows, extra, out, png_path, checkpoint,
                       time.time() - t0)
     atomic_write_json(report_path, report)

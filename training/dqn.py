@@ -565,9 +565,10 @@ class Trainer:
     (by validation reward) as exported layers (raw-slot inputs).
     """
 
-    def __init__(self, data, scenario, config, fingerprint, checkpoint=None, log=print):
+    def __init__(self, data, scenario, config, fingerprint, checkpoint=None):
+        """``data`` from ``prepare_data``; ``fingerprint`` from ``profile_fingerprint``
+        (checked when resuming); ``checkpoint`` a path written at every validation."""
         self.data, self.sc, self.cfg = data, scenario, config.validate()
-        self.log = log
         self.checkpoint = checkpoint
         self.device = _device(config.device)
         if config.threads:
@@ -764,6 +765,10 @@ class Trainer:
                     break
             else:
                 self.stopped_by = "all iterations done"
+            if not self.curve:  # stopped before the first validation: judge what there is
+                self.best_val = self.validate()
+                self.best_iteration = self.iteration
+                self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
             self.save()
         return self.best_layers()
 
