@@ -402,6 +402,15 @@ def test_cli_refuses_corrupt_and_mismatched_checkpoints(profile_file, tmp_path):
     assert r.returncode == 1 and "bucket" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_synthetic_profile_when_asked(tmp_path):
+    out = tmp_path / "s.bin"
+    r = _cli(["--synthetic", "3000", "--out", str(out), *TINY_FLAGS])
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["profile"]["source"].startswith("synthetic(n=3000")
+    assert blob.read_blob(str(out)).meta["profile"] == "synthetic(3000)"
+
+
 def test_cli_bad_arguments_get_one_clear_message(profile_file, tmp_path):
     r = _cli(["--profile", profile_file, "--out", str(tmp_path / "x.bin"), "--lr", "-1",
               *TINY_FLAGS])

@@ -406,8 +406,8 @@ def _dqn_options(command):
 @scenario_options
 @_dqn_options
 def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov, seed,
-        preset, out, T, interarrival, layers, width, discount, shift, lr, lr_decay, lr_min, patience,
-        batch, steps, iterations, time_limit, validate_every, train_streams, train_length,
+        preset, out, T, interarrival, layers, width, discount, shift, lr, lr_decay, lr_min,
+        patience, batch, steps, iterations, time_limit, validate_every, train_streams, train_length,
         val_streams, val_length, test_streams, test_length, threads, device, checkpoint, resume,
         quiet):
     """Train a DQN offloading policy and write it as a policy blob.
@@ -415,7 +415,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     Trains on the profile's training images (validating on its validation
     split, or on a held-out share of training when it has none), then reports
     every policy on the test split. Without --profile it uses the committed
-    Fashion-MNIST profile. Ctrl+C stops cleanly and keeps the best policy.
+    Fashion-MNIST profile (with --synthetic N alone, a synthetic profile of N
+    images). Ctrl+C stops cleanly and keeps the best policy.
     """
     try:
         import torch  # noqa: F401
@@ -424,7 +425,11 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     from offload.cli import load_scenario
     from training import dqn as D
 
-    if profile_path is None:
+    from click.core import ParameterSource
+
+    synthetic_asked = (click.get_current_context().get_parameter_source("synthetic")
+                       == ParameterSource.COMMANDLINE)
+    if profile_path is None and not synthetic_asked:  # --synthetic N alone: a synthetic profile
         profile_path = default_profile()
         if profile_path is None:
             _fail("no --profile given and the committed artifacts/profile.npz was not found")
@@ -447,7 +452,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     if not resume and os.path.exists(checkpoint):
         _fail(f"{checkpoint} exists from an earlier run: add --resume to continue it, "
               "or remove it to start over")
-    scenario = D.Scenario(rate, depth, N, P, M, choice, spread, rprob, arrivals, tuple(markov), seed)
+    scenario = D.Scenario(rate, depth, N, P, M, choice, spread, rprob, arrivals, tuple(markov),
+                          seed)
     t0 = time.time()
     click.echo(f"dqn: bucket r={rate} b={depth} -> (N, P, M) = ({N}, {P}, {M}); {choice}, "
                f"{arrivals} arrivals; T={cfg.T}, inter-arrival inputs {'on' if use_ia else 'off'}; "
@@ -480,8 +486,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
                f"iteration {trainer.best_iteration}", err=True)
     qmlp = trainer.quantize(layers_f)
     interrupted = trainer.stopped_by.startswith("stopped by")
-    meta = {"name": "dqn", "rate": rate, "depth": depth, "profile": os.path.abspath(profile_path),
-            "choice": choice, "arrivals": arrivals, "iterations": trainer.iteration,
+    meta = {"name": "dqn", "rate": rate, "depth": depth,
+            "profile": profile_path or f"synthetic({synthetic})", "choice": choice, "arrivals": arrivals, "iterations": trainer.iteration,
             "best_iteration": trainer.best_iteration}
     policy = D.policy_blob(prof, scenario, cfg, qmlp, meta)
     from offload import blob
@@ -494,7 +500,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
             rows, extra = D.evaluate(trainer, layers_f, qmlp, rate, progress=not quiet)
         except KeyboardInterrupt:
             click.echo(f"interrupted during the test report: {out} holds the trained policy; "
-                       f"the same command plus --resume continues from the checkpoint and then reports",
+                       "the same command plus --resume continues from the checkpoint and "
+                       "then reports",
                        err=True)
             raise SystemExit(130) from None
     report = D.report(trainer, prof, profile_path, preset, rows, extra, out, png_path, checkpoint,
@@ -516,8 +523,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
                    f"{extra['int8_minus_float_avg_loss']:+.5f}")
     click.echo(f"wrote {out}, {report_path}, {png_path}; checkpoint {checkpoint}", err=True)
     if interrupted:
-        click.echo(f"interrupted: the blob holds the best policy so far; continue with the same "
-                   f"command plus --resume", err=True)
+        click.echo("interrupted: the blob holds the best policy so far; continue with the same "
+                   "command plus --resume", err=True)
         raise SystemExit(130)
 
 

@@ -42,7 +42,7 @@ import json
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -342,7 +342,8 @@ def q_targets_reference(q_next, R, I, N, P, M, discount):
 
     for b in range(q_next.shape[0]):
         for n in range(N, M + 1):
-            out[b, mlp.q_index(n, 0, N, P, M)] = discount * best(q_next[b], min(M, n + N * int(I[b])))
+            keep = min(M, n + N * int(I[b]))
+            out[b, mlp.q_index(n, 0, N, P, M)] = discount * best(q_next[b], keep)
             if n >= P:
                 out[b, mlp.q_index(n, 1, N, P, M)] = (
                     R[b] + discount * best(q_next[b], min(M, n - P + N * int(I[b]))))
@@ -596,8 +597,9 @@ class Trainer:
         self.data_seconds = time.perf_counter() - t0
 
         gen = torch.Generator().manual_seed(seed)
-        self.net = build_network(self.din, self.dout, config.layers, config.width, gen).to(self.device)
-        self.target = build_network(self.din, self.dout, config.layers, config.width).to(self.device)
+        net_shape = (self.din, self.dout, config.layers, config.width)
+        self.net = build_network(*net_shape, generator=gen).to(self.device)
+        self.target = build_network(*net_shape).to(self.device)
         self.opt = _adam(self.net.parameters(), config.lr)
         self.rng = np.random.default_rng([seed, 303])
         self.iteration = 0
@@ -718,7 +720,9 @@ class Trainer:
     def run(self, on_progress=None):
         """Train; returns the best network's exported float layers."""
         cfg = self.cfg
-        final_from = int(round(cfg.iterations * (1 - cfg.lr_final_share))) if cfg.lr_final_share else None
+        final_from = None  # the published schedule: lr * lr_decay for the last share
+        if cfg.lr_final_share:
+            final_from = int(round(cfg.iterations * (1 - cfg.lr_final_share)))
         t_start = time.perf_counter() - self.train_seconds
         loss = float("nan")
         with _StopFlag() as flag:
