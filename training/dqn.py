@@ -390,11 +390,9 @@ def export_layers(net, H, use_interarrival, ia_scale):
     The inter-arrival scale is folded into the first layer, so the layers take
     slots as SPEC section 6 and the device's history ring give them.
     """
+    lins = [m for m in net.body if isinstance(m, nn.Linear)] + [net.out]
     layers = [(m.weight.detach().cpu().numpy().astype(np.float32).copy(),
-               m.bias.detach().cpu().numpy().astype(np.float32).copy())
-              for m in net.body if isinstance(m, nn.Linear)]
-    layers.append((net.out.weight.detach().cpu().numpy().astype(np.float32).copy(),
-                   net.out.bias.detach().cpu().numpy().astype(np.float32).copy()))
+               m.bias.detach().cpu().numpy().astype(np.float32).copy()) for m in lins]
     if use_interarrival:
         layers[0][0][:, H:] /= np.float32(ia_scale)
     return layers
@@ -711,10 +709,8 @@ class Trainer:
 
     def validate(self):
         """Mean reward per image of the current float network on the validation streams."""
-        self.net.eval()
         res = simulate.run_dqn(self.forward_fn(), self.val, self.sc.N, self.sc.P, self.sc.M,
                                self.cfg.H, self.cfg.interarrival)
-        self.net.train()
         return res.mean_reward
 
     def run(self, on_progress=None):
@@ -804,17 +800,14 @@ class Trainer:
 
 def _float_forward(layers, device="cpu"):
     """A fast float forward for exported layers (torch), same maths as ``mlp.forward_float``."""
-    mods = []
-    for i, (w, b) in enumerate(layers):
-        lin = nn.Linear(w.shape[1], w.shape[0])
-        with torch.no_grad():
+    din, width, dout = layers[0][0].shape[1], layers[0][0].shape[0], layers[-1][0].shape[0]
+    net = build_network(din, dout, len(layers) - 1, width)
+    with torch.no_grad():
+        lins = [m for m in net.body if isinstance(m, nn.Linear)] + [net.out]
+        for lin, (w, b) in zip(lins, layers):
             lin.weight.copy_(torch.from_numpy(w))
             lin.bias.copy_(torch.from_numpy(b))
-        mods.append(lin)
-        if i + 1 < len(layers):
-            mods.append(nn.LeakyReLU(float(mlp.LEAKY_SLOPE)))
-    net = nn.Sequential(*mods).to(device).eval()
-    return TorchForward(net, device, layers[0][0].shape[1])
+    return TorchForward(net.to(device), device, din)
 
 
 def int8_agreement(qmlp, layers, streams, N, P, M, H, use_ia, int8_result):
