@@ -4,7 +4,7 @@ The repository's ``artifacts/`` folder is the single source of truth (the
 weak ``.tflite`` model, the strong TorchScript model, the real profile and
 their reports; see docs/classifiers.md). A regular, non-editable install
 cannot see the repository, so the build installs a copy of those files
-(everything but the ``demo/`` clip) as ``offload/_artifacts`` inside the
+(the demo clip included) as ``offload/_artifacts`` inside the
 package. ``find`` looks in this order and returns the first file that exists:
 
 1. ``$OFFLOAD_ARTIFACTS/<name>``, when that environment variable is set;

@@ -1,0 +1,235 @@
+"""The wire format between a device and the edge server: one image in, top-k classes out.
+
+The only module the device (``offload/device/``) and the server
+(``offload/server/``) share besides the core. Plain HTTP/1.1:
+
+``POST /v1/classify``
+    Body: one encoded image, ``Content-Type: image/jpeg`` or ``image/png``.
+    Headers: ``Authorization: Bearer <key>``; optional ``X-Frame-Id`` (echoed).
+    200 answer (JSON)::
+
+        {"top": [{"class": 3, "name": "Dress", "score": 0.91}, ...],   # best first
+         "inference_ms": 1.8,      # the strong model's time for this request's batch
+         "batch_size": 4,          # how many requests shared that model call
+         "frame_id": "17"}         # when the request carried X-Frame-Id
+
+    An error answers ``{"error": "<what is wrong>"}`` with 400 (undecodable
+    or truncated image), 401 (no or wrong key), 413 (body over the limit),
+    415 (other content type), 429 (the key's bucket is empty; ``Retry-After``
+    in seconds), 503 (server overloaded or shutting down).
+``GET /healthz``
+    ``{"status": "ok", "model": ...}``.
+``GET /metrics``
+    Prometheus text format.
+
+Scores are softmax probabilities of the strong model. The device needs
+no more than the top-1 class; top-k is for logs and people.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "CLASSIFY_PATH",
+    "HEALTH_PATH",
+    "METRICS_PATH",
+    "CONTENT_TYPES",
+    "MAX_BODY_BYTES",
+    "FRAME_ID_HEADER",
+    "WireError",
+    "Answer",
+    "encode_image",
+    "decode_image",
+    "content_type_ok",
+    "answer_body",
+    "error_body",
+    "parse_answer",
+]
+
+CLASSIFY_PATH = "/v1/classify"
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+FRAME_ID_HEADER = "X-Frame-Id"
+#: Accepted request content types, by the format name ``encode_image`` takes.
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+#: Default largest request body (bytes). A camera frame as JPEG is far below this.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xaeB`\x82"
+
+
+class WireError(ValueError):
+    """A request or an answer that does not follow the wire format; the message says how."""
+
+
+def encode_image(image, fmt="png", *, quality=90):
+    """Encode a ``uint8`` image (``HxW`` grey or ``HxWx3`` BGR) for the request body.
+
+    Parameters
+    ----------
+    fmt : ``"png"`` (lossless, the default: what the device saw is what the
+        server sees) or ``"jpeg"`` (smaller for camera frames).
+    quality : JPEG quality, 1..100.
+
+    Returns
+    -------
+    (bytes, content_type)
+    """
+    import cv2
+
+    if fmt not in CONTENT_TYPES:
+        raise WireError(f"image format must be one of {sorted(CONTENT_TYPES)}, got {fmt!r}")
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3)):
+        raise WireError(f"encode_image needs a uint8 HxW or HxWx3 image, got {a.dtype} {a.shape}")
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)] if fmt == "jpeg" else []
+    ok, buf = cv2.imencode("." + ("jpg" if fmt == "jpeg" else "png"), a, params)
+    if not ok:  # pragma: no cover - OpenCV always has both codecs
+        raise WireError(f"OpenCV could not encode a {a.shape} image as {fmt}")
+    return buf.tobytes(), CONTENT_TYPES[fmt]
+
+
+def _media_type(content_type):
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def decode_image(body, content_type):
+    """Decode a request body to a ``uint8`` image (``HxW`` grey or ``HxWx3`` BGR).
+
+    Raises
+    ------
+    WireError
+        ``content_type`` is not one of :data:`CONTENT_TYPES` (the server
+        answers 415: check with ``content_type_ok`` first), the bytes are not
+        that format, are cut short (a JPEG without its end marker, a PNG
+        without its ``IEND`` chunk) or do not decode.
+    """
+    import cv2
+
+    media = _media_type(content_type)
+    data = bytes(body)
+    if not data:
+        raise WireError("empty body: expected one JPEG or PNG image")
+    if media == "image/jpeg":
+        if not data.startswith(_JPEG_SOI):
+            raise WireError("body is not a JPEG image (no start-of-image marker)")
+        # OpenCV decodes a truncated JPEG into a grey-filled image without
+        # complaint, so a missing end marker is checked here.
+        if not data.rstrip(b"\x00").endswith(_JPEG_EOI):
+            raise WireError("truncated JPEG: no end-of-image marker")
+    elif media == "image/png":
+        if not data.startswith(_PNG_SIGNATURE):
+            raise WireError("body is not a PNG image (bad signature)")
+        if not data.endswith(_PNG_IEND):
+            raise WireError("truncated PNG: no IEND chunk")
+    else:
+        raise WireError(f"content type must be one of {sorted(CONTENT_TYPES.values())}, got {media or 'none'!r}")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if image is None or image.size == 0:
+        raise WireError(f"the {media} body does not decode")
+    if image.dtype != np.uint8:
+        raise WireError(f"only 8-bit images are accepted, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    return image
+
+
+def content_type_ok(content_type):
+    """True when ``content_type`` is an accepted image type (parameters ignored)."""
+    return _media_type(content_type) in CONTENT_TYPES.values()
+
+
+
+@dataclass
+class Answer:
+    """The server's answer for one image.
+
+    Attributes
+    ----------
+    classes : list of int, best first
+    scores : list of float, the strong model's probabilities, same order
+    names : list of str or None
+    inference_ms : float, strong-model time of the batch this image was in
+    batch_size : int
+    frame_id : str or None
+    """
+
+    classes: list
+    scores: list
+    names: list = field(default_factory=list)
+    inference_ms: float = 0.0
+    batch_size: int = 1
+    frame_id: str | None = None
+
+    @property
+    def top1(self):
+        """The best class."""
+        return self.classes[0]
+
+
+def answer_body(classes, scores, *, names=None, inference_ms, batch_size, frame_id=None):
+    """The JSON body (``bytes``) of a 200 answer; ``classes``/``scores`` best first."""
+    top = []
+    for i, (c, s) in enumerate(zip(classes, scores)):
+        item = {"class": int(c), "score": round(float(s), 6)}
+        if names is not None:
+            item["name"] = str(names[i])
+        top.append(item)
+    obj = {"top": top, "inference_ms": round(float(inference_ms), 3), "batch_size": int(batch_size)}
+    if frame_id is not None:
+        obj["frame_id"] = str(frame_id)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def error_body(message):
+    """The JSON body (``bytes``) of an error answer."""
+    return json.dumps({"error": str(message)}, separators=(",", ":")).encode()
+
+
+def parse_answer(body, n_classes=None):
+    """Check and read a 200 answer's body.
+
+    Parameters
+    ----------
+    n_classes : int, optional
+        When given, every class must be in ``0..n_classes-1``.
+
+    Raises
+    ------
+    WireError
+        Not JSON, not the documented shape, empty ``top``, a class out of
+        range, or a score that is not a probability.
+    """
+    try:
+        obj = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WireError(f"answer is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("top"), list) or not obj["top"]:
+        raise WireError("answer has no non-empty 'top' list")
+    classes, scores, names = [], [], []
+    for item in obj["top"]:
+        if not isinstance(item, dict):
+            raise WireError("answer 'top' items must be objects")
+        c, s = item.get("class"), item.get("score")
+        if not isinstance(c, int) or isinstance(c, bool) or c < 0 or (n_classes is not None and c >= n_classes):
+            raise WireError(f"answer class {c!r} is not a class index"
+                            + (f" in 0..{n_classes - 1}" if n_classes else ""))
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not (0.0 <= s <= 1.0) or math.isnan(s):
+            raise WireError(f"answer score {s!r} is not a probability")
+        classes.append(c)
+        scores.append(float(s))
+        names.append(str(item.get("name", "")))
+    ms, batch = obj.get("inference_ms", 0.0), obj.get("batch_size", 1)
+    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not (ms >= 0.0):
+        raise WireError(f"answer inference_ms {ms!r} is not a time")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise WireError(f"answer batch_size {batch!r} is not a positive integer")
+    fid = obj.get("frame_id")
+    return Answer(classes, scores, names, float(ms), batch, None if fid is None else str(fid))
