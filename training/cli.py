@@ -429,8 +429,11 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
 
     synthetic_asked = (click.get_current_context().get_parameter_source("synthetic")
                        == ParameterSource.COMMANDLINE)
+    profile_label = profile_path
     if profile_path is None and not synthetic_asked:  # --synthetic N alone: a synthetic profile
         profile_path = default_profile()
+        # The blob's provenance names the committed profile, not this machine's path to it.
+        profile_label = "artifacts/profile.npz"
         if profile_path is None:
             _fail("no --profile given and the committed artifacts/profile.npz was not found")
     (N, P, M), prof, _, _, _ = load_scenario(profile_path, synthetic, rate, depth, arrivals,
@@ -487,7 +490,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     qmlp = trainer.quantize(layers_f)
     interrupted = trainer.stopped_by.startswith("stopped by")
     meta = {"name": "dqn", "rate": rate, "depth": depth,
-            "profile": profile_path or f"synthetic({synthetic})", "choice": choice, "arrivals": arrivals, "iterations": trainer.iteration,
+            "profile": profile_label or f"synthetic({synthetic})", "choice": choice,
+            "arrivals": arrivals, "iterations": trainer.iteration,
             "best_iteration": trainer.best_iteration}
     policy = D.policy_blob(prof, scenario, cfg, qmlp, meta)
     from offload import blob
@@ -504,8 +508,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
                        "then reports",
                        err=True)
             raise SystemExit(130) from None
-    report = D.report(trainer, prof, profile_path, preset, rows, extra, out, png_path, checkpoint,
-                      time.time() - t0)
+    report = D.report(trainer, prof, profile_label or profile_path, preset, rows, extra, out,
+                      png_path, checkpoint, time.time() - t0)
     atomic_write_json(report_path, report)
     D.plot_curve(trainer, png_path, title=f"DQN validation: {choice}, {arrivals} arrivals, "
                                           f"r={rate}, b={depth}")
