@@ -21,7 +21,7 @@ import numpy as np
 from offload import blob, policies, sequences, simulate
 from offload.atomic import atomic_write_text
 from offload.bucket import scale
-from offload.profile import TRAIN, TEST, Profile
+from offload.profile import TRAIN, TEST, read_profile
 
 BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
 
@@ -34,15 +34,10 @@ def _load_profile(path, synthetic, seed):
                    "pass --profile for a real one", err=True)
         return synthetic_profile(synthetic, seed=seed)
     try:
-        prof = Profile.load(path)
+        # This project's profiles and both published layouts, told apart by their keys.
+        return read_profile(path)
     except (OSError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    if prof.metric is None or prof.metric_mean is None:
-        try:
-            prof.fit_metric()
-        except ValueError as e:
-            raise click.ClickException(f"{path}: {e}") from None
-    return prof
 
 
 @contextlib.contextmanager
@@ -86,7 +81,7 @@ def scenario_options(command):
     """The options every simulation command shares: profile, bucket, image choice, arrivals, seed."""
     opts = [
         click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
-                     help="Profile .npz (offload.profile); default: a synthetic profile."),
+                     help="Profile .npz: this project's (offload.profile) or either published layout (MDP or DQN paper), told apart by its keys; default: a synthetic profile."),
         click.option("--synthetic", default=20000, type=click.IntRange(20),
                      help="Images in the synthetic profile when no --profile is given."),
         click.option("--rate", default=0.1, type=float, help="Token rate r (tokens per slot)."),

@@ -29,6 +29,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "from_mdp_file",
     "from_dqn_file",
+    "LAYOUTS",
+    "detect_layout",
+    "read_profile",
 ]
 
 #: Values of ``Profile.split``.
@@ -519,3 +522,67 @@ def from_dqn_file(path, k=5):
         return prof.validate()
     except ValueError as exc:
         raise ValueError(f"{path}: bad key {exc}") from None
+
+
+# --------------------------------------------------------------------------- any layout
+
+#: The profile layouts ``read_profile`` recognises, by the keys each needs.
+LAYOUTS = {
+    "offload": _REQUIRED,
+    "mdp": ("wlogit", "gt", "wrank", "srank", "split"),
+    "dqn": ("metric_tr", "metric_ts", "wcost_tr", "wcost_ts", "scost_tr", "scost_ts"),
+}
+_LAYOUT_NAMES = {
+    "offload": "this project's profile (Profile.save)",
+    "mdp": "the MDP paper's layout (from_mdp_file)",
+    "dqn": "the DQN paper's layout (from_dqn_file)",
+}
+
+
+def detect_layout(path):
+    """Which of :data:`LAYOUTS` the ``.npz`` file ``path`` is in, told by its keys.
+
+    The first layout (in the order of ``LAYOUTS``) whose keys are all present
+    wins. Raises ``ValueError`` listing the keys found and the keys each
+    layout needs when none matches, and as ``_read_npz`` does for a file that
+    is not a readable ``.npz``.
+    """
+    keys = set(_read_npz(path))
+    for name, need in LAYOUTS.items():
+        if all(k in keys for k in need):
+            return name
+    found = ", ".join(sorted(keys)) or "none"
+    need = "; ".join(f"{_LAYOUT_NAMES[n]}: {', '.join(ks)}" for n, ks in LAYOUTS.items())
+    # A file holding part of one layout is most likely that layout, damaged: say what it lacks.
+    best = max(LAYOUTS, key=lambda n: sum(k in keys for k in LAYOUTS[n]))
+    if any(k in keys for k in LAYOUTS[best]):
+        missing = ", ".join(repr(k) for k in LAYOUTS[best] if k not in keys)
+        raise ValueError(f"{os.fspath(path)}: missing key {missing} of {_LAYOUT_NAMES[best]} "
+                         f"(keys found: {found}). A profile needs the keys of one layout: {need}")
+    raise ValueError(f"{os.fspath(path)}: unknown profile layout (keys found: {found}). "
+                     f"A profile needs the keys of one layout: {need}")
+
+
+def read_profile(path, *, k=None, test_fold=None):
+    """Read a profile in any layout of :data:`LAYOUTS`, with its metric ready to use.
+
+    ``k`` applies to the published layouts only (their defaults: 1 for the
+    MDP layout, 5 for the DQN layout; this project's profiles carry their
+    own), ``test_fold`` to the MDP layout only (see :func:`from_mdp_file`).
+    A profile without a fitted metric gets one from its training split
+    (:meth:`Profile.fit_metric`). Raises ``FileNotFoundError`` or
+    ``ValueError`` naming the file and the problem.
+    """
+    layout = detect_layout(path)
+    if layout == "offload":
+        prof = Profile.load(path)
+    elif layout == "mdp":
+        prof = from_mdp_file(path, k=1 if k is None else k, test_fold=test_fold)
+    else:
+        prof = from_dqn_file(path, k=5 if k is None else k)
+    if prof.metric is None or prof.metric_mean is None:
+        try:
+            prof.fit_metric()
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)}: {exc}") from None
+    return prof

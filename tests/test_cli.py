@@ -165,6 +165,25 @@ def test_unfitted_profile_is_fitted_on_load(tmp_path):
     assert a.stdout == b.stdout
 
 
+def test_published_layouts_run(tmp_path):
+    """--profile takes the MDP and DQN papers' files as they are, told apart by their keys."""
+    prof = synthetic_profile(2000, seed=3)
+    rng = np.random.default_rng(0)
+    folds = rng.integers(0, 3, prof.n)
+    np.savez(tmp_path / "mdp.npz", wlogit=prof.weak_logits, gt=prof.labels,
+             wrank=prof.weak_rank, srank=prof.strong_rank, split=folds)
+    tr, ts = prof.split != 2, prof.split == 2
+    np.savez(tmp_path / "dqn.npz", metric_tr=prof.metric[tr], metric_ts=prof.metric[ts],
+             wcost_tr=prof.weak_loss[tr], wcost_ts=prof.weak_loss[ts],
+             scost_tr=prof.strong_loss[tr], scost_ts=prof.strong_loss[ts])
+    for name in ("mdp.npz", "dqn.npz"):
+        res = ok("--profile", tmp_path / name, "--length", 300, "--streams", 2)
+        assert list(table(res.stdout)) == list(BUILTIN)
+    np.savez(tmp_path / "other.npz", logits=np.zeros((3, 2)))
+    msg = failed(run("--profile", tmp_path / "other.npz"), "other.npz", "unknown profile layout")
+    assert "wlogit" in msg and "metric_tr" in msg and "weak_loss" in msg
+
+
 def test_markov_arrivals_run(tmp_path):
     res = ok(*SMALL, "--arrivals", "markov", "--markov", 1, 4, 0.05, 0.05, "--choice", "iid",
              "--json", tmp_path / "m.json")

@@ -355,3 +355,52 @@ def test_from_dqn_file_errors(tmp_path):
     arrays["metric_ts"][0] = np.nan
     with pytest.raises(ValueError, match="f.npz.*metric"):
         P.from_dqn_file(_write(tmp_path / "f.npz", **arrays))
+
+
+# ------------------------------------------------------------------ any layout
+
+
+def test_read_profile_detects_each_layout(tmp_path):
+    mdp = tmp_path / "ofa.npz"
+    _mdp_file(mdp, zero_based=True)
+    dqn = _write(tmp_path / "fm.npz", **_dqn_arrays())
+    ours = tmp_path / "ours.npz"
+    _full_profile().save(ours)
+    assert [P.detect_layout(p) for p in (ours, mdp, dqn)] == ["offload", "mdp", "dqn"]
+
+    a = P.read_profile(mdp)
+    b = P.from_mdp_file(mdp).fit_metric()
+    _assert_same(a, b)  # same import, metric fitted
+    assert a.k == 1 and a.metric is not None
+    assert P.read_profile(mdp, k=5).k == 5
+    np.testing.assert_array_equal(P.read_profile(mdp, test_fold=0).split,
+                                  P.from_mdp_file(mdp, test_fold=0).split)
+    _assert_same(P.read_profile(dqn), P.from_dqn_file(dqn))
+    assert P.read_profile(dqn).k == 5
+    _assert_same(P.read_profile(ours), Profile.load(ours))
+
+
+def test_read_profile_unknown_layout_lists_every_layout(tmp_path):
+    path = _write(tmp_path / "other.npz", logits=np.zeros((3, 2)), y=np.zeros(3))
+    with pytest.raises(ValueError) as info:
+        P.read_profile(path)
+    msg = str(info.value)
+    assert "other.npz" in msg and "keys found: logits, y" in msg
+    for keys in P.LAYOUTS.values():
+        assert all(k in msg for k in keys)
+    with pytest.raises(FileNotFoundError):
+        P.read_profile(tmp_path / "missing.npz")
+
+
+def test_read_profile_layout_with_bad_values_names_the_key(tmp_path):
+    arrays = _dqn_arrays()
+    arrays["wcost_tr"] = arrays["wcost_tr"][:-1]
+    with pytest.raises(ValueError, match="wcost_tr"):
+        P.read_profile(_write(tmp_path / "d.npz", **arrays))
+
+
+def test_read_profile_partial_layout_names_the_missing_keys(tmp_path):
+    arrays = _dqn_arrays()
+    del arrays["scost_ts"], arrays["wcost_ts"]
+    with pytest.raises(ValueError, match=r"missing key 'wcost_ts', 'scost_ts' of the DQN paper's"):
+        P.read_profile(_write(tmp_path / "d.npz", **arrays))
