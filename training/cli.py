@@ -7,6 +7,11 @@ Commands
     and strong CNNs, export the weak one as a full-int8 ``.tflite`` and the
     strong one as TorchScript, measure float / int8 / strong accuracy on the
     source's test set, write ``classifiers.json``.
+``offload-train onnx``
+    Export the strong model (rebuilt from the TorchScript file's weights) to
+    ONNX for the edge server, check it against torch with ONNX Runtime on the
+    test images, record its accuracy in ``classifiers.json``. ``classifiers``
+    does this step too.
 ``offload-train profile``
     Run both exported models over the held-out images (the weak one through
     LiteRT, as the device does), write the profile ``.npz`` with its fitted
@@ -38,6 +43,7 @@ DEFAULT_OUT = "artifacts"
 MANIFEST = "classifiers.json"
 WEAK_FILE = "weak_int8.tflite"
 STRONG_FILE = "strong.torchscript.pt"
+STRONG_ONNX_FILE = "strong.onnx"
 
 
 def _fail(exc):
@@ -166,6 +172,8 @@ def classifiers(data_dir, out_dir, image_size, weak_size, weak_width, strong_wid
                                          progress=progress), y_test)
     click.echo(f"strong accuracy (TorchScript): {100 * strong_acc:.2f}%; "
                f"{os.path.getsize(strong_path)} bytes")
+    onnx_entry = _export_onnx(strong, os.path.join(out_dir, STRONG_ONNX_FILE), data.class_names,
+                              image_size, xs_test, y_test, strong_acc)
 
     manifest = dict(
         source=data.source,
@@ -187,12 +195,101 @@ def classifiers(data_dir, out_dir, image_size, weak_size, weak_width, strong_wid
             file=STRONG_FILE, input_size=image_size, width=strong_width, epochs=strong_epochs,
             params=count_params(strong), accuracy=strong_acc,
             size_bytes=os.path.getsize(strong_path), train_seconds=round(strong_train_s, 1),
+            onnx=onnx_entry,
         ),
         seconds=round(time.time() - t0, 1),
     )
     atomic_write_json(os.path.join(out_dir, MANIFEST), manifest)
     click.echo(f"wrote {weak_path}, {strong_path}, {os.path.join(out_dir, MANIFEST)} "
                f"in {manifest['seconds']:.0f} s")
+
+
+def _export_onnx(net, onnx_path, class_names, size, x_test, y_test, torch_acc):
+    """Export ``net`` to ONNX, check it on the test images, return its manifest entry.
+
+    The ONNX file must give the same top-1 class as torch on every test image
+    (so the same accuracy) and logits within 1e-4; otherwise nothing is written.
+    """
+    from training.export import ExportError, export_strong_onnx
+    from training.train import accuracy
+
+    try:
+        meta = export_strong_onnx(net, onnx_path, class_names=class_names, size=size,
+                                  check_x=x_test)
+    except ExportError as exc:
+        _fail(exc)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    logits = np.concatenate([sess.run(None, {"image": x_test[b:b + 1024].numpy()})[0]
+                             for b in range(0, len(x_test), 1024)])
+    acc = accuracy(logits, y_test)
+    if acc != torch_acc:  # pragma: no cover - the check above makes them equal
+        _fail(f"{onnx_path}: ONNX accuracy {acc} differs from torch's {torch_acc}")
+    click.echo(f"strong accuracy (ONNX Runtime): {100 * acc:.2f}% on {len(y_test)} images; "
+               f"max |logit difference| to torch {meta['check']['max_abs_diff']:.2g}; "
+               f"{os.path.getsize(onnx_path)} bytes")
+    return dict(file=os.path.basename(onnx_path), accuracy=acc,
+                size_bytes=os.path.getsize(onnx_path), input="image float32 (batch, 1, H, W)",
+                output="logits float32 (batch, n_classes)",
+                max_abs_diff_vs_torch=meta["check"]["max_abs_diff"],
+                top1_agreement_vs_torch=meta["check"]["top1_agreement"])
+
+
+@main.command()
+@click.option("--models-dir", default=DEFAULT_OUT, show_default=True,
+              type=click.Path(file_okay=False),
+              help="Folder written by `offload-train classifiers` (models + classifiers.json).")
+@click.option("--strong-model", default=None,
+              help="Strong TorchScript file to convert (default: from --models-dir).")
+@click.option("--out", "out_path", default=None,
+              help="ONNX file to write (default: MODELS_DIR/strong.onnx).")
+@click.option("--data-dir", default=None,
+              help="Image data for the check (default: the one the classifiers were trained from).")
+@click.option("--max-eval", type=int, default=None, help="Check on at most this many test images.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def onnx(models_dir, strong_model, out_path, data_dir, max_eval, quiet):
+    """Export the strong model to ONNX (the edge server's model) and record its accuracy.
+
+    Rebuilds training.models.StrongNet with the TorchScript file's weights,
+    exports it with a dynamic batch axis, checks ONNX Runtime against torch on
+    the source's test images, and adds its accuracy to classifiers.json.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _fail("offload-train needs the training extra: pip install torch==2.13.0 'offload[training]'")
+    from training.export import ExportError, strong_from_torchscript
+    from training.train import accuracy, images_to_tensor, predict_logits
+
+    man = _read_manifest(models_dir)
+    try:
+        data_dir = data_dir or man["data_dir"]
+        size = int(man["image_size"])
+        strong_model = strong_model or os.path.join(models_dir, man["strong"]["file"])
+    except (KeyError, TypeError, ValueError) as exc:
+        _fail(f"{os.path.join(models_dir, MANIFEST)}: missing or bad entry {exc}")
+    out_path = out_path or os.path.join(models_dir, STRONG_ONNX_FILE)
+    try:
+        net, meta = strong_from_torchscript(strong_model)
+    except ExportError as exc:
+        _fail(exc)
+    data = _load_data(data_dir, size, not quiet)
+    test = np.flatnonzero(data.is_test)
+    if max_eval is not None:
+        test = test[:max_eval]
+    x_test, y_test = images_to_tensor(data.images[test], size), data.labels[test]
+    torch_acc = accuracy(predict_logits(net, x_test, desc="strong eval (torch)",
+                                        progress=not quiet), y_test)
+    click.echo(f"strong accuracy (torch, rebuilt from {strong_model}): {100 * torch_acc:.2f}%")
+    entry = _export_onnx(net, out_path, meta.get("class_names") or data.class_names, size,
+                         x_test, y_test, torch_acc)
+    if max_eval is None and os.path.abspath(os.path.dirname(out_path)) == os.path.abspath(models_dir):
+        man.setdefault("strong", {})["onnx"] = dict(entry, images=int(len(y_test)))
+        atomic_write_json(os.path.join(models_dir, MANIFEST), man)
+        click.echo(f"wrote {out_path}; recorded its accuracy in {os.path.join(models_dir, MANIFEST)}")
+    else:
+        click.echo(f"wrote {out_path} (classifiers.json unchanged: partial check or other folder)")
 
 
 # --------------------------------------------------------------------------- profile

@@ -1,5 +1,15 @@
 """Export the classifier pair: the weak model as a full-int8 ``.tflite`` (Edge TPU), the
-strong one as TorchScript (edge server).
+strong one as ONNX (what the edge server runs, with ONNX Runtime) and TorchScript
+(what the profile step loads).
+
+Strong model to ONNX (:func:`export_strong_onnx`): the float module goes through
+``torch.onnx.export(..., dynamo=True)`` with a dynamic batch axis, its
+metadata (class names, input shape, preprocessing) is stored as the ONNX
+``metadata_props`` entry ``offload.json``, and the file is checked against
+torch with ONNX Runtime before it replaces the target.
+:func:`strong_from_torchscript` rebuilds the ``training.models.StrongNet``
+from a TorchScript file's weights, so the committed ONNX model is the
+committed TorchScript model, weight for weight.
 
 Weak model, with litert-torch's PT2E quantiser:
 
@@ -32,6 +42,9 @@ __all__ = [
     "ExportError",
     "export_weak_int8",
     "export_strong_torchscript",
+    "export_strong_onnx",
+    "strong_from_torchscript",
+    "check_onnx_matches",
     "load_strong",
     "tflite_report",
     "EDGETPU_OPS",
@@ -57,7 +70,7 @@ class ExportError(RuntimeError):
 
 def _quiet_converter_logs():
     """torchao warns about optional CUDA kernels it cannot load on a CPU machine; hide that."""
-    for name in ("torchao", "torch.utils._pytree"):
+    for name in ("torchao", "torch.utils._pytree", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -229,3 +242,139 @@ def load_strong(path):
     except json.JSONDecodeError:
         meta = {}
     return module.eval(), meta
+
+
+#: Preprocessing recorded with the strong model (the server must feed exactly this).
+STRONG_PREPROCESSING = (
+    "greyscale uint8 image -> float32 / 255 in [0, 1]; other sizes resized to the input size "
+    "with offload.classifier.prepare_image (cv2.INTER_AREA when shrinking, INTER_LINEAR when "
+    "enlarging; BGR colour -> grey by OpenCV's weights); NCHW (n, 1, H, W); output: logits"
+)
+
+
+def _strong_meta(class_names, size):
+    return dict(
+        kind="strong-classifier", input_layout="NCHW", input_shape=[1, size, size],
+        input_range=[0.0, 1.0], channels="grey", output="logits",
+        class_names=list(class_names), preprocessing=STRONG_PREPROCESSING,
+    )
+
+
+def strong_from_torchscript(path, *, width=None):
+    """Rebuild the strong ``StrongNet`` with the weights of a TorchScript file.
+
+    The TorchScript file (``export_strong_torchscript``) holds the wrapped
+    module's ``state_dict`` (keys ``net.*``) and its metadata; the network's
+    size and class count come from the metadata, its base width from the
+    first convolution's weights (``width`` overrides it).
+
+    Returns
+    -------
+    (torch.nn.Module in eval mode, meta dict)
+    """
+    from training.models import build_strong
+
+    module, meta = load_strong(path)
+    state = {k[len("net."):] if k.startswith("net.") else k: v
+             for k, v in module.state_dict().items()}
+    try:
+        size = int(meta.get("input_shape", [1, 28, 28])[-1])
+        n_classes = len(meta["class_names"]) if meta.get("class_names") else int(
+            state["classifier.2.bias"].shape[0])
+        w = int(width or state["features.0.weight"].shape[0])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ExportError(f"{path}: not a strong classifier from training.models ({exc})") from None
+    net = build_strong(size, n_classes, w)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{path}: weights do not fit StrongNet(size={size}, "
+                          f"n_classes={n_classes}, width={w}): {str(exc).splitlines()[0]}") from None
+    return net.eval(), meta
+
+
+def check_onnx_matches(model, onnx_path, x, *, atol=1e-4, batch_size=512):
+    """Run ``x`` (float tensor ``(n, 1, H, W)``) through torch and ONNX Runtime.
+
+    Returns ``(max_abs_diff, argmax_agreement, onnx_logits)``: the largest
+    absolute logit difference, the share of images whose top-1 class agrees,
+    and ONNX Runtime's logits ``(n, n_classes)``. Raises :class:`ExportError`
+    when a difference exceeds ``atol`` or a top-1 class differs.
+    """
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(os.fspath(onnx_path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    diffs, agree, outs = [], 0, []
+    model = model.eval()
+    with torch.no_grad():
+        for b in range(0, len(x), batch_size):
+            xb = x[b:b + batch_size]
+            zt = model(xb).numpy()
+            zo = sess.run(None, {name: xb.numpy()})[0]
+            diffs.append(float(np.max(np.abs(zt - zo))) if len(xb) else 0.0)
+            agree += int(np.sum(np.argmax(zt, 1) == np.argmax(zo, 1)))
+            outs.append(zo)
+    worst = max(diffs) if diffs else 0.0
+    share = agree / max(len(x), 1)
+    if worst > atol or agree != len(x):
+        raise ExportError(f"{onnx_path}: ONNX Runtime disagrees with torch (max |diff| {worst:.3g} "
+                          f"> {atol} or top-1 agreement {share:.4f} < 1)")
+    return worst, share, (np.concatenate(outs) if outs else np.zeros((0, 0), np.float32))
+
+
+def export_strong_onnx(model, out_path, *, class_names, size, check_x=None, opset=18):
+    """Export the strong model to ONNX for the server (ONNX Runtime, no torch there).
+
+    Input ``image``: float32 ``(batch, 1, size, size)`` in [0, 1] with a dynamic
+    batch axis; output ``logits``: ``(batch, n_classes)``. The metadata
+    (``offload.json`` in ``metadata_props``) holds the class names, input
+    shape and layout, and the preprocessing (:data:`STRONG_PREPROCESSING`).
+
+    Parameters
+    ----------
+    check_x : torch.Tensor ``(n, 1, size, size)``, optional
+        Images the written file is checked on with ONNX Runtime against torch
+        before it replaces ``out_path`` (random images when omitted).
+
+    Returns
+    -------
+    dict: the metadata, plus ``"check": {"images", "max_abs_diff", "top1_agreement"}``.
+    """
+    import onnx
+
+    _quiet_converter_logs()  # torch.onnx warns that torchvision's ops are not registered
+    model = model.eval()
+    meta = _strong_meta(class_names, size)
+    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=["image"], output_names=["logits"],
+            dynamic_shapes=({0: batch},), opset_version=opset, verbose=False,
+        )
+    proto = program.model_proto
+    # One JSON entry, the same document the TorchScript file carries as offload.json.
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = STRONG_META_NAME, json.dumps(meta)
+    proto.producer_name = "offload.training.export"
+    onnx.checker.check_model(proto)
+    x = check_x if check_x is not None else torch.rand(
+        64, 1, size, size, generator=torch.Generator().manual_seed(1))
+    with atomic_path(out_path) as tmp:
+        onnx.save_model(proto, tmp)
+        worst, share, _ = check_onnx_matches(model, tmp, x)
+    return dict(meta, check=dict(images=int(len(x)), max_abs_diff=worst, top1_agreement=share))
+
+
+def read_onnx_meta(path):
+    """The ``offload.json`` metadata of a strong ONNX file (``{}`` when it has none)."""
+    import onnx
+
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    for p in proto.metadata_props:
+        if p.key == STRONG_META_NAME:
+            return json.loads(p.value)
+    return {}
