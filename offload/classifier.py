@@ -41,12 +41,57 @@ __all__ = [
     "prepare_image",
     "to_unit_float",
     "EDGETPU_LIBRARY",
+    "EDGETPU_CUSTOM_OP",
+    "is_edgetpu_model",
+    "cpu_model_for",
+    "check_device_spec",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Shared library of the Coral Edge TPU runtime, loaded as a LiteRT delegate.
 EDGETPU_LIBRARY = "libedgetpu.so.1"
+#: Name of the custom op ``edgetpu_compiler`` puts in a compiled model; only the
+#: Edge TPU delegate can run it.
+EDGETPU_CUSTOM_OP = "edgetpu-custom-op"
+#: Forms of the Edge TPU delegate's ``device`` option (libedgetpu): the first
+#: device of a kind, or the N-th one.
+_DEVICE_KINDS = ("usb", "pci")
+
+
+def is_edgetpu_model(model_path):
+    """True when the ``.tflite`` file was compiled by ``edgetpu_compiler`` (holds its custom op).
+
+    The op's name is stored as plain bytes in the flatbuffer, so a byte search
+    is exact enough and needs no interpreter (which would fail on the op).
+    """
+    with open(os.fspath(model_path), "rb") as f:
+        return EDGETPU_CUSTOM_OP.encode() in f.read()
+
+
+def cpu_model_for(model_path):
+    """The CPU twin of an Edge-TPU-compiled model's path: ``x_edgetpu.tflite`` -> ``x.tflite``.
+
+    ``edgetpu_compiler`` names its output ``<input>_edgetpu.tflite``; returns
+    ``None`` when the name does not follow that pattern.
+    """
+    path = os.fspath(model_path)
+    head, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    if not stem.endswith("_edgetpu"):
+        return None
+    return os.path.join(head, stem[: -len("_edgetpu")] + ext)
+
+
+def check_device_spec(device):
+    """Validate an Edge TPU device spec: ``None``, ``usb``, ``usb:N``, ``pci`` or ``pci:N``."""
+    if device is None:
+        return None
+    spec = str(device).strip().lower()
+    kind, _, index = spec.partition(":")
+    if kind not in _DEVICE_KINDS or (index and not index.isdigit()) or spec.endswith(":"):
+        raise ValueError(f"Edge TPU device {device!r} must be 'usb', 'usb:N', 'pci' or 'pci:N'")
+    return spec
 
 
 class ClassifierError(ValueError):
@@ -173,6 +218,9 @@ class WeakClassifier:
         the Edge TPU; any other model runs on the CPU even with the delegate.
     num_threads : int, optional
         CPU threads for LiteRT.
+    device : str, optional
+        Which Edge TPU to use, passed as the delegate's ``device`` option:
+        ``usb``, ``usb:N``, ``pci`` or ``pci:N`` (default: the first found).
     class_names : sequence of str, optional
         Names of the output classes, for display.
     bgr : bool
@@ -184,16 +232,20 @@ class WeakClassifier:
         The file is missing, not a LiteRT model, or not a one-image-in,
         one-vector-out classifier.
     EdgeTPUUnavailable
-        ``edgetpu=True`` and ``libedgetpu.so.1`` could not be loaded.
+        ``edgetpu=True`` and ``libedgetpu.so.1`` could not be loaded, or the
+        model is Edge-TPU-compiled and the delegate is not there (the message
+        names the CPU model to use instead).
     """
 
-    def __init__(self, model_path, edgetpu=None, *, num_threads=None, class_names=None, bgr=True):
+    def __init__(self, model_path, edgetpu=None, *, num_threads=None, class_names=None, bgr=True,
+                 device=None):
         self.model_path = os.fspath(model_path)
         self.bgr = bool(bgr)
         if edgetpu not in (None, True, False):
             raise ValueError(f"edgetpu must be None (auto), True or False, got {edgetpu!r}")
         if not os.path.isfile(self.model_path):
             raise ClassifierError(f"weak model not found: {self.model_path}")
+        self.device = check_device_spec(device)
         try:
             from ai_edge_litert.interpreter import Interpreter, load_delegate
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -208,7 +260,8 @@ class WeakClassifier:
                 # Probe with ctypes first: a failed load_delegate() leaves a
                 # half-built Delegate whose __del__ prints a spurious traceback.
                 ctypes.CDLL(EDGETPU_LIBRARY)
-                delegates = [load_delegate(EDGETPU_LIBRARY)]
+                options = {"device": self.device} if self.device else None
+                delegates = [load_delegate(EDGETPU_LIBRARY, options)]
                 self.on_edgetpu = True
             except (ValueError, OSError, RuntimeError) as exc:
                 if edgetpu is True:
@@ -219,6 +272,15 @@ class WeakClassifier:
                     ) from exc
                 log.info("Edge TPU delegate unavailable (%s); running %s on the CPU",
                          exc, self.model_path)
+        if not self.on_edgetpu and is_edgetpu_model(self.model_path):
+            # Refuse here with a useful message rather than let the interpreter
+            # fail on an unknown custom op.
+            twin = cpu_model_for(self.model_path)
+            use = (f"use its CPU model {twin}" if twin else
+                   "use the uncompiled .tflite (the edgetpu_compiler input)")
+            raise EdgeTPUUnavailable(
+                f"{self.model_path} is compiled for the Edge TPU ({EDGETPU_CUSTOM_OP}) and needs "
+                f"{EDGETPU_LIBRARY} and the device; {use} on the CPU")
         try:
             self._interp = Interpreter(
                 model_path=self.model_path,
@@ -228,9 +290,11 @@ class WeakClassifier:
             self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             if "edgetpu-custom-op" in str(exc):
+                twin = cpu_model_for(self.model_path)
                 raise EdgeTPUUnavailable(
-                    f"{self.model_path} is compiled for the Edge TPU (edgetpu-custom-op) and needs "
-                    f"{EDGETPU_LIBRARY} and the device; use the uncompiled .tflite on the CPU"
+                    f"{self.model_path} is compiled for the Edge TPU ({EDGETPU_CUSTOM_OP}) and needs "
+                    f"{EDGETPU_LIBRARY} and the device; use "
+                    f"{twin or 'the uncompiled .tflite'} on the CPU"
                 ) from exc
             raise ClassifierError(f"{self.model_path} is not a usable LiteRT model: {exc}") from exc
 

@@ -1,0 +1,111 @@
+"""``offload-run``: the device loop from the command line.
+
+Every key of ``offload.device.config.KEYS`` is a flag (``--slot-ms 200``) and
+a TOML key (``--config run.toml``); a flag overrides the file. Example::
+
+    offload-run --video clip.avi --server http://127.0.0.1:8080 --key-file cam1.key \\
+                --policy policy.bin --log frames.jsonl
+
+Bad input gives one ``Error: ...`` line and exit status 1 (2 for a malformed
+flag, as click does), never a traceback. After a SIGINT/SIGTERM the run drains,
+prints its summary and exits with 128 + the signal number.
+
+Hook for ``--demo`` (added once the server exists): build the overrides dict
+(``video``, ``labels``, ``server``, ``key``, ...) and call :func:`execute`,
+which runs the loop, prints the summary and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+
+import click
+
+from offload.device.config import KEYS, ConfigError, load_toml, make_config
+
+__all__ = ["main", "execute", "device_errors"]
+
+_INT_KEYS = {"camera", "picamera", "queue-size", "log-max-bytes", "log-backups", "jpeg-quality",
+             "top-k", "max-frames", "threads"}
+_FLOAT_KEYS = {"fps", "slot-ms", "connect-timeout", "read-timeout", "inference-timeout",
+               "drain-timeout"}
+
+
+@contextlib.contextmanager
+def device_errors():
+    """Every refusal of the loop as one ``Error: ...`` line (``click.ClickException``).
+
+    Like ``offload.cli.user_errors`` (``ValueError``: config, source, blob,
+    classifier, wire errors), plus the ``RuntimeError``s of the accelerator and
+    the watchdog and ``OSError`` (a log path that cannot be written).
+    """
+    from offload.classifier import EdgeTPUUnavailable
+    from offload.device.weak import WatchdogError
+
+    try:
+        yield
+    except (ValueError, EdgeTPUUnavailable, WatchdogError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        raise click.ClickException(f"{where.strip() or 'I/O'}: {e.strerror or e}") from None
+
+
+def _options(command):
+    for key, default, help_text in reversed(KEYS):
+        flag = f"--{key}"
+        extra = "" if default is None else f" [default: {str(default).lower() if isinstance(default, bool) else default}]"
+        if key == "realtime":
+            opt = click.option("--realtime/--no-realtime", default=None, help=help_text + extra)
+        elif key in _INT_KEYS:
+            opt = click.option(flag, type=int, default=None, help=help_text + extra)
+        elif key in _FLOAT_KEYS:
+            opt = click.option(flag, type=float, default=None, help=help_text + extra)
+        else:
+            opt = click.option(flag, type=str, default=None, help=help_text + extra)
+        command = opt(command)
+    return command
+
+
+def build_config(config_file, flags):
+    """A validated ``RunConfig`` from an optional TOML file and the flags given (None = not given)."""
+    file_values = load_toml(config_file) if config_file else {}
+    return make_config(file_values, {k: v for k, v in flags.items() if v is not None})
+
+
+def execute(cfg, *, stream=None):
+    """Run the loop for ``cfg``, print the summary; returns the exit status (0, or 128+signal)."""
+    from offload.device.loop import run
+    from offload.device.status import format_summary
+
+    out = stream or sys.stdout
+    with device_errors():
+        summary = run(cfg, status_stream=sys.stderr,
+                      echo=lambda m: click.echo(m, err=True))
+    click.echo(format_summary(summary), file=out)
+    if summary.get("log"):
+        click.echo(f"frame log: {summary['log']}", file=out)
+    if summary.get("signal"):
+        return 128 + int(signal.Signals[summary["signal"]])
+    return 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=str, default=None,
+              help="TOML file with any of the keys below (a flag overrides it).")
+@_options
+def main(config_file, **flags):
+    """Classify frames on the device and offload some to the edge server under a token bucket.
+
+    Give one frame source (--video, --images, --camera, --picamera). Without
+    --server the run is local-only: the policy decides, nothing is sent.
+    """
+    flags = {k.replace("_", "-"): v for k, v in flags.items()}
+    with device_errors():
+        cfg = build_config(config_file, flags)
+        if cfg.source[0] is None:
+            raise ConfigError("no frame source: give one of --video, --images, --camera, "
+                              "--picamera (or the same key in --config)")
+    sys.exit(execute(cfg))
