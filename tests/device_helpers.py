@@ -62,6 +62,10 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output clean
         pass
 
+    def setup(self):
+        super().setup()
+        self.server.owner.connections.append(self.connection)
+
     def do_POST(self):
         srv = self.server.owner
         n = int(self.headers.get("Content-Length", 0))
@@ -107,6 +111,7 @@ class FakeServer:
     def __init__(self, mode="ok", key=KEY, answer_class=lambda fid: 0, delay=1.0):
         self.mode, self.key, self.answer_class, self.delay = mode, key, answer_class, delay
         self.requests = []
+        self.connections = []
         self.release = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
@@ -123,6 +128,11 @@ class FakeServer:
             self.release.set()
             self.httpd.shutdown()
             self.httpd.server_close()
+            for c in self.connections:  # keep-alive connections too, as a dying process would
+                try:
+                    c.shutdown(2)
+                except OSError:
+                    pass
 
 
 def check_log(records, n_frames, N, P, M):
