@@ -216,7 +216,7 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
 
     t_wall0 = time.monotonic()
     t_first = prev_slot = None
-    error = None
+    error = current = None
     try:
         it = iter(src)
         while not stop.is_set():
@@ -240,7 +240,7 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
                 wait = t_wall0 + frame.t - time.monotonic()
                 if wait > 0 and stop.wait(wait):
                     pass  # stopping: this frame is still handled, the next is not read
-            rec = {"id": frame.frame_id, "t": round(frame.t, 6), "label": frame.label}
+            rec = current = {"id": frame.frame_id, "t": round(frame.t, 6), "label": frame.label}
             w0 = time.perf_counter()
             out, event = watchdog.classify(frame.image)
             w1 = time.perf_counter()
@@ -251,6 +251,7 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
                 rec["event"] = event
             if out is None:
                 rec.update(offload=False, outcome="weak-failed", final=None, final_source=None)
+                current = None
                 finish(rec)
                 continue
             p, h, raw, m = metric_of(out.logits)
@@ -284,6 +285,7 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
                     rec["outcome"] = "queue-full"
                     rec["error"] = f"send queue full ({cfg.queue_size} frames waiting)"
             o0 = time.perf_counter()
+            current = None
             if "outcome" in rec:
                 finish(rec)
             drain_results()
@@ -291,6 +293,13 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
             cost["other"] += time.perf_counter() - o0
     except BaseException as e:
         error = e
+        if current is not None and "outcome" not in current and current["id"] not in pending:
+            # the frame in hand when the run failed is logged too
+            current.update(outcome="error", error=f"{type(e).__name__}: {e}")
+            current.setdefault("offload", False)
+            current.setdefault("final", None)
+            current.setdefault("final_source", None)
+            finish(current)
         raise
     finally:
         for sig, h in old_handlers.items():

@@ -179,6 +179,7 @@ class Watchdog:
         self.events = []
         self.on_cpu_fallback = False
         self._calls = 0
+        self._hangs = 0       # hangs of the model in use
         self._worker = _Worker()
         if first is not None:
             self._worker.model = first
@@ -204,28 +205,37 @@ class Watchdog:
         if finished:
             return None, f"error: {type(value).__name__}: {value}"
         # Hung: abandon the thread (Python cannot kill it; it is a daemon) and
-        # reload in a fresh one; if that fails too, fall back to the CPU model.
+        # load the model again in a fresh one. A second hang of the same model
+        # (a device that keeps wedging), or a reload that hangs or fails, moves
+        # to the CPU model for the rest of the run.
         self._worker.stop()
         self._worker = _Worker()
-        event = "hang-reloaded"
-        try:
-            self._load(self.make, "reload")
-        except WatchdogError as first_error:
-            if self.make_cpu is None or self.on_cpu_fallback:
-                raise WatchdogError(f"weak inference hung past {self.timeout:g} s and the model "
-                                    f"could not be reloaded ({first_error})") from None
-            self._worker.stop()
-            self._worker = _Worker()
+        self._hangs += 1
+        can_fall_back = self.make_cpu is not None and not self.on_cpu_fallback
+        first_error = None
+        if self._hangs < 2 or not can_fall_back:
             try:
-                self._load(self.make_cpu, "CPU fallback")
+                self._load(self.make, "reload")
             except WatchdogError as e:
-                raise WatchdogError(f"weak inference hung past {self.timeout:g} s; reload "
-                                    f"failed ({first_error}) and so did the CPU model ({e})") from None
-            self.on_cpu_fallback = True
-            self.make = self.make_cpu
-            event = "hang-cpu"
-        self.events.append((self._calls - 1, event))
-        return None, event
+                if not can_fall_back:
+                    raise WatchdogError(f"weak inference hung past {self.timeout:g} s and the "
+                                        f"model could not be reloaded ({e})") from None
+                first_error = e
+            else:
+                self.events.append((self._calls - 1, "hang-reloaded"))
+                return None, "hang-reloaded"
+        self._worker.stop()
+        self._worker = _Worker()
+        try:
+            self._load(self.make_cpu, "CPU fallback")
+        except WatchdogError as e:
+            why = f"reload failed ({first_error})" if first_error else "it hung again"
+            raise WatchdogError(f"weak inference hung past {self.timeout:g} s; {why} and the "
+                                f"CPU model could not be loaded either ({e})") from None
+        self.on_cpu_fallback = True
+        self.make, self._hangs = self.make_cpu, 0
+        self.events.append((self._calls - 1, "hang-cpu"))
+        return None, "hang-cpu"
 
     def close(self):
         self._worker.stop()
