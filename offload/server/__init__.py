@@ -1,0 +1,27 @@
+"""The edge server: the strong classifier behind ``POST /v1/classify`` (torch-free).
+
+Modules, one concept each:
+
+- ``model``: the ONNX strong model (ONNX Runtime, CUDA when present) and its preprocessing;
+- ``batcher``: micro-batching of concurrent requests into one model call;
+- ``keys``: the TOML key file (hashes only) and per-key token buckets;
+- ``images``: request bodies to images, picture size checked before decoding;
+- ``app``: the Starlette app (classify, ``/healthz``, ``/metrics``);
+- ``serve``: running it, in the foreground or in a background thread;
+- ``cli``: ``offload-serve``.
+
+Start one from Python (see docs/server.md)::
+
+    from offload.server import serve_in_thread
+
+    with serve_in_thread() as server:    # committed strong.onnx, loopback, free port, throw-away key
+        server.url, server.api_key
+"""
+
+from offload.server.app import create_app
+from offload.server.keys import KeyStore
+from offload.server.model import StrongModel
+from offload.server.serve import BackgroundServer, ServerStartError, serve_in_thread
+
+__all__ = ["serve_in_thread", "BackgroundServer", "ServerStartError", "create_app", "KeyStore",
+           "StrongModel"]
