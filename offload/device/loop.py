@@ -174,16 +174,20 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
             old_handlers[sig] = signal.signal(sig, on_signal)
 
     pending = {}       # frame id -> record waiting for the sender's result
-    cost = dict.fromkeys(("capture", "weak", "metric", "policy", "send", "log", "other"), 0.0)
+    # Per-part time of the loop (s, summed over frames) for the summary's overhead_us.
+    cost = dict.fromkeys(("capture", "weak", "metric", "policy", "record", "send", "stats", "log",
+                          "other"), 0.0)
     frames_seen = 0
     top_k = cfg.top_k
 
     def finish(rec):
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         stats.add(rec)
+        t1 = time.perf_counter()
         if log is not None:
             log.write(rec)
-        cost["log"] += time.perf_counter() - t
+        cost["stats"] += t1 - t0
+        cost["log"] += time.perf_counter() - t1
 
     def complete(res):
         rec = pending.pop(res.frame_id, None)
@@ -271,6 +275,8 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
                        metric=round(raw, 6), metric_std=float(m), n_before=int(n0),
                        n_after=int(n1), tokens_before=n0 / P, tokens_after=n1 / P,
                        offload=bool(a), final=weak_top[0][0], final_source="weak")
+            w4 = time.perf_counter()
+            cost["record"] += w4 - w3
             if not a:
                 rec["outcome"] = "not-offloaded"
             elif sender is None:
@@ -284,13 +290,14 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
                 else:
                     rec["outcome"] = "queue-full"
                     rec["error"] = f"send queue full ({cfg.queue_size} frames waiting)"
-            o0 = time.perf_counter()
             current = None
             if "outcome" in rec:
                 finish(rec)
+            o0, booked = time.perf_counter(), cost["stats"] + cost["log"]
             drain_results()
             status.update()
-            cost["other"] += time.perf_counter() - o0
+            # answers that came back are finished here too: their stats/log time is booked there
+            cost["other"] += time.perf_counter() - o0 - (cost["stats"] + cost["log"] - booked)
     except BaseException as e:
         error = e
         if current is not None and "outcome" not in current and current["id"] not in pending:

@@ -185,6 +185,10 @@ class Sender:
         if conn.sock is None:
             conn.connect()  # bounded by connect_timeout
             conn.sock.settimeout(self.read_timeout)
+            # http.client sends headers and body in two writes; with Nagle's
+            # algorithm the body then waits for the server's delayed ACK
+            # (~40 ms per request on Linux).
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return conn, False
         return conn, True
 
