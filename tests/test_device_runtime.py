@@ -382,3 +382,110 @@ def test_cli_documented_command_with_a_server(tmp_path):
     assert "weak inference" in r.output and "strong inference" in r.output
     recs = check_log(read_log(tmp_path / "frames.jsonl"), 200, BLOB.N, BLOB.P, BLOB.M)
     assert sum(r["outcome"] == "sent" for r in recs) >= 5
+
+
+# --------------------------------------------------------------------------- sources, status
+
+
+def test_camera_source_with_a_stand_in_device(monkeypatch):
+    """cv2.VideoCapture(N) replaced by the demo clip: ids, monotonic times, labels."""
+    import cv2
+
+    from offload.device import capture
+
+    real = cv2.VideoCapture
+    monkeypatch.setattr(cv2, "VideoCapture", lambda index: real(CLIP) if index == 3 else real(""))
+    src = capture.CameraSource(3, labels={0: 5})
+    frames = [f for _, f in zip(range(5), src)]
+    src.close()
+    assert [f.frame_id for f in frames] == list(range(5)) and frames[0].label == 5
+    assert frames[0].t == 0.0 and all(b.t >= a.t for a, b in zip(frames, frames[1:]))
+    with pytest.raises(SourceError, match="camera 7"):
+        capture.CameraSource(7)
+
+
+def test_picamera_source_with_a_stand_in_module(monkeypatch):
+    import types
+
+    import numpy as np
+
+    from offload.device import capture
+
+    class Req:
+        def __init__(self, k):
+            self.k = k
+
+        def make_array(self, name):
+            return np.full((4, 6, 3), self.k, np.uint8)
+
+        def get_metadata(self):
+            return {"SensorTimestamp": 10**9 + self.k * 200_000_000}
+
+        def release(self):
+            pass
+
+    class Picamera2:
+        def __init__(self, num):
+            self.k = 0
+
+        def create_video_configuration(self, main):
+            assert main["format"] == "RGB888"
+            return main
+
+        def configure(self, c):
+            pass
+
+        def start(self):
+            pass
+
+        def capture_request(self):
+            self.k += 1
+            return Req(self.k)
+
+        def stop(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "picamera2", types.SimpleNamespace(Picamera2=Picamera2))
+    src = capture.PicameraSource(0)
+    frames = [f for _, f in zip(range(3), src)]
+    src.close()
+    assert [f.t for f in frames] == pytest.approx([0.0, 0.2, 0.4])
+    assert frames[2].image.shape == (4, 6, 3) and frames[2].image[0, 0, 0] == 3
+    monkeypatch.setitem(sys.modules, "picamera2", None)     # import fails
+    with pytest.raises(SourceError, match="picamera2"):
+        capture.PicameraSource(0)
+
+
+def test_status_line_only_on_a_tty(monkeypatch):
+    import io
+
+    from offload.device import status as S
+    from offload.device.status import Stats, StatusLine
+
+    clock = [100.0]
+    monkeypatch.setattr(S.time, "monotonic", lambda: clock[0])
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stats = Stats()
+    stats.add({"id": 0, "offload": True, "outcome": "sent", "ms": {"weak": 1.0, "policy": 0.1},
+               "tokens_after": 3.0})
+    tty, plain = Tty(), io.StringIO()
+    for stream in (tty, plain):
+        line = StatusLine(stream, stats)
+        clock[0] += 1.0
+        line.update()
+        clock[0] += 0.1
+        line.update()          # within 1/4 s of the last: not redrawn
+        clock[0] += 0.2
+        line.update()          # 0.3 s after: redrawn
+        line.finish()
+    assert plain.getvalue() == ""
+    text = tty.getvalue()
+    assert text.startswith("\r1 frames 1.0/s") and text.count("\r") == 3 and text.endswith("\n")
+    assert "offload 100.0%" in text and "tokens 3.00" in text
