@@ -646,3 +646,19 @@ def test_serve_cli_errors(tmp_path):
             assert r.exit_code != 0, args
             assert message in r.output and "Traceback" not in r.output, (args, r.output)
             assert r.output.count("Error") == 1
+
+
+def test_listening_socket_gets_tcp_nodelay():
+    """asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP; without it every
+    answer waited ~40 ms for a delayed ACK (headers and body go out as two writes)."""
+    from offload.server.serve import bind_socket
+
+    s = bind_socket("127.0.0.1", 0)
+    try:
+        assert s.proto == socket.IPPROTO_TCP
+        c = socket.create_connection(s.getsockname()[:2], timeout=10)
+        conn, _ = s.accept()
+        with c, conn:
+            assert conn.proto == socket.IPPROTO_TCP  # accepted sockets inherit it
+    finally:
+        s.close()
