@@ -133,35 +133,42 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
     if cfg.server and not key:
         raise ConfigError("key: --server needs --key or --key-file")
 
-    # Weak classifier and its watchdog.
-    if make_classifier is None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", AcceleratorWarning)
-            first, spec = open_weak(model_path, cfg.accelerator, cfg.device, cfg.threads)
-        for w in caught:
-            say(f"warning: {w.message}")
-        make = spec.make
-        make_cpu = spec.make_cpu if spec.accelerator != "cpu" and spec.cpu_model else None
-    else:
-        make, make_cpu, first = make_classifier, make_cpu_classifier, None
-    watchdog = Watchdog(make, cfg.inference_timeout, make_cpu=make_cpu, first=first)
-
     metric_of = FrameMetric(blob)
     policy = Policy(blob)
-    src = source if source is not None else open_source(cfg, slot_s)
-    P = blob.P
     stats = Stats(bucket={"N": blob.N, "P": blob.P, "M": blob.M, "kind": blob.kind},
                   slot_ms=cfg.slot_ms, local_only=not cfg.server)
+    P = blob.P
+    # Open what the run holds; if a later step refuses, release the earlier ones.
+    setup = contextlib.ExitStack()
+    with setup:
+        src = source if source is not None else open_source(cfg, slot_s)
+        if hasattr(src, "close"):
+            setup.callback(src.close)
+        if make_classifier is None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", AcceleratorWarning)
+                first, spec = open_weak(model_path, cfg.accelerator, cfg.device, cfg.threads)
+            for w in caught:
+                say(f"warning: {w.message}")
+            make = spec.make
+            make_cpu = spec.make_cpu if spec.accelerator != "cpu" and spec.cpu_model else None
+        else:
+            make, make_cpu, first = make_classifier, make_cpu_classifier, None
+        watchdog = Watchdog(make, cfg.inference_timeout, make_cpu=make_cpu, first=first)
+        setup.callback(watchdog.close)
+        log = FrameLog(cfg.log, cfg.log_max_bytes, cfg.log_backups) if cfg.log else None
+        if log is not None:
+            setup.callback(log.close)
+        sender = None
+        if cfg.server:
+            sender = Sender(cfg.server, key, queue_size=cfg.queue_size,
+                            connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
+                            image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
+                            n_classes=watchdog.n_classes)
+        setup.pop_all()   # all opened: the loop's own finally releases them from here on
     if not cfg.server:
         say("local-only: no --server given, no frame will be offloaded "
             "(the policy still decides and spends tokens; the weak answer stands)")
-    log = FrameLog(cfg.log, cfg.log_max_bytes, cfg.log_backups) if cfg.log else None
-    sender = None
-    if cfg.server:
-        sender = Sender(cfg.server, key, queue_size=cfg.queue_size,
-                        connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
-                        image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
-                        n_classes=watchdog.n_classes)
     status = StatusLine(status_stream, stats)
     stop = stop or threading.Event()
     signalled = []
