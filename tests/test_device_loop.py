@@ -156,3 +156,39 @@ def test_images_folder_source_one_slot_apart(tmp_path):
     s, recs = _run(tmp_path, images=str(folder), fps=1.0, log=str(tmp_path / "b.jsonl"))
     assert [r["slots"] for r in recs[1:]] == [5] * 9
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("kind", ["dqn", "thresholds"])
+def test_policy_unit_random_metrics_and_gaps(kind):
+    """device.policy.Policy against the references on random metrics and inter-arrivals."""
+    from offload.device.policy import Policy
+
+    base = read_blob(DQN_IA)
+    rng = np.random.default_rng(5)
+    metrics = rng.normal(size=400).astype(np.float32)
+    gaps = rng.integers(1, 6, size=400)            # gaps[k] = slots from k to k+1
+    if kind == "thresholds":
+        theta = rng.normal(size=base.M - base.P + 1).astype(np.float32)
+        blob = BlobPolicy("thresholds", base.N, base.P, base.M, base.metric_mean,
+                          base.metric_std, base.lut_x, base.lut_y, theta=theta)
+        n, want, states = blob.M, [], []
+        for k in range(400):
+            a = bool(n >= blob.P and metrics[k] >= theta[n - blob.P])
+            want.append(a)
+            states.append(n)
+            n = step_reference(n, a, int(gaps[k]), blob.N, blob.P, blob.M)
+    else:
+        blob = base
+        want, states = decide_sequence_reference(blob.qmlp, metrics, gaps, blob.N, blob.P,
+                                                 blob.M, blob.H, blob.interarrival)
+    pol = Policy(blob)
+    got, seen = [], []
+    for k in range(400):
+        a, n0, n1 = pol.decide(float(metrics[k]), int(gaps[k - 1]) if k else 0)
+        got.append(bool(a))
+        seen.append(n0)
+        assert n1 == n0 - blob.P * a
+    assert got == list(map(bool, want)) and seen == list(states)
+    assert 0 < sum(got) < 400
+    with pytest.raises(ValueError, match="slots"):
+        pol.decide(0.0, 0)
