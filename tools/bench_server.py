@@ -174,34 +174,43 @@ def main(argv=None):
     ap.add_argument("--max-batch", type=int, default=32, help="the micro-batching setting")
     ap.add_argument("--batch-window-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: default)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole set this many times (to see the noise)")
     ap.add_argument("--json", dest="json_path", help="also write the rows as JSON here")
     args = ap.parse_args(argv)
 
     from offload.server.keys import add_key
 
     frames = _frames()
-    settings = [(args.max_batch, args.batch_window_ms), (1, 0.0)]
+    # The chosen micro-batching, the same with no window (batches form only
+    # from requests that queue while the model runs), and no batching.
+    settings = [(args.max_batch, args.batch_window_ms), (args.max_batch, 0.0), (1, 0.0)]
+    if args.batch_window_ms == 0:
+        settings = settings[1:]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         keys_path = os.path.join(tmp, "keys.toml")
         key = add_key(keys_path, "bench")
-        for clients in args.clients:
-            for mb, win in settings:
-                row = run_one(frames, key, keys_path, mb, win, clients, args.seconds, args.threads)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+        for rnd in range(1, args.rounds + 1):
+            for clients in args.clients:
+                for mb, win in settings:
+                    row = run_one(frames, key, keys_path, mb, win, clients, args.seconds,
+                                  args.threads)
+                    row["round"] = rnd
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
 
     print(f"\n{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{len(frames)} demo frames (28x28 PNG), {args.seconds:g} s per run\n")
-    head = ("| clients | server | requests | 5xx | other non-200 | throughput (req/s) "
+    head = ("| round | clients | server | requests | 5xx | other non-200 | throughput (req/s) "
             "| p50 (ms) | p99 (ms) | in server, mean (ms) | model per image (ms) | mean batch "
             "| server CPU per request (ms) | client CPU per request (ms) |")
     print(head)
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         server = (f"micro-batching (max {r['max_batch']}, {r['window_ms']:g} ms)"
                   if r["max_batch"] > 1 else "`--max-batch 1`")
-        print(f"| {r['clients']} | {server} | {r['requests']} | {r['server_errors']} | "
+        print(f"| {r['round']} | {r['clients']} | {server} | {r['requests']} | {r['server_errors']} | "
               f"{r['other_errors']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p99_ms']} | "
               f"{r['server_mean_ms']} | {r['model_ms_per_image']} | {r['mean_batch']} | "
               f"{r['server_cpu_ms_per_request']} | {r['client_cpu_ms_per_request']} |")
