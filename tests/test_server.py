@@ -662,3 +662,24 @@ def test_listening_socket_gets_tcp_nodelay():
             assert conn.proto == socket.IPPROTO_TCP  # accepted sockets inherit it
     finally:
         s.close()
+
+
+def test_large_picture_decoded_off_the_loop(client, frames):
+    """Pictures over 256x256 are decoded in a worker thread; the answer is the same kind."""
+    img = cv2.imdecode(np.frombuffer(frames[1], np.uint8), cv2.IMREAD_GRAYSCALE)
+    big = cv2.cvtColor(cv2.resize(img, (280, 280), interpolation=cv2.INTER_NEAREST),
+                       cv2.COLOR_GRAY2BGR)
+    body, ctype = wire.encode_image(big, "png")
+    r = client.post(wire.CLASSIFY_PATH, content=body, headers={**AUTH, "Content-Type": ctype})
+    assert r.status_code == 200 and wire.parse_answer(r.content).top1 == 9
+
+
+def test_server_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, offload.server, offload.server.cli; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -52,7 +52,7 @@ PY=.venv/bin/python
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q "meson-python>=0.15" "meson>=1.2" ninja "Cython>=3.0"
 case "$extras" in
-    *all*|*training*|*server*)
+    *all*|*training*)  # the server runs ONNX Runtime: no torch
         # The CPU build; a bare "torch" requirement would pull a multi-GB CUDA build.
         "$PY" -m pip install -q "torch==2.13.0" ;;
 esac
