@@ -100,3 +100,24 @@ def test_strong_from_torchscript_refuses_other_files(tmp_path):
         strong_from_torchscript(bad)
     with pytest.raises(ExportError, match="not found"):
         strong_from_torchscript(tmp_path / "missing.pt")
+
+
+def test_offload_train_onnx_command(tmp_path):
+    from click.testing import CliRunner
+
+    from training import cli
+
+    _committed()
+    _fashion_test_images(1)  # skips without the data set
+    models_dir = os.path.dirname(artifacts.find("classifiers.json"))
+    with open(os.path.join(models_dir, "classifiers.json")) as f:
+        before = f.read()
+    out = tmp_path / "s.onnx"
+    r = CliRunner().invoke(cli.main, ["onnx", "--models-dir", models_dir, "--out", str(out),
+                                      "--max-eval", "300", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "strong accuracy (ONNX Runtime)" in r.output and out.exists()
+    with open(os.path.join(models_dir, "classifiers.json")) as f:
+        assert f.read() == before  # a partial check never touches the manifest
+    r = CliRunner().invoke(cli.main, ["onnx", "--models-dir", str(tmp_path / "none")])
+    assert r.exit_code != 0 and "classifiers.json not found" in r.output

@@ -683,3 +683,42 @@ def test_server_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_cuda_provider_first_when_available():
+    from offload.server.model import default_providers
+
+    assert default_providers(["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert default_providers(["AzureExecutionProvider", "CPUExecutionProvider"]) == [
+        "CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 0), ("SIGTERM", -15)])
+def test_offload_serve_process_serves_and_stops(tmp_path, frames, sig, code):
+    """Ctrl+C stops it with status 0; SIGTERM ends it by that signal after a graceful
+    shutdown (uvicorn re-raises it), as service managers expect. No traceback either way."""
+    import signal
+    import subprocess
+    import sys
+
+    keys = tmp_path / "keys.toml"
+    key = K.add_key(keys, "cam")
+    proc = subprocess.Popen([sys.executable, "-m", "offload.server.cli", "--keys", str(keys),
+                             "--port", "0", "--log-level", "warning"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # the start-up line names the URL
+        m = re.search(r"listening on (http://\S+)", line)
+        assert m, line
+        r = httpx.post(m.group(1) + wire.CLASSIFY_PATH, content=frames[1], timeout=30,
+                       headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
+        assert r.status_code == 200 and wire.parse_answer(r.content).top1 == 9
+        proc.send_signal(getattr(signal, sig))
+        assert proc.wait(30) == code
+        rest = proc.stderr.read()
+        assert "Traceback" not in rest and "Aborted" not in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

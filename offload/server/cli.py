@@ -106,6 +106,11 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
         serve_forever(app, host, port, log_level=log_level, on_ready=ready)
     except ServerStartError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        # uvicorn has already shut down gracefully and re-raised the Ctrl+C
+        # for us; a requested stop is not an error. (SIGTERM ends the
+        # process by that signal, exit status 143, as services expect.)
+        click.echo("offload-serve: stopped", err=True)
 
 
 @main.group()
