@@ -50,7 +50,8 @@ def _fail(message):
 @click.option("--max-body", default=wire.MAX_BODY_BYTES, show_default=True, type=click.IntRange(1),
               help="Largest request body, bytes (413 above).")
 @click.option("--max-pixels", default=DEFAULTS["max_pixels"], show_default=True,
-              type=click.IntRange(1), help="Largest picture, pixels (400 above; checked before decoding).")
+              type=click.IntRange(1),
+              help="Largest picture, pixels (400 above; checked before decoding).")
 @click.option("--top-k", default=DEFAULTS["top_k"], show_default=True, type=click.IntRange(1),
               help="Classes in each answer.")
 @click.option("--slot-ms", default=200.0, show_default=True, type=click.FloatRange(0, min_open=True),
@@ -74,7 +75,8 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
     from offload.server.model import ModelError
     from offload.server.serve import ServerStartError, load_model, serve_forever
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         store = KeyStore.from_file(keys_path, slot_s=slot_ms / 1000.0)
     except KeyFileError as exc:
@@ -123,7 +125,8 @@ def keys():
 @_keys_option
 @click.option("--rate", type=float, default=None,
               help="Token-bucket rate of this key, tokens per slot (0 < rate < 1); with --depth.")
-@click.option("--depth", type=float, default=None, help="Token-bucket depth, tokens (>= 1); with --rate.")
+@click.option("--depth", type=float, default=None,
+              help="Token-bucket depth, tokens (>= 1); with --rate.")
 def keys_add(name, keys_path, rate, depth):
     """Create a key NAME (and the key file if needed); print the key on the last line.
 

@@ -120,7 +120,8 @@ class StrongModel:
             raise ModelError(f"{self.path} is not a usable ONNX model ({_ort_message(exc)})") from None
         ins, outs = self.session.get_inputs(), self.session.get_outputs()
         if len(ins) != 1 or len(outs) != 1:
-            raise ModelError(f"{self.path}: expected 1 input and 1 output, got {len(ins)} and {len(outs)}")
+            raise ModelError(f"{self.path}: expected 1 input and 1 output, "
+                             f"got {len(ins)} and {len(outs)}")
         self.input_name, self.output_name = ins[0].name, outs[0].name
         shape = list(ins[0].shape)
         if ins[0].type != "tensor(float)" or len(shape) != 4 or shape[1] not in (1, 3) \
