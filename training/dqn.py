@@ -819,13 +819,8 @@ def int8_agreement(qmlp, layers, streams, N, P, M, H, use_ia, int8_result):
     fwd_f = _float_forward(layers)
     fwd_q = qmlp.native().forward
     S, L = streams.shape
-    pm, pi = simulate._windows(streams, H, use_ia)
     agree = free = agree_free = 0
-    step = max(1, simulate._BLOCK_ROWS // S)
-    din = input_size(H, use_ia)
-    for k0 in range(0, L, step):
-        k1 = min(L, k0 + step)
-        x = simulate._block(pm, pi, H, k0, k1).reshape(-1, din)
+    for k0, k1, x in simulate.input_blocks(streams, H, use_ia):
         n = int8_result.tokens[:, k0:k1].reshape(-1).astype(np.int64)
         a_f = mlp.decide_batch(fwd_f(x), n, N, P, M)
         a_q = mlp.decide_batch(fwd_q(x), n, N, P, M)
