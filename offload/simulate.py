@@ -40,6 +40,9 @@ class Streams:
     weak_loss: np.ndarray     # float32
     interarrival: np.ndarray  # int64 slots to the next image (>= 1)
     raw_metric: np.ndarray = None  # float32 expected reward f(h); defaults to ``metric``
+    # Hidden generator state, only for offload.ceiling (make_streams(hidden=True)):
+    location: np.ndarray = None       # int64 run location in the metric-sorted images
+    arrival_state: np.ndarray = None  # int8 arrival state of each image, 0 or 1
 
     def __post_init__(self):
         if self.raw_metric is None:
@@ -87,7 +90,8 @@ class SimResult:
 
 
 def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", spread=0.1,
-                 rprob=0.1, arrivals="periodic", markov=(1, 10, 0.1, 0.1), raw_metric=None):
+                 rprob=0.1, arrivals="periodic", markov=(1, 10, 0.1, 0.1), raw_metric=None,
+                 hidden=False):
     """Test streams from one split's per-image arrays (SPEC section 4).
 
     The images are first sorted by metric so that an index range is a metric
@@ -95,6 +99,9 @@ def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", s
     from, used by the metric-only oracle); ``choice`` is ``"iid"`` or ``"location-reset"`` (with ``spread``,
     ``rprob``), ``arrivals`` is ``"periodic"`` or ``"markov"`` with
     ``markov = (I1, I2, tprob1, tprob2)`` (slots, slots, per-slot probabilities).
+    ``hidden=True`` also keeps the generators' hidden state (``location``:
+    the run's location, 0 for i.i.d.; ``arrival_state``: 0 or 1, 0 for
+    periodic) for ``offload.ceiling``; the streams are the same either way.
     """
     metric = np.asarray(metric, np.float32)
     order = np.argsort(metric, kind="stable")
@@ -104,20 +111,29 @@ def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", s
     n = len(metric)
     if n == 0:
         raise ValueError("no images to build streams from")
+    loc = state = None
     if choice == "iid":
         idx = sequences.iid(n, length, n_seq, seed)
+        loc = np.zeros_like(idx) if hidden else None
     elif choice == "location-reset":
-        idx = sequences.location_reset(n, length, n_seq, spread, rprob, seed)
+        idx = sequences.location_reset(n, length, n_seq, spread, rprob, seed,
+                                       return_locations=hidden)
+        if hidden:
+            idx, loc = idx
     else:
         raise ValueError(f"unknown image choice {choice!r} (iid, location-reset)")
     if arrivals == "periodic":
         ia = sequences.periodic(length, n_seq)
+        state = np.zeros(ia.shape, np.int8) if hidden else None
     elif arrivals == "markov":
         i1, i2, t1, t2 = markov
-        ia = sequences.markov_arrivals(length, n_seq, i1, i2, t1, t2, seed + 1)
+        ia = sequences.markov_arrivals(length, n_seq, i1, i2, t1, t2, seed + 1,
+                                       arrival_states=hidden)
+        if hidden:
+            ia, state = ia[0], (ia[1] - 1).astype(np.int8)
     else:
         raise ValueError(f"unknown arrival process {arrivals!r} (periodic, markov)")
-    return Streams(metric[idx], reward[idx], weak_loss[idx], ia, raw[idx])
+    return Streams(metric[idx], reward[idx], weak_loss[idx], ia, raw[idx], loc, state)
 
 
 def _result(name, streams, total, count, **kw):
