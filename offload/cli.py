@@ -24,6 +24,8 @@ from offload.bucket import scale
 from offload.profile import TRAIN, TEST, read_profile
 
 BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
+#: Policies run only when asked for by name.
+OPTIONAL = ("ceiling",)
 
 
 def _load_profile(path, synthetic, seed):
@@ -144,8 +146,9 @@ def _fmt(v):
 @click.option("--length", default=10000, type=click.IntRange(1), help="Images per test stream.")
 @click.option("--streams", default=10, type=click.IntRange(1), help="Number of test streams.")
 @click.option("--policy", "policy_names", multiple=True,
-              help=f"Policy to run (repeatable): {', '.join(BUILTIN)} or a policy blob path. "
-                   "Default: all built-in ones.")
+              help=f"Policy to run (repeatable): {', '.join(BUILTIN + OPTIONAL)} or a policy "
+                   "blob path. Default: all but ceiling (offload.ceiling: knows the "
+                   "generators' hidden state; adds a share_of_ceiling_gain column).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the table as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV.")
 @click.option("--write-blob", "write_blob", nargs=2, type=(click.Choice(["mdp", "baseline"]),
@@ -156,15 +159,16 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
     """Compare offloading policies on a profile under a token bucket (rate r, depth b)."""
     names = list(policy_names) or list(BUILTIN)
     for name in names:
-        if name not in BUILTIN and not os.path.isfile(name):
-            raise click.ClickException(f"--policy {name!r}: neither one of {', '.join(BUILTIN)} "
+        if name not in BUILTIN + OPTIONAL and not os.path.isfile(name):
+            raise click.ClickException(f"--policy {name!r}: neither one of "
+                                       f"{', '.join(BUILTIN + OPTIONAL)} "
                                        "nor an existing policy blob file")
     (N, P, M), prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, arrivals,
                                                markov, seed)
     with user_errors("test streams"):
         st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, streams,
                                    seed, choice, spread, rprob, arrivals, markov,
-                                   raw_metric=prof.metric[te])
+                                   raw_metric=prof.metric[te], hidden="ceiling" in names)
     tau = st.mean_interarrival
     click.echo(f"bucket r={rate} b={depth} -> (N, P, M) = ({N}, {P}, {M}); {streams} streams x "
                f"{length} images, {choice}, {arrivals} arrivals (mean {tau:.3f} slots)", err=True)
@@ -192,6 +196,16 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
                 results[name] = simulate.run_thresholds(theta_base, st, N, P, M, name="baseline")
             elif name == "mdp":
                 results[name] = simulate.run_thresholds(theta_mdp, st, N, P, M, name="mdp")
+            elif name == "ceiling":
+                from offload import ceiling
+
+                click.echo("ceiling: value iteration over (hidden state, tokens)...", err=True)
+                c = ceiling.ceiling_policy(prof.metric[te], N, P, M, choice, spread, rprob,
+                                           arrivals, markov, metric=m[te], seed=seed + 3)
+                if not c.converged:
+                    click.echo(f"ceiling: warning: not converged after {c.sweeps} sweeps",
+                               err=True)
+                results[name] = ceiling.run_ceiling(c, st, N, P, M)
             elif name in ("oracle", "oracle-metric"):
                 results[name] = simulate.run_oracle(
                     st, N, P, M, metric_only=name == "oracle-metric", progress=True)
@@ -212,9 +226,13 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
         for o in ("oracle", "oracle-metric"):
             row[f"share_of_{o}_gain"] = simulate.captured_share(results[name], results["baseline"],
                                                                 results[o])
+        if "ceiling" in results:
+            row["share_of_ceiling_gain"] = simulate.captured_share(
+                results[name], results["baseline"], results["ceiling"])
         rows.append(row)
     cols = ["policy", "avg_loss", "mean_reward", "offload_rate", "share_of_oracle_gain",
-            "share_of_oracle-metric_gain", "feasible"]
+            "share_of_oracle-metric_gain"] + (["share_of_ceiling_gain"] if "ceiling" in results
+                                              else []) + ["feasible"]
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
     click.echo("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:

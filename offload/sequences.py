@@ -95,11 +95,16 @@ def iid(n_images, length, n_seq, seed):
         Number of sequences, ``>= 0``.
     seed : int
         Random seed.
+    return_locations : bool
+        Also return each arrival's location (before the offset ``d``): the
+        hidden state a structure-aware ceiling (``offload.ceiling``) knows.
 
     Returns
     -------
     ndarray of int64, shape (n_seq, length)
         Image indices in ``0..n_images-1``.
+    locations : ndarray of int64, shape (n_seq, length)
+        Only with ``return_locations``.
     """
     n_images = _count(n_images, "n_images", 1)
     length = _count(length, "length", 0)
@@ -107,7 +112,7 @@ def iid(n_images, length, n_seq, seed):
     return _rng(seed).integers(0, n_images, size=(n_seq, length), dtype=np.int64)
 
 
-def location_reset(n_images, length, n_seq, spread, rprob, seed):
+def location_reset(n_images, length, n_seq, spread, rprob, seed, return_locations=False):
     """Location-reset image choice: runs of images from a narrow index (metric) range.
 
     Each sequence has a location, uniform over ``0..n_images-1`` at the first
@@ -134,11 +139,16 @@ def location_reset(n_images, length, n_seq, spread, rprob, seed):
         (0: one location per sequence).
     seed : int
         Random seed.
+    return_locations : bool
+        Also return each arrival's location (before the offset ``d``): the
+        hidden state a structure-aware ceiling (``offload.ceiling``) knows.
 
     Returns
     -------
     ndarray of int64, shape (n_seq, length)
         Image indices in ``0..n_images-1``.
+    locations : ndarray of int64, shape (n_seq, length)
+        Only with ``return_locations``.
     """
     n_images = _count(n_images, "n_images", 1)
     length = _count(length, "length", 0)
@@ -156,9 +166,9 @@ def location_reset(n_images, length, n_seq, spread, rprob, seed):
     np.maximum.accumulate(last, axis=1, out=last)
     loc = np.take_along_axis(loc, last, axis=1)
     width = math.floor(spread * n_images)
-    loc += rng.integers(0, width + 1, size=shape, dtype=np.int64)
-    loc %= n_images
-    return loc
+    idx = loc + rng.integers(0, width + 1, size=shape, dtype=np.int64)
+    idx %= n_images
+    return (idx, loc) if return_locations else idx
 
 
 # --------------------------------------------------------------------------- arrivals
@@ -353,7 +363,8 @@ def _arrival_times(rng, first, need, intervals, tprobs, block):
     return times, where
 
 
-def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=False):
+def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=False,
+                    arrival_states=False):
     """Two-state Markov-modulated periodic arrivals (inter-arrival times, slots).
 
     The modulating state alternates 1, 2, 1, ... Each stay (sojourn) in state
@@ -409,6 +420,9 @@ def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=F
     return_states : bool
         Also return the state (1 or 2) of the sojourn in which the arrival
         ending each gap falls.
+    arrival_states : bool
+        Also return the state (1 or 2) in which each gap starts: the state of
+        arrival ``k`` for gap ``k`` (after ``states`` when both are asked).
 
     Returns
     -------
@@ -416,6 +430,8 @@ def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=F
         Inter-arrival times in slots, ``>= 1``.
     states : ndarray of int8, shape (n_seq, length)
         Only with ``return_states``.
+    starts : ndarray of int8, shape (n_seq, length)
+        Only with ``arrival_states``.
 
     Raises
     ------
@@ -434,6 +450,7 @@ def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=F
     need = length + 1
     gaps = np.empty((n_seq, length), dtype=np.int64)
     states = np.empty((n_seq, length), dtype=np.int8) if return_states else None
+    starts = np.empty((n_seq, length), dtype=np.int8) if arrival_states else None
     first = _first_states(rng, n_seq, tprobs)
     rows, block = _plan(n_seq, need, per_sojourn)
     for r0 in range(0, n_seq, rows):
@@ -442,10 +459,11 @@ def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=F
         np.subtract(times[:, 1:], times[:, :-1], out=gaps[r0:r1])
         if return_states:
             np.add(where[:, 1:], 1, out=states[r0:r1])
+        if arrival_states:
+            np.add(where[:, :-1], 1, out=starts[r0:r1])
     if gaps.size and gaps.min() < 1:  # only with sojourns beyond 2**63 slots
         raise ValueError(
             f"Markov arrivals i1={i1}, i2={i2}, tprob1={tprob1}, tprob2={tprob2}: an "
             "inter-arrival time does not fit in 64-bit slot counts")
-    if return_states:
-        return gaps, states
-    return gaps
+    out = (gaps,) + ((states,) if return_states else ()) + ((starts,) if arrival_states else ())
+    return out if len(out) > 1 else gaps

@@ -17,6 +17,7 @@ Threshold policies run in a native loop; DQN policies run batched across
 streams (one MLP call per image position for all streams).
 """
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,9 +25,10 @@ from tqdm import tqdm
 
 from offload import mlp, policies, sequences
 from offload.ring import input_size
+from offload_native import walk_block, window_block
 
 __all__ = ["Streams", "SimResult", "make_streams", "run_thresholds", "run_thresholds_numpy",
-           "run_dqn", "dqn_inputs", "run_policy", "run_oracle", "run_lower_bound", "captured_share"]
+           "run_dqn", "dqn_inputs", "input_blocks", "walk_block_numpy", "run_policy", "run_oracle", "run_lower_bound", "captured_share"]
 
 
 @dataclass
@@ -38,6 +40,9 @@ class Streams:
     weak_loss: np.ndarray     # float32
     interarrival: np.ndarray  # int64 slots to the next image (>= 1)
     raw_metric: np.ndarray = None  # float32 expected reward f(h); defaults to ``metric``
+    # Hidden generator state, only for offload.ceiling (make_streams(hidden=True)):
+    location: np.ndarray = None       # int64 run location in the metric-sorted images
+    arrival_state: np.ndarray = None  # int8 arrival state of each image, 0 or 1
 
     def __post_init__(self):
         if self.raw_metric is None:
@@ -85,7 +90,8 @@ class SimResult:
 
 
 def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", spread=0.1,
-                 rprob=0.1, arrivals="periodic", markov=(1, 10, 0.1, 0.1), raw_metric=None):
+                 rprob=0.1, arrivals="periodic", markov=(1, 10, 0.1, 0.1), raw_metric=None,
+                 hidden=False):
     """Test streams from one split's per-image arrays (SPEC section 4).
 
     The images are first sorted by metric so that an index range is a metric
@@ -93,6 +99,9 @@ def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", s
     from, used by the metric-only oracle); ``choice`` is ``"iid"`` or ``"location-reset"`` (with ``spread``,
     ``rprob``), ``arrivals`` is ``"periodic"`` or ``"markov"`` with
     ``markov = (I1, I2, tprob1, tprob2)`` (slots, slots, per-slot probabilities).
+    ``hidden=True`` also keeps the generators' hidden state (``location``:
+    the run's location, 0 for i.i.d.; ``arrival_state``: 0 or 1, 0 for
+    periodic) for ``offload.ceiling``; the streams are the same either way.
     """
     metric = np.asarray(metric, np.float32)
     order = np.argsort(metric, kind="stable")
@@ -102,20 +111,29 @@ def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", s
     n = len(metric)
     if n == 0:
         raise ValueError("no images to build streams from")
+    loc = state = None
     if choice == "iid":
         idx = sequences.iid(n, length, n_seq, seed)
+        loc = np.zeros_like(idx) if hidden else None
     elif choice == "location-reset":
-        idx = sequences.location_reset(n, length, n_seq, spread, rprob, seed)
+        idx = sequences.location_reset(n, length, n_seq, spread, rprob, seed,
+                                       return_locations=hidden)
+        if hidden:
+            idx, loc = idx
     else:
         raise ValueError(f"unknown image choice {choice!r} (iid, location-reset)")
     if arrivals == "periodic":
         ia = sequences.periodic(length, n_seq)
+        state = np.zeros(ia.shape, np.int8) if hidden else None
     elif arrivals == "markov":
         i1, i2, t1, t2 = markov
-        ia = sequences.markov_arrivals(length, n_seq, i1, i2, t1, t2, seed + 1)
+        ia = sequences.markov_arrivals(length, n_seq, i1, i2, t1, t2, seed + 1,
+                                       arrival_states=hidden)
+        if hidden:
+            ia, state = ia[0], (ia[1] - 1).astype(np.int8)
     else:
         raise ValueError(f"unknown arrival process {arrivals!r} (periodic, markov)")
-    return Streams(metric[idx], reward[idx], weak_loss[idx], ia, raw[idx])
+    return Streams(metric[idx], reward[idx], weak_loss[idx], ia, raw[idx], loc, state)
 
 
 def _result(name, streams, total, count, **kw):
@@ -157,12 +175,20 @@ def run_thresholds_numpy(theta, streams, N, P, M, name="thresholds"):
 
 
 def _windows(streams, H, use_ia):
-    """Padded histories so the input at position k is two slices (no per-step concatenation)."""
+    """Padded histories, time reversed, so each input window is a forward slice.
+
+    ``rm[s, j]`` is ``m[s, L-1-j]`` with ``H-1`` zeros after the first image;
+    ``ri`` likewise for inter-arrival times with ``H`` zeros. The window of
+    position ``k`` (newest first) is then ``rm[s, Lm-H-k : Lm-k]``, a
+    contiguous slice, which numpy copies much faster than a reversed one.
+    """
     S, _ = streams.shape
-    pm = np.concatenate([np.zeros((S, H - 1), np.float32), streams.metric], axis=1)
-    pi = np.concatenate([np.zeros((S, H), np.float32),
-                         streams.interarrival.astype(np.float32)], axis=1) if use_ia else None
-    return pm, pi
+    rm = np.ascontiguousarray(np.concatenate(
+        [np.zeros((S, H - 1), np.float32), streams.metric], axis=1)[:, ::-1])
+    ri = np.ascontiguousarray(np.concatenate(
+        [np.zeros((S, H), np.float32), streams.interarrival.astype(np.float32)], axis=1)[:, ::-1]
+    ) if use_ia else None
+    return rm, ri
 
 
 def dqn_inputs(streams, H, use_interarrival, start, stop):
@@ -174,27 +200,51 @@ def dqn_inputs(streams, H, use_interarrival, start, stop):
     which is what lets a whole block of positions go through the network in
     one batch.
     """
-    pm, pi = _windows(streams, H, use_interarrival)
-    return _block(pm, pi, H, start, stop)
+    rm, ri = _windows(streams, H, use_interarrival)
+    return _block(rm, ri, H, start, stop)
 
 
-def _block(pm, pi, H, start, stop):
+def input_blocks(streams, H, use_interarrival, rows=None):
+    """Yield ``(start, stop, x)`` over all positions, blocks of about ``rows`` inputs.
+
+    ``x`` is :func:`dqn_inputs` of positions ``start..stop-1``, shaped
+    ``(S * (stop-start), din)`` with stream-major rows. The default block
+    keeps ``x`` to a few tens of MB whatever the number of streams.
+    """
+    S, L = streams.shape
+    rm, ri = _windows(streams, H, use_interarrival)
+    step = max(1, (rows or _BLOCK_ROWS) // max(S, 1))
+    for k0 in range(0, L, step):
+        k1 = min(L, k0 + step)
+        x = _block(rm, ri, H, k0, k1)
+        yield k0, k1, x.reshape(S * (k1 - k0), x.shape[2])
+
+
+def _block(rm, ri, H, start, stop):
+    return window_block(rm, ri, H, start, stop)
+
+
+def _block_numpy(rm, ri, H, start, stop):
+    """Numpy twin of ``offload_native.window_block`` (tests compare the two)."""
     from numpy.lib.stride_tricks import sliding_window_view
 
-    S = pm.shape[0]
-    x = np.empty((S, stop - start, 2 * H if pi is not None else H), np.float32)
-    x[:, :, :H] = sliding_window_view(pm, H, axis=1)[:, start:stop, ::-1]
-    if pi is not None:
-        x[:, :, H:] = sliding_window_view(pi, H, axis=1)[:, start:stop, ::-1]
+    S = rm.shape[0]
+    x = np.empty((S, stop - start, 2 * H if ri is not None else H), np.float32)
+    for r, lo, hi in ((rm, 0, H), (ri, H, 2 * H)):
+        if r is None:
+            continue
+        last = r.shape[1] - H  # window start of position 0
+        x[:, :, lo:hi] = sliding_window_view(r, H, axis=1)[:, last - stop + 1:last - start + 1][:, ::-1]
     return x
 
 
-def _forward_fn(network, H, use_interarrival):
+def _forward_fn(network, H, use_interarrival, threads=1):
     """``(forward(x (B, din)) -> Q (B, out), din)`` for any network form run_dqn takes."""
     if isinstance(network, mlp.QuantMLP):
         network = network.native()
     if isinstance(network, mlp.Int8MLP):
-        forward, din = network.forward, network.input_size
+        net = network
+        forward, din = (lambda x: net.forward(x, threads=threads)), network.input_size
     elif callable(network):
         forward, din = network, getattr(network, "input_size", input_size(H, use_interarrival))
     else:
@@ -213,7 +263,7 @@ _BLOCK_ROWS = 1 << 15
 
 
 def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, name="dqn",
-            progress=False):
+            progress=False, threads=None, native_walk=True):
     """A DQN policy batched across streams and positions.
 
     ``network`` is a ``QuantMLP`` (runs the native int8 forward, as the device
@@ -225,51 +275,59 @@ def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, na
 
     Since the inputs do not depend on the decisions, the Q-vectors of a block
     of positions of every stream are computed in one network call; only the
-    token states (scaled tokens) are then walked image by image.
+    token states (scaled tokens) are then walked image by image. The native
+    int8 forward splits each block over ``threads`` threads (default: every
+    CPU core); results do not depend on it. ``native_walk=False`` walks the
+    token states with the numpy twin instead (same results; for tests).
     """
-    forward, din = _forward_fn(network, H, use_interarrival)
+    threads = (os.cpu_count() or 1) if threads is None else int(threads)
+    forward, din = _forward_fn(network, H, use_interarrival, threads)
     S, L = streams.shape
-    pm, pi = _windows(streams, H, use_interarrival)
     n = np.full(S, M, np.int64)
     total = np.zeros(S)
     count = np.zeros(S, np.int64)
     hist = np.zeros(M + 1, np.int64)
     dec = np.zeros((S, L), np.uint8) if trace else None
     tok = np.zeros((S, L), np.int32) if trace else None
-    rows = np.arange(S)
-    step = max(1, _BLOCK_ROWS // max(S, 1))
+    walk = walk_block if native_walk else walk_block_numpy
     # disable=None: bars only on a terminal, never as clutter in logs and pipes.
     bar = tqdm(total=S * L, desc=name, unit="decision", unit_scale=True,
                disable=None if progress else True, leave=False)
-    for k0 in range(0, L, step):
-        k1 = min(L, k0 + step)
-        x = _block(pm, pi, H, k0, k1)
-        q = np.asarray(forward(x.reshape(-1, din)), np.float32).reshape(S, k1 - k0, -1)
+    for k0, k1, x in input_blocks(streams, H, use_interarrival):
+        q = np.asarray(forward(x), np.float32).reshape(S, k1 - k0, -1)
         # Q(n, 1) >= Q(n, 0) for every token state at once: (S, K, M-P+1).
         send = q[:, :, M - N + 1:] >= q[:, :, P - N:M - N + 1]
-        for j in range(k1 - k0):
-            k = k0 + j
-            ok = n >= P
-            a = ok & send[rows, j, np.where(ok, n - P, 0)]
-            np.add.at(hist, n, 1)
-            if trace:
-                dec[:, k], tok[:, k] = a, n
-            total += np.where(a, streams.reward[:, k], 0.0)
-            count += a
-            n = np.minimum(M, n - P * a + N * streams.interarrival[:, k])
+        walk(send, streams.reward, streams.interarrival, k0, n, total, count, hist, N, P, M,
+             dec, tok)
         bar.update(S * (k1 - k0))
     bar.close()
     return _result(name, streams, total, count, token_hist=hist, decisions=dec, tokens=tok)
 
 
-def run_policy(policy, streams, trace=False, name=None, int8=True, progress=False):
+def walk_block_numpy(send, reward, interarrival, k0, n, total, count, hist, N, P, M,
+                     dec=None, tok=None):
+    """Numpy twin of ``offload_native.walk_block``: one numpy step per position, all streams at once."""
+    rows = np.arange(len(n))
+    for j in range(send.shape[1]):
+        k = k0 + j
+        ok = n >= P
+        a = ok & send[rows, j, np.where(ok, n - P, 0)]
+        np.add.at(hist, n, 1)
+        if dec is not None:
+            dec[:, k], tok[:, k] = a, n
+        total += np.where(a, reward[:, k], 0.0)
+        count += a
+        n[:] = np.minimum(M, n - P * a + N * interarrival[:, k])
+
+
+def run_policy(policy, streams, trace=False, name=None, int8=True, progress=False, threads=None):
     """Run a policy blob (``offload.blob.Policy``): thresholds natively, DQN int8 or float."""
     name = name or policy.meta.get("name", policy.kind)
     if policy.kind == "thresholds":
         return run_thresholds(policy.theta, streams, policy.N, policy.P, policy.M, trace, name)
     net = policy.qmlp if int8 else policy.qmlp.float_layers
     return run_dqn(net, streams, policy.N, policy.P, policy.M, policy.H, policy.interarrival,
-                   trace, name, progress)
+                   trace, name, progress, threads)
 
 
 def run_oracle(streams, N, P, M, metric_only=False, progress=False):

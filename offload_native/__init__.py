@@ -9,7 +9,7 @@ from ._bucket import TokenBucket
 from ._ring import HistoryRing
 from ._mlp import Int8MLP, decide
 from ._decider import Decider
-from ._loops import oracle_dp, simulate_thresholds, upper_hull
+from ._loops import oracle_dp, simulate_thresholds, upper_hull, walk_block, window_block
 
 __all__ = ["TokenBucket", "HistoryRing", "Int8MLP", "decide", "Decider",
-           "oracle_dp", "simulate_thresholds", "upper_hull"]
+           "oracle_dp", "simulate_thresholds", "upper_hull", "walk_block", "window_block"]

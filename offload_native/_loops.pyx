@@ -355,3 +355,93 @@ def simulate_thresholds(metric, reward, interarrival, theta, long long N, long l
     if trace:
         return total, count, hist, dec_arr, tok_arr
     return total, count, hist
+
+
+def walk_block(send, reward, interarrival, Py_ssize_t k0, n, total, count, hist,
+               long long N, long long P, long long M, dec=None, tok=None):
+    """Walk the token states of ``S`` streams through positions ``k0 .. k0+K-1``.
+
+    The DQN simulator computes, for a block of ``K`` positions, whether the
+    policy would offload at each token state; this walks the states through
+    the block (SPEC section 1), updating the running sums in place.
+
+    Parameters
+    ----------
+    send : bool or uint8 (S, K, M-P+1)
+        ``send[s, j, n-P]``: offload image ``k0+j`` of stream ``s`` with ``n``
+        scaled tokens (taken only when ``n >= P``).
+    reward : float32 (S, L); interarrival : int64 (S, L), slots (>= 1)
+    n : int64 (S,)
+        Token state (scaled tokens) before image ``k0``; left at the state after the block.
+    total : float64 (S,); count : int64 (S,); hist : int64 (M+1,)
+        Reward sent, images offloaded, decisions per token state: added to.
+    dec : uint8 (S, L); tok : int32 (S, L), optional
+        When given, decisions and token states of the block are written there.
+    """
+    _check_bucket(N, P, M)
+    sd = np.ascontiguousarray(send).view(np.uint8) if np.asarray(send).dtype == np.bool_ \
+        else np.ascontiguousarray(send, dtype=np.uint8)
+    cdef const uint8_t[:, :, ::1] sv = sd
+    cdef const float[:, ::1] r = reward
+    cdef const int64_t[:, ::1] ia = interarrival
+    cdef int64_t[::1] nv = n
+    cdef double[::1] tot = total
+    cdef int64_t[::1] cnt = count
+    cdef int64_t[::1] hs = hist
+    cdef Py_ssize_t S = sv.shape[0], K = sv.shape[1]
+    if (sv.shape[2] != M - P + 1 or r.shape[0] != S or ia.shape[0] != S or nv.shape[0] != S
+            or tot.shape[0] != S or cnt.shape[0] != S or hs.shape[0] != M + 1
+            or k0 < 0 or k0 + K > r.shape[1] or r.shape[1] != ia.shape[1]):
+        raise ValueError("walk_block: inconsistent shapes")
+    cdef bint trace = dec is not None
+    cdef uint8_t[:, ::1] dv = dec if trace else np.zeros((1, 1), np.uint8)
+    cdef int32_t[:, ::1] tv = tok if trace else np.zeros((1, 1), np.int32)
+    cdef Py_ssize_t s, j, k
+    cdef int64_t nn
+    cdef bint a
+    with nogil:
+        for s in range(S):
+            nn = nv[s]
+            for j in range(K):
+                k = k0 + j
+                a = nn >= P and sv[s, j, nn - P] != 0
+                hs[nn] += 1
+                if trace:
+                    dv[s, k] = a
+                    tv[s, k] = <int32_t> nn
+                if a:
+                    tot[s] += r[s, k]
+                    cnt[s] += 1
+                    nn -= P
+                nn += N * ia[s, k]
+                if nn > M:
+                    nn = M
+            nv[s] = nn
+
+
+def window_block(const float[:, ::1] rm, ri, Py_ssize_t H, Py_ssize_t start, Py_ssize_t stop):
+    """DQN inputs of positions ``start..stop-1`` of every stream, from time-reversed histories.
+
+    ``rm`` (S, L+H-1): metrics reversed with ``H-1`` leading zeros, so the
+    window of position ``k`` is ``rm[s, L-1-k : L-1-k+H]``; ``ri`` (S, L+H)
+    likewise for inter-arrival times, or None. Returns float32
+    ``(S, stop-start, H or 2H)`` (``offload.simulate.dqn_inputs``), built with
+    two ``memcpy`` per row instead of numpy's strided copy.
+    """
+    cdef Py_ssize_t S = rm.shape[0], Lm = rm.shape[1], s, k, w = 2 * H if ri is not None else H
+    cdef const float[:, ::1] iv = ri if ri is not None else np.zeros((1, 1), np.float32)
+    if H < 1 or start < 0 or stop < start or Lm - H + 1 < stop:
+        raise ValueError(f"window_block: positions {start}..{stop} with H={H} outside {Lm - H + 1}")
+    if ri is not None and (iv.shape[0] != S or iv.shape[1] != Lm + 1):
+        raise ValueError("window_block: inter-arrival history must be (S, L+H)")
+    out = np.empty((S, stop - start, w), np.float32)
+    cdef float[:, :, ::1] o = out
+    if S == 0 or stop == start:
+        return out
+    with nogil:
+        for s in range(S):
+            for k in range(start, stop):
+                memcpy(&o[s, k - start, 0], &rm[s, Lm - H - k], H * sizeof(float))
+                if w > H:
+                    memcpy(&o[s, k - start, H], &iv[s, Lm + 1 - H - k], H * sizeof(float))
+    return out

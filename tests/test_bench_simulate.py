@@ -5,9 +5,11 @@
   (``run_thresholds``) and in numpy vectorised across streams
   (``run_thresholds_numpy``, one numpy step per image position).
 * ``sim-dqn``: the paper-size DQN (5 x 64, 96 metrics + 96 inter-arrival
-  times, bucket (1, 10, 40)) batched across 64 streams x 300 images, with the
-  native int8 forward (``QuantMLP``) and the float32 numpy forward (float
-  layers).
+  times, bucket (1, 10, 40)) batched across 64 streams x 2,000 images:
+  ``run_dqn`` with the native int8 forward on 1 and on 2 threads; the path it
+  replaced (one input at a time through the int8 network, numpy windows,
+  numpy token walk: ``_run_dqn_previous`` below, the same operations); and the
+  float32 numpy forward (float layers).
 
 Run the comparison with
 ``pytest tests/test_bench_simulate.py --benchmark-enable --benchmark-group-by=group``;
@@ -50,7 +52,7 @@ def dqn():
     rng = np.random.default_rng(2)
     layers = random_network(rng, 2 * H, mlp.q_length(N, P, M))
     q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, H))
-    return _streams(rng, 64, 300), layers, q
+    return _streams(rng, 64, 2000), layers, q
 
 
 def _check(res, st, benchmark):
@@ -74,10 +76,40 @@ def test_sim_thresholds_numpy(benchmark, thr):
     _check(res, st, benchmark)
 
 
+def _run_dqn_previous(nat, st):
+    """``run_dqn`` before the tiled, threaded forward and the native walk and windows."""
+    S, L = st.shape
+    rm, ri = simulate._windows(st, H, True)
+    n = np.full(S, M, np.int64)
+    total, count, hist = np.zeros(S), np.zeros(S, np.int64), np.zeros(M + 1, np.int64)
+    step = max(1, simulate._BLOCK_ROWS // S)
+    for k0 in range(0, L, step):
+        k1 = min(L, k0 + step)
+        x = simulate._block_numpy(rm, ri, H, k0, k1).reshape(-1, 2 * H)
+        q = nat.forward_rowwise(x).reshape(S, k1 - k0, -1)
+        send = q[:, :, M - N + 1:] >= q[:, :, P - N:M - N + 1]
+        simulate.walk_block_numpy(send, st.reward, st.interarrival, k0, n, total, count, hist,
+                                  N, P, M)
+    return simulate._result("previous", st, total, count, token_hist=hist)
+
+
 @pytest.mark.benchmark(group="sim-dqn")
-def test_sim_dqn_int8_native(benchmark, dqn):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sim_dqn_int8_native(benchmark, dqn, threads):
     st, _, q = dqn
-    res = benchmark.pedantic(simulate.run_dqn, (q, st, N, P, M, H, True), rounds=3, iterations=1)
+    res = benchmark.pedantic(simulate.run_dqn, (q, st, N, P, M, H, True),
+                             {"threads": threads}, rounds=3, iterations=1)
+    _check(res, st, benchmark)
+    # The same decisions as the path it replaced, in the normal test run too.
+    prev = _run_dqn_previous(q.native(), st)
+    np.testing.assert_array_equal(res.stream_reward, prev.stream_reward)
+    np.testing.assert_array_equal(res.token_hist, prev.token_hist)
+
+
+@pytest.mark.benchmark(group="sim-dqn")
+def test_sim_dqn_int8_previous_path(benchmark, dqn):
+    st, _, q = dqn
+    res = benchmark.pedantic(_run_dqn_previous, (q.native(), st), rounds=3, iterations=1)
     _check(res, st, benchmark)
 
 

@@ -184,6 +184,23 @@ def test_published_layouts_run(tmp_path):
     assert "wlogit" in msg and "metric_tr" in msg and "weak_loss" in msg
 
 
+def test_ceiling_on_request(tmp_path):
+    """--policy ceiling adds the structure-aware ceiling and every row's share of its gain."""
+    res = ok(*SMALL, "--choice", "location-reset", "--rprob", 0.02, "--policy", "baseline",
+             "--policy", "mdp", "--policy", "ceiling", "--json", tmp_path / "c.json")
+    header = res.stdout.splitlines()[0].split()
+    assert "share_of_ceiling_gain" in header
+    rows = {r["policy"]: r for r in json.loads((tmp_path / "c.json").read_text())["results"]}
+    assert list(rows) == ["baseline", "mdp", "ceiling"]
+    assert rows["ceiling"]["share_of_ceiling_gain"] == pytest.approx(1.0)
+    assert rows["baseline"]["share_of_ceiling_gain"] == 0.0
+    assert "share_of_ceiling_gain" not in table_cols(ok(*SMALL, "--policy", "mdp").stdout)
+
+
+def table_cols(stdout):
+    return stdout.splitlines()[0].split()
+
+
 def test_markov_arrivals_run(tmp_path):
     res = ok(*SMALL, "--arrivals", "markov", "--markov", 1, 4, 0.05, 0.05, "--choice", "iid",
              "--json", tmp_path / "m.json")

@@ -311,7 +311,9 @@ def test_cli_end_to_end_blob_runs_in_offload_sim(profile_file, tmp_path):
     rep = json.loads((tmp_path / "fig7.json").read_text())
     names = [row["policy"] for row in rep["test"]]
     assert names == ["dqn-float", "dqn-int8", "mdp", "baseline", "lower-bound", "oracle",
-                     "oracle-metric"]
+                     "oracle-metric", "ceiling"]
+    shares = {row["policy"]: row["share_of_ceiling_gain"] for row in rep["test"]}
+    assert shares["ceiling"] == 1.0 and shares["baseline"] == 0.0
     assert rep["training"]["curve"] and rep["int8"]["int8_agreement"]["decisions"] == 2000
     assert (tmp_path / "fig7.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sim = subprocess.run([sys.executable, "-m", "offload.cli", "--profile", profile_file,

@@ -131,3 +131,29 @@ def test_correct_bias_removes_the_mean_int8_error(rng, paper_net):
     assert np.abs(after).max() < 0.2 * np.abs(before).max()
     # Still bit-identical to the native forward.
     np.testing.assert_array_equal(q.native().forward(x[:200]), mlp.forward_int8(q, x[:200]))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 9), st.sampled_from([1, 2, 3]))
+def test_tiled_batch_forward_is_bit_identical(seed, extra, threads):
+    """The tiled, threaded batch forward equals one-at-a-time and the numpy twin exactly."""
+    rng = np.random.default_rng(seed)
+    N, P, M = 1, 10, 40
+    layers = random_network(rng, 192, mlp.q_length(N, P, M))
+    q = mlp.quantize(layers, dqn_inputs(rng, 2000), segments=(0, 96))
+    nat = q.native()
+    # Around tile edges, and past 2 x 2048 rows so that several threads run.
+    for B in (0, 1, 3 + extra, 4 * extra, 4096 + extra):
+        x = dqn_inputs(rng, B) if B else np.zeros((0, 192), np.float32)
+        got = nat.forward(x, threads=threads)
+        np.testing.assert_array_equal(got, nat.forward_rowwise(x))
+        if B < 50:
+            np.testing.assert_array_equal(got, mlp.forward_int8(q, x))
+
+
+def test_batch_forward_refuses_bad_threads(paper_net):
+    nat = paper_net[2].native()
+    with pytest.raises(ValueError, match="threads"):
+        nat.forward(np.zeros((2, nat.input_size), np.float32), threads=0)
+    with pytest.raises(ValueError, match="expects"):
+        nat.forward_rowwise(np.zeros((2, 5), np.float32))

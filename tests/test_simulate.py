@@ -159,6 +159,32 @@ def test_dqn_int8_equals_decider_and_reference(use_ia, arrivals):
     assert_same_result(simulate.run_dqn(q.native(), st, N, P, M, H, use_ia), res)
 
 
+@pytest.mark.parametrize("use_ia", [True, False])
+def test_native_walk_windows_and_threads_equal_numpy_twins(use_ia, monkeypatch):
+    """run_dqn's native token walk and input windows, over several blocks and threads,
+    give exactly what their numpy twins give."""
+    N, P, M, H = 2, 5, 13, 6
+    rng = np.random.default_rng(8)
+    _, q = small_dqn(rng, N, P, M, H, use_ia)
+    st = random_streams(rng, 5, 1500, "markov", seed=4)
+    monkeypatch.setattr(simulate, "_BLOCK_ROWS", 5 * 700)  # three blocks, the last short
+    want = simulate.run_dqn(q, st, N, P, M, H, use_ia, trace=True, threads=1, native_walk=False)
+    for threads in (1, 2):
+        got = simulate.run_dqn(q, st, N, P, M, H, use_ia, trace=True, threads=threads)
+        assert_same_result(got, want)
+        np.testing.assert_array_equal(got.decisions, want.decisions)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+    rm, ri = simulate._windows(st, H, use_ia)
+    for a, b in [(0, 1500), (0, 1), (1499, 1500), (3, 700), (5, 5)]:
+        np.testing.assert_array_equal(simulate._block(rm, ri, H, a, b),
+                                      simulate._block_numpy(rm, ri, H, a, b))
+    blocks = list(simulate.input_blocks(st, H, use_ia, rows=5 * 400))
+    assert [(a, b) for a, b, _ in blocks] == [(0, 400), (400, 800), (800, 1200), (1200, 1500)]
+    whole = simulate.dqn_inputs(st, H, use_ia, 0, 1500)
+    for a, b, x in blocks:
+        np.testing.assert_array_equal(x, whole[:, a:b].reshape(-1, whole.shape[2]))
+
+
 def test_dqn_inputs_see_interarrival_times():
     """With inter-arrival inputs the network's decisions depend on the gaps, without them not."""
     N, P, M, H = 2, 5, 13, 6

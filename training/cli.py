@@ -611,7 +611,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     D.plot_curve(trainer, png_path, title=f"DQN validation: {choice}, {arrivals} arrivals, "
                                           f"r={rate}, b={depth}")
     if rows:
-        cols = ["policy", "avg_loss", "mean_reward", "offload_rate", "share_of_oracle-metric_gain"]
+        cols = ["policy", "avg_loss", "mean_reward", "offload_rate", "share_of_oracle-metric_gain",
+                "share_of_ceiling_gain"]
         cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
                  for r in rows]
         widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]

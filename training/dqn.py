@@ -81,11 +81,11 @@ class Scenario:
     markov: tuple = (1, 10, 0.1, 0.1)
     seed: int = 0
 
-    def streams(self, metric, reward, weak_loss, raw_metric, length, n_seq, seed):
+    def streams(self, metric, reward, weak_loss, raw_metric, length, n_seq, seed, hidden=False):
         """Streams of these generators over one set of images (``seed``: sequences)."""
         return simulate.make_streams(metric, reward, weak_loss, length, n_seq, seed, self.choice,
                                      self.spread, self.rprob, self.arrivals, tuple(self.markov),
-                                     raw_metric=raw_metric)
+                                     raw_metric=raw_metric, hidden=hidden)
 
 
 @dataclass
@@ -214,10 +214,10 @@ class Data:
     test: np.ndarray
     val_source: str = "validation split"
 
-    def streams(self, scenario, part, length, n_seq, seed):
+    def streams(self, scenario, part, length, n_seq, seed, hidden=False):
         idx = {"train": self.train, "val": self.val, "test": self.test}[part]
         return scenario.streams(self.metric[idx], self.reward[idx], self.weak_loss[idx],
-                                self.raw_metric[idx], length, n_seq, seed)
+                                self.raw_metric[idx], length, n_seq, seed, hidden)
 
 
 def prepare_data(prof, holdout=0.2, seed=0):
@@ -819,13 +819,8 @@ def int8_agreement(qmlp, layers, streams, N, P, M, H, use_ia, int8_result):
     fwd_f = _float_forward(layers)
     fwd_q = qmlp.native().forward
     S, L = streams.shape
-    pm, pi = simulate._windows(streams, H, use_ia)
     agree = free = agree_free = 0
-    step = max(1, simulate._BLOCK_ROWS // S)
-    din = input_size(H, use_ia)
-    for k0 in range(0, L, step):
-        k1 = min(L, k0 + step)
-        x = simulate._block(pm, pi, H, k0, k1).reshape(-1, din)
+    for k0, k1, x in simulate.input_blocks(streams, H, use_ia):
         n = int8_result.tokens[:, k0:k1].reshape(-1).astype(np.int64)
         a_f = mlp.decide_batch(fwd_f(x), n, N, P, M)
         a_q = mlp.decide_batch(fwd_q(x), n, N, P, M)
@@ -842,12 +837,18 @@ def evaluate(trainer, layers, qmlp, rate, progress=False):
     """Test results (SPEC section 5 and 6) of every policy on the test streams.
 
     Returns ``(rows, extra)``: one dict per policy (average loss, reward per
-    image, offload rate, share of each oracle's gain over Baseline) and the
-    int8 agreement figures.
+    image, offload rate, share of each oracle's and of the structure-aware
+    ceiling's gain over Baseline) and the int8 agreement figures.
     """
+    from offload import ceiling
+
     cfg, sc, data = trainer.cfg, trainer.sc, trainer.data
     N, P, M = sc.N, sc.P, sc.M
-    st = data.streams(sc, "test", cfg.test_length, cfg.test_streams, sc.seed)
+    st = data.streams(sc, "test", cfg.test_length, cfg.test_streams, sc.seed, hidden=True)
+    te = data.test
+    ceil = ceiling.ceiling_policy(data.raw_metric[te], N, P, M, sc.choice, sc.spread, sc.rprob,
+                                  sc.arrivals, tuple(sc.markov), metric=data.metric[te],
+                                  seed=sc.seed + 3)
     res = {
         "dqn-float": simulate.run_dqn(_float_forward(layers), st, N, P, M, cfg.H,
                                       cfg.interarrival, name="dqn-float", progress=progress),
@@ -859,6 +860,7 @@ def evaluate(trainer, layers, qmlp, rate, progress=False):
         "lower-bound": simulate.run_lower_bound(data.metric[data.train], st, rate),
         "oracle": simulate.run_oracle(st, N, P, M, progress=progress),
         "oracle-metric": simulate.run_oracle(st, N, P, M, metric_only=True, progress=progress),
+        "ceiling": ceiling.run_ceiling(ceil, st, N, P, M),
     }
     agreement = int8_agreement(qmlp, layers, st, N, P, M, cfg.H, cfg.interarrival,
                                res["dqn-int8"])
@@ -866,10 +868,11 @@ def evaluate(trainer, layers, qmlp, rate, progress=False):
     for name, r in res.items():
         row = r.row()
         row["policy"] = name
-        for o in ("oracle", "oracle-metric"):
+        for o in ("oracle", "oracle-metric", "ceiling"):
             row[f"share_of_{o}_gain"] = simulate.captured_share(r, res["baseline"], res[o])
         rows.append(row)
     extra = {"int8_agreement": agreement,
+             "ceiling": {"bins": ceil.bins, "sweeps": ceil.sweeps, "converged": ceil.converged},
              "int8_minus_float_avg_loss": res["dqn-int8"].avg_loss - res["dqn-float"].avg_loss,
              "test": {"streams": cfg.test_streams, "length": cfg.test_length, "seed": sc.seed,
                       "mean_interarrival": st.mean_interarrival}}
@@ -947,7 +950,8 @@ def report(trainer, prof, profile_path, preset_name, rows, extra, out, png, chec
             "curve": trainer.curve,
         },
         "test": rows,
-        "int8": extra,
+        "int8": {k: v for k, v in extra.items() if k != "ceiling"},
+        "ceiling": extra.get("ceiling"),
         "files": {"policy": out, "curve_png": png, "checkpoint": checkpoint},
         "total_seconds": seconds,
     })
