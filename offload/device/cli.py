@@ -10,9 +10,8 @@ Bad input gives one ``Error: ...`` line and exit status 1 (2 for a malformed
 flag, as click does), never a traceback. After a SIGINT/SIGTERM the run drains,
 prints its summary and exits with 128 + the signal number.
 
-Hook for ``--demo`` (added once the server exists): build the overrides dict
-(``video``, ``labels``, ``server``, ``key``, ...) and call :func:`execute`,
-which runs the loop, prints the summary and returns the exit status.
+``--demo`` (``offload.device.demo``) starts an edge server in-process and runs
+the loop over the committed demo clip.
 """
 
 from __future__ import annotations
@@ -93,16 +92,29 @@ def execute(cfg, *, stream=None):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--demo", is_flag=True,
+              help="Run the whole system here: an edge server on loopback (committed strong "
+                   "model, throw-away key) and the device over the committed demo clip "
+                   "(200 test images at 5 frames/s, about 45 s) with the committed weak model "
+                   "and policy; prints the summary. Other flags still apply (--no-realtime, "
+                   "--log, --policy, ...).")
 @click.option("--config", "config_file", type=str, default=None,
               help="TOML file with any of the keys below (a flag overrides it).")
 @_options
-def main(config_file, **flags):
+def main(demo, config_file, **flags):
     """Classify frames on the device and offload some to the edge server under a token bucket.
 
     Give one frame source (--video, --images, --camera, --picamera). Without
     --server the run is local-only: the policy decides, nothing is sent.
+    Try `offload-run --demo` first.
     """
     flags = {k.replace("_", "-"): v for k, v in flags.items()}
+    if demo:
+        from offload.device.demo import run_demo
+
+        if config_file:
+            raise click.ClickException("--demo takes flags, not --config")
+        sys.exit(run_demo(flags))
     with device_errors():
         cfg = build_config(config_file, flags)
         if cfg.source[0] is None:

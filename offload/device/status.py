@@ -238,7 +238,8 @@ def format_summary(s):
         else:
             lines.append("  strong: no offloaded frame was answered")
         if loss["strong_only"] is not None:
-            lines.append(f"  strong only (every frame answered) {_fmt(loss['strong_only'], 4)}")
+            note = loss.get("strong_only_note", "every frame answered")
+            lines.append(f"  strong only            {_fmt(loss['strong_only'], 4)} ({note})")
         else:
             lines.append("  strong only over all frames: unknown (only offloaded frames reach it)")
     return "\n".join(lines)
