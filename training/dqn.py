@@ -950,8 +950,8 @@ def report(trainer, prof, profile_path, preset_name, rows, extra, out, png, chec
             "curve": trainer.curve,
         },
         "test": rows,
-        "int8": {k: v for k, v in extra.items() if k != "ceiling"},
-        "ceiling": extra.get("ceiling"),
+        "int8": None if extra is None else {k: v for k, v in extra.items() if k != "ceiling"},
+        "ceiling": None if extra is None else extra.get("ceiling"),
         "files": {"policy": out, "curve_png": png, "checkpoint": checkpoint},
         "total_seconds": seconds,
     })
