@@ -674,13 +674,16 @@ def test_large_picture_decoded_off_the_loop(client, frames):
     assert r.status_code == 200 and wire.parse_answer(r.content).top1 == 9
 
 
-def test_server_imports_no_torch():
+def test_server_imports_no_torch(tmp_path):
     import subprocess
     import sys
 
     code = ("import sys, offload.server, offload.server.cli; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # cwd away from the repository: `python -c` puts the cwd first on sys.path, where the
+    # source tree would shadow the installed package (no compiled core there).
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -706,7 +709,7 @@ def test_offload_serve_process_serves_and_stops(tmp_path, frames, sig, code):
     key = K.add_key(keys, "cam")
     proc = subprocess.Popen([sys.executable, "-m", "offload.server.cli", "--keys", str(keys),
                              "--port", "0", "--log-level", "warning"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # see above
     try:
         line = proc.stderr.readline()  # the start-up line names the URL
         m = re.search(r"listening on (http://\S+)", line)
