@@ -35,6 +35,8 @@ if command -v apt-get >/dev/null 2>&1; then
     pkgs="python3-venv python3-dev gcc"
     # The real dataset the classifier pair and its tests use.
     if [ "$extras" = "all" ]; then pkgs="$pkgs dataset-fashion-mnist"; fi
+    # offload-firmware build (sfdisk, mtools, debugfs) and its tests' synthetic images (mkfs.vfat).
+    if [ "$extras" = "all" ]; then pkgs="$pkgs fdisk mtools dosfstools e2fsprogs"; fi
     missing=""
     for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     if [ -n "$missing" ]; then

@@ -1,0 +1,105 @@
+"""``offload-firmware``: build a flashable Raspberry Pi image, fetch its wheels, provision at first boot.
+
+::
+
+    offload-firmware fetch-wheels wheels/ --python 3.13
+    offload-firmware build raspios-trixie-arm64-lite.img cam.img --settings device.toml \\
+        --key-file cam1.key --wheels wheels/ --edgetpu-deb libedgetpu1-std_16.0tf2.19.1-1.bookworm_arm64.deb
+    offload-firmware provision --boot /boot/firmware/offload     # on the Pi, at first boot
+
+Bad input gives one ``Error: ...`` line and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import click
+
+from firmware.tools import FirmwareError
+
+__all__ = ["main"]
+
+
+@contextlib.contextmanager
+def _errors():
+    try:
+        yield
+    except FirmwareError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        raise click.ClickException(f"{where}{e.strerror or e}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Flashable Raspberry Pi OS image for the offloading camera device (docs/firmware.md)."""
+
+
+_file = click.Path(dir_okay=False)
+
+
+@main.command()
+@click.argument("input_image", type=_file)
+@click.argument("output_image", type=_file)
+@click.option("--settings", "settings_file", type=_file,
+              help="Device settings TOML (offload-run keys + rate/depth); copied to offload/device.toml.")
+@click.option("--key-file", type=_file, help="The device's API key (one line); moved to /etc/offload, mode 0600, at first boot.")
+@click.option("--wheels", "wheels_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder from 'offload-firmware fetch-wheels': our sdist and aarch64 wheels.")
+@click.option("--policy", type=_file, help="Policy blob [default: the committed policy.bin].")
+@click.option("--model", type=_file, help="Weak model .tflite [default: the committed weak_int8.tflite].")
+@click.option("--edgetpu-model", type=_file, help="The weak model compiled by edgetpu_compiler (optional).")
+@click.option("--edgetpu-deb", type=_file, help="libedgetpu1-std arm64 .deb (the build paired with our LiteRT: see docs/firmware.md).")
+@click.option("--admin-user", help="Login user to create (with --ssh-key); none by default.")
+@click.option("--ssh-key", type=_file, help="OpenSSH public key file for --admin-user; enables sshd.")
+@click.option("--wifi-ssid", help="Wi-Fi network to join (wired DHCP is always on).")
+@click.option("--wifi-password-file", type=_file, help="File holding the Wi-Fi passphrase (first line).")
+@click.option("--wifi-country", help="Wi-Fi regulatory country, two letters (e.g. GB).")
+@click.option("--force", is_flag=True, help="Replace OUTPUT_IMAGE if it exists.")
+def build(input_image, output_image, force, **options):
+    """Write OUTPUT_IMAGE: INPUT_IMAGE (Raspberry Pi OS Lite arm64, trixie or later, uncompressed) plus the device.
+
+    INPUT_IMAGE is never modified; OUTPUT_IMAGE appears only when complete.
+    """
+    from firmware.build import build as run_build
+
+    with _errors():
+        summary = run_build(input_image, output_image, force=force, echo=click.echo, **options)
+    click.echo(f"wrote {summary['output']}: {summary['release']}, Python {summary['python']}, "
+               f"{summary['files']} files ({summary['bytes'] / 1e6:.1f} MB) on the boot partition, "
+               f"{summary['free_after'] / 1e6:.1f} MB left free")
+    click.echo("flash it with rpi-imager (no OS customisation) or dd; see docs/firmware.md")
+
+
+@main.command("fetch-wheels")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--python", "python", default="3.13", show_default=True,
+              help="The image's Python (Raspberry Pi OS trixie: 3.13).")
+@click.option("--source", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="The offload checkout to build the sdist from.")
+def fetch_wheels(folder, python, source):
+    """Fill FOLDER with aarch64 wheels (needs the network) and the offload sdist."""
+    from firmware.wheels import fetch
+
+    with _errors():
+        if not python.count(".") == 1 or not all(x.isdigit() for x in python.split(".")):
+            raise FirmwareError(f"--python {python!r}: give MAJOR.MINOR, e.g. 3.13")
+        files = fetch(folder, python, os.path.abspath(source), echo=click.echo)
+    click.echo(f"{folder}: {len(files)} files ready for CPython {python} aarch64")
+
+
+@main.command()
+@click.option("--boot", default="/boot/firmware/offload", show_default=True,
+              type=click.Path(file_okay=False), help="The offload folder on the boot partition.")
+@click.option("--root", default="/", show_default=True, type=click.Path(file_okay=False),
+              help="System root to write under (tests use a scratch folder).")
+@click.option("--user", default="offload", show_default=True, help="The service user.")
+def provision(boot, root, user):
+    """First boot on the Pi: validate the card's settings and write /etc/offload (run as root)."""
+    from firmware.provision import provision as run_provision
+
+    with _errors():
+        run_provision(boot, root=root, user=user, echo=click.echo)

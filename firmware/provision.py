@@ -1,0 +1,144 @@
+"""First boot on the Pi: the card's settings become ``/etc/offload``, the key leaves the boot partition.
+
+``offload-firmware provision --boot /boot/firmware/offload`` (run as root by
+``firstboot.sh``, from the freshly installed virtual environment):
+
+1. reads ``device.toml`` and ``device.key`` from the boot partition and
+   validates them exactly as the build did (``firmware.settings``), now also
+   requiring ``server`` and the key;
+2. writes ``/etc/offload``: ``config.toml`` (0640, group offload), the policy
+   blob and weak model(s) (0644), and ``device.key`` (0600, owner offload),
+   each atomically; the key file is created with mode 0600 from the start;
+3. installs the systemd unit, the udev rule, and a drop-in ordering the
+   service after the camera's device node for camera sources;
+4. deletes ``device.key`` from the boot partition (FAT has no permissions:
+   anyone with the card could read it) and syncs.
+
+Run again after editing ``device.toml`` on the card; with no ``device.key``
+there it keeps the key already in ``/etc/offload``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import tempfile
+
+from firmware import ETC, USER, settings
+from firmware.build import data_path
+from firmware.tools import FirmwareError
+
+__all__ = ["provision", "camera_dropin"]
+
+
+def _ids(user):
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise FirmwareError(f"user {user!r} does not exist (cloud-init's users module should have "
+                            "created it; see /var/log/cloud-init.log)") from None
+    return pw.pw_uid, pw.pw_gid
+
+
+def _write(path, data, mode, uid=None, gid=None):
+    """Write ``path`` atomically with ``mode`` from the first byte (no window with wider access)."""
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
+    try:
+        os.fchmod(fd, mode)
+        if uid is not None and os.geteuid() == 0:
+            os.fchown(fd, uid, gid)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def camera_dropin(table):
+    """The ``offload.service.d/camera.conf`` text for a camera source, or ``None``.
+
+    ``camera = N`` is ``/dev/videoN``; the Pi camera (``picamera``) appears as
+    ``/dev/video0`` on a Pi 4 (unicam). The udev rule tags video nodes for
+    systemd, so ``dev-videoN.device`` exists once the node does. ``Wants``
+    (not ``Requires``): if the camera never appears the service still starts
+    after systemd's device timeout and ``offload-run`` says what is wrong.
+    """
+    if "camera" in table:
+        n = int(table["camera"])
+    elif "picamera" in table:
+        n = 0
+    else:
+        return None
+    unit = f"dev-video{n}.device"
+    return ("# Written by offload-firmware provision: start after the camera's device node.\n"
+            f"[Unit]\nWants={unit}\nAfter={unit}\n")
+
+
+def provision(boot, *, root="/", user=USER, echo=print):
+    """Apply the settings on the boot partition folder ``boot`` to the system under ``root``.
+
+    Returns the ``offload-run`` table written to ``config.toml``.
+    """
+    boot = os.fspath(boot)
+    etc = os.path.join(root, ETC.lstrip("/"))
+    settings_file = os.path.join(boot, settings.SETTINGS_NAME)
+    if not os.path.isfile(settings_file):
+        raise FirmwareError(f"{settings_file}: missing; the card holds no device settings")
+    key_src = os.path.join(boot, settings.KEY_NAME)
+    key_dst = os.path.join(etc, settings.KEY_NAME)
+    key_path = key_src if os.path.isfile(key_src) else key_dst if os.path.isfile(key_dst) else None
+    if key_path is None:
+        raise FirmwareError(f"{key_src}: missing; put the device's API key there (one line)")
+    has_tpu_model = os.path.isfile(os.path.join(boot, settings.EDGETPU_MODEL_NAME))
+    values = settings.load_settings(settings_file)
+    table = settings.validate(values, settings_name=settings_file,
+                              policy_path=os.path.join(boot, settings.POLICY_NAME),
+                              key_path=key_path, has_edgetpu_model=has_tpu_model,
+                              require_server=True)
+    model = os.path.join(boot, settings.MODEL_NAME)
+    if not os.path.isfile(model):
+        raise FirmwareError(f"{model}: missing; the weak model must be on the card")
+    uid, gid = _ids(user)
+    os.makedirs(etc, exist_ok=True)
+    os.chmod(etc, 0o750)
+    if os.geteuid() == 0:
+        os.chown(etc, 0, gid)
+    key = settings.read_key_file(key_path)
+    _write(key_dst, (key + "\n").encode(), 0o600, uid, gid)
+    header = (f"offload-run settings, written at first boot from {settings_file}.\n"
+              "Edit and run 'systemctl restart offload' to change them (docs/device.md).")
+    _write(os.path.join(etc, "config.toml"), settings.to_toml(table, header).encode(), 0o640, 0, gid)
+    names = [settings.POLICY_NAME, settings.MODEL_NAME] + (
+        [settings.EDGETPU_MODEL_NAME] if has_tpu_model else [])
+    for name in names:
+        with open(os.path.join(boot, name), "rb") as f:
+            _write(os.path.join(etc, name), f.read(), 0o644, 0, 0)
+    unit_dir = os.path.join(root, "etc/systemd/system")
+    os.makedirs(unit_dir, exist_ok=True)
+    with open(data_path("offload.service"), "rb") as f:
+        _write(os.path.join(unit_dir, "offload.service"), f.read(), 0o644, 0, 0)
+    dropin = camera_dropin(table)
+    dropin_dir = os.path.join(unit_dir, "offload.service.d")
+    dropin_path = os.path.join(dropin_dir, "camera.conf")
+    if dropin is not None:
+        os.makedirs(dropin_dir, exist_ok=True)
+        _write(dropin_path, dropin.encode(), 0o644, 0, 0)
+    elif os.path.exists(dropin_path):
+        os.unlink(dropin_path)
+    rules_dir = os.path.join(root, "etc/udev/rules.d")
+    os.makedirs(rules_dir, exist_ok=True)
+    with open(data_path("70-offload-coral.rules"), "rb") as f:
+        _write(os.path.join(rules_dir, "70-offload-coral.rules"), f.read(), 0o644, 0, 0)
+    if key_path == key_src:
+        os.unlink(key_src)
+        echo(f"provision: moved the API key to {ETC}/{settings.KEY_NAME} (mode 0600) and removed it "
+             "from the boot partition")
+    os.sync()
+    echo(f"provision: wrote {ETC}/config.toml (server {table.get('server')})")
+    return table
