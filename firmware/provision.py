@@ -11,8 +11,9 @@
    each atomically; the key file is created with mode 0600 from the start;
 3. installs the systemd unit, the udev rule, and a drop-in ordering the
    service after the camera's device node for camera sources;
-4. deletes ``device.key`` from the boot partition (FAT has no permissions:
-   anyone with the card could read it) and syncs.
+4. overwrites ``device.key`` on the boot partition with zeros and deletes it
+   (FAT has no permissions: anyone with the card could read it; and a plain
+   delete on FAT leaves the bytes in the freed clusters), and syncs.
 
 Run again after editing ``device.toml`` on the card; with no ``device.key``
 there it keeps the key already in ``/etc/offload``.
@@ -58,6 +59,21 @@ def _write(path, data, mode, uid=None, gid=None):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _wipe(path):
+    """Overwrite ``path`` with zeros, then delete it.
+
+    Deleting a file on FAT only frees its clusters; the key would stay
+    readable on the card until something else overwrites them. FAT updates a
+    file in place, so writing zeros over it first leaves nothing behind.
+    """
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.write(b"\0" * size)
+        f.flush()
+        os.fsync(f.fileno())
+    os.unlink(path)
 
 
 def camera_dropin(table):
@@ -136,7 +152,7 @@ def provision(boot, *, root="/", user=USER, echo=print):
     with open(data_path("70-offload-coral.rules"), "rb") as f:
         _write(os.path.join(rules_dir, "70-offload-coral.rules"), f.read(), 0o644, 0, 0)
     if key_path == key_src:
-        os.unlink(key_src)
+        _wipe(key_src)
         echo(f"provision: moved the API key to {ETC}/{settings.KEY_NAME} (mode 0600) and removed it "
              "from the boot partition")
     os.sync()
