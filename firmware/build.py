@@ -233,7 +233,11 @@ def build(input_image, output_image, *, force=False, echo=print, **options):
             fat.put(tmp, boot, e.data if e.data is not None else e.source, e.dest)
         # Read back what first boot depends on, byte for byte.
         for e in p.entries:
-            want = e.data if e.data is not None else open(e.source, "rb").read()
+            if e.data is not None:
+                want = e.data
+            else:
+                with open(e.source, "rb") as f:
+                    want = f.read()
             if hashlib.sha256(fat.get(tmp, boot, e.dest)).digest() != hashlib.sha256(want).digest():
                 raise FirmwareError(f"{output_image}: {e.dest} reads back different from what was written")
         left = fat.free_bytes(tmp, boot)
