@@ -211,6 +211,7 @@ class Grid:
     title: str
     base: dict
     parts: list
+    source: str = ""   # where it came from (a file path or the grid's name), for messages
 
 
 @dataclasses.dataclass
@@ -342,7 +343,7 @@ def grid_from_dict(d, name="grid", where=None):
         if both:
             raise GridError(f"{where}: {', '.join(both)} both fixed in base and swept in axes "
                             f"of part {p.name!r}")
-    grid = Grid(name, str(d.get("title", name)), base, parts)
+    grid = Grid(name, str(d.get("title", name)), base, parts, where)
     points(grid, seed=0)  # every combination is checked up front
     return grid
 
@@ -459,8 +460,9 @@ def points(grid, seed=0):
         keys = list(part.axes)
         for combo in itertools.product(*(part.axes[k] for k in keys)):
             settings = {**grid.base, **part.base, **dict(zip(keys, combo))}
-            where = f"{grid.name}: part {part.name!r}, " + ", ".join(
-                f"{k} = {_fmt(v)}" for k, v in zip(keys, combo))
+            where = ", ".join([grid.source or grid.name]
+                              + ([f"part {part.name!r}"] if len(grid.parts) > 1 else [])
+                              + [f"{k} = {_fmt(v)}" for k, v in zip(keys, combo)])
             try:
                 params = resolve(settings, seed)
             except GridError as exc:
@@ -711,6 +713,11 @@ def run_sweep(grid, out, scale, prof, profile_label, workers=None, ray_address=N
     from tqdm import tqdm
 
     D = _dqn()
+    if ray_address:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise GridError("--ray needs Ray: pip install 'offload[ray]'") from None
     cores = os.cpu_count() or 1
     workers = max(1, int(workers or cores))
     if threads is None:
