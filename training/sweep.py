@@ -556,8 +556,11 @@ _WORKER = {}
 def _worker_init(prof, fingerprint, threads):
     import signal
 
-    # Ctrl+C goes to the whole terminal process group; the parent decides
-    # what happens to running points, a worker must not stop on its own.
+    # Ctrl+C goes to the terminal's whole process group; the parent decides
+    # what happens to running points (it ends them), so a worker leaves the
+    # group (the trainer would otherwise catch the signal and stop early).
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER.update(prof=prof, fingerprint=fingerprint, threads=threads)
 
