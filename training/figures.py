@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import textwrap
 
 import numpy as np
 
@@ -162,7 +163,9 @@ def results_figures(rows, meta=None, policies=None, oracle=False):
         fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
         title = meta.get("title") or ""
         name = part.get("name") or ""
-        fig.suptitle("\n".join(t for t in (title, name if name != title else "") if t),
+        text = "\n".join(t for t in (title, name if name != title else "") if t)
+        # About 15 characters of 9-point text per inch: long grid titles wrap.
+        fig.suptitle("\n".join(textwrap.fill(t, int(15 * width)) for t in text.split("\n")),
                      fontsize=9)
         fig.tight_layout()
         fig.subplots_adjust(right=1 - 2.1 / width)
