@@ -591,10 +591,13 @@ def sweep(grid, out_dir, scale, workers, ray_address, profile_path, synthetic, s
     try:
         g = S.load_grid(grid, scale)
         pts = S.points(g, seed)
-        for pt in pts:
-            S.scale_config(scale, pt)
     except S.GridError as exc:
         _fail(exc)
+    try:
+        for pt in pts:  # the DQN settings of every point, against the scale's schedule
+            S.scale_config(scale, pt)
+    except S.GridError as exc:
+        _fail(f"{g.source}: {exc}")
     if list_only:
         for pt in pts:
             click.echo(f"{pt.id}\t{', '.join(pt.parts)}")
