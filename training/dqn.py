@@ -953,8 +953,9 @@ def report(trainer, prof, profile_path, preset_name, rows, extra, out, png, chec
             "curve": trainer.curve,
         },
         "test": rows,
-        "int8": {k: v for k, v in extra.items() if k != "ceiling"},
-        "ceiling": extra.get("ceiling"),
+        # No test report (extra None) when training was interrupted.
+        "int8": {k: v for k, v in extra.items() if k != "ceiling"} if extra else None,
+        "ceiling": extra.get("ceiling") if extra else None,
         "files": {"policy": out, "curve_png": png, "checkpoint": checkpoint},
         "total_seconds": seconds,
     })
