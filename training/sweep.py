@@ -130,8 +130,8 @@ GRIDS = {
 }
 
 #: Per-point DQN schedules. ``quick`` is the ``offload-train dqn --preset quick``
-#: schedule capped at 240 s of training and tested on 10 x 100,000 images, so a
-#: 12-point grid takes about 30-40 minutes with 2 workers on 2 cores.
+#: schedule capped at 240 s of training and tested on 10 x 100,000 images: the
+#: 12-point Fig. 6 grid took 26 minutes with 2 workers on 2 cores.
 SCALES = {
     "smoke": ("quick", dict(layers=2, width=16, iterations=6, steps=4, batch=64,
                             validate_every=3, time_limit=0.0, train_streams=2, train_length=3000,
@@ -704,14 +704,13 @@ def _check_folder(out, meta):
 
 
 def run_sweep(grid, out, scale, prof, profile_label, workers=None, ray_address=None, seed=0,
-              threads=None, progress=True, echo=print, stop_after=None):
+              threads=None, progress=True, echo=print):
     """Run every unfinished point of ``grid`` into folder ``out``; returns a ``SweepSummary``.
 
     ``workers`` local processes (default: the number of cores; 1 runs in this
     process) or, with ``ray_address``, Ray tasks on that cluster. ``threads``
     torch threads per point (default: ``max(1, cores // workers)``; with Ray,
-    one per task). ``stop_after`` ends the run after that many newly finished
-    points, as Ctrl+C would (tests). Ctrl+C keeps every finished point.
+    one per task). Ctrl+C keeps every finished point.
     """
     from tqdm import tqdm
 
@@ -753,7 +752,6 @@ def run_sweep(grid, out, scale, prof, profile_label, workers=None, ray_address=N
         bar.set_postfix_str(f"{counts['failed']} failed", refresh=True)
         if status == "failed":
             bar.write(f"point {pt.id} failed: {rec['error']}")
-        return stop_after is not None and counts["done"] + counts["failed"] >= stop_after
 
     interrupted = False
     try:
@@ -780,8 +778,7 @@ def _run_here(todo, configs, prof, fingerprint, threads, finished):
             status, rec, data = _guarded(pt, configs[pt.id], prof, fingerprint, threads)
         except PointInterrupted:
             return True
-        if finished(pt, status, rec, data):
-            return True
+        finished(pt, status, rec, data)
     return False
 
 
@@ -806,9 +803,7 @@ def _run_pool(todo, configs, prof, fingerprint, threads, workers, finished):
                 status, rec, data = "failed", {
                     "status": "failed", "error": f"{type(exc).__name__}: {exc}",
                     "point": {"id": pt.id, "params": pt.params, "config": pt.config}}, None
-            if finished(pt, status, rec, data):
-                stop = True
-                break
+            finished(pt, status, rec, data)
     except KeyboardInterrupt:
         stop = True
     finally:
@@ -851,8 +846,7 @@ def _run_ray(todo, configs, prof, fingerprint, threads, address, finished):
                     "status": "failed", "error": f"{type(exc).__name__}: "
                                                  f"{str(exc).splitlines()[0] if str(exc) else ''}",
                     "point": {"id": pt.id, "params": pt.params, "config": pt.config}}, None
-            if finished(pt, status, rec, data):
-                return True
+            finished(pt, status, rec, data)
     except KeyboardInterrupt:
         return True
     finally:
