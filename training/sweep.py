@@ -50,6 +50,7 @@ _BASE_BUCKET = {"rate": 0.1, "depth": 4.0}
 _COMBINED = {"choice": "location-reset", "sp": 0.1, "rprob": 0.01, "arrivals": "markov",
              "I1": 1, "I2": 3, "tprob1": 0.001, "tprob2": 0.0005}
 _LOG_STEPS = [10 ** e for e in (-3, -2.5, -2, -1.5, -1, -0.5)]
+_LOG_STEPS_QUICK = [0.001, 0.01, 0.1, 10 ** -0.5]
 # The paper varies b "from 1 to 20" without listing its points; these are ours.
 _DEPTHS_PAPER = [1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 18, 20]
 
@@ -93,9 +94,9 @@ GRIDS = {
         ],
         "quick": [
             {"name": "I1 = 1, I2 = 3", "x": "tprob1", "logx": 10,
-             "base": {"I2": 3, "tprob_ratio": 2}, "axes": {"tprob1": [0.001, 0.01, 0.1, 10 ** -0.5]}},
+             "base": {"I2": 3, "tprob_ratio": 2}, "axes": {"tprob1": _LOG_STEPS_QUICK}},
             {"name": "I1 = 1, I2 = 6", "x": "tprob1", "logx": 10,
-             "base": {"I2": 6, "tprob_ratio": 4}, "axes": {"tprob1": [0.001, 0.01, 0.1, 10 ** -0.5]}},
+             "base": {"I2": 6, "tprob_ratio": 4}, "axes": {"tprob1": _LOG_STEPS_QUICK}},
         ],
     },
     "fig9": {
@@ -477,7 +478,7 @@ def points(grid, seed=0):
 
 
 def scale_config(scale, point, threads=1):
-    """The ``DQNConfig`` of ``point`` at ``scale``: the scale's schedule, then the grid's settings."""
+    """The ``DQNConfig`` of ``point`` at ``scale``: the scale's schedule, then the grid's."""
     D = _dqn()
     preset, over = SCALES[scale]
     p = point.params
