@@ -400,6 +400,10 @@ def test_results_figures_one_line_per_policy_and_a_panel_per_facet():
     # a CSV table has no parts: the setting with most values is x, the others facets
     csv_figs = F.results_figures(rows, {})
     assert len(csv_figs) == 1 and csv_figs[0][1].axes[0].get_xlabel() == "sub-sequence spread sp"
+    # a setting derived from x and the facets (tprob2 = tprob1 / ratio) adds no panels
+    derived = [{**r, "tprob1": r["rprob"], "tprob2": r["rprob"] / (2 if r["sp"] < 0.3 else 4)}
+               for r in rows if r["status"] == "done"]
+    assert len(F._facets(derived, "tprob1", ["sp", "tprob1", "tprob2"])) == 1
 
 
 def test_plot_command_writes_pngs(two_point_sweep, tmp_path):

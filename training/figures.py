@@ -148,7 +148,7 @@ def results_figures(rows, meta=None, policies=None, oracle=False):
         vary = _varying(prow, keys)
         x = part.get("x") or (max(vary, key=lambda k: len({repr(r.get(k)) for r in prow}))
                               if vary else "point")
-        facets = [k for k in vary if k != x]
+        facets = _facets(prow, x, vary, part.get("axes"))
         combos = sorted({tuple(r.get(k) for k in facets) for r in prow},
                         key=lambda c: [_sort_key(v) for v in c])
         n = len(combos)
@@ -171,6 +171,28 @@ def results_figures(rows, meta=None, policies=None, oracle=False):
         fig.subplots_adjust(right=1 - 2.1 / width)
         figs.append((_slug(part.get("name") or "sweep"), fig))
     return figs
+
+
+def _facets(rows, x, vary, axes=None):
+    """The settings that get a panel each: the part's other axes when known.
+
+    Without them (a CSV table), every varying setting not already fixed by
+    ``x`` and the facets before it (fewest values first): a setting derived
+    from others, like ``tprob2`` from ``tprob1`` and ``tprob_ratio``, adds no
+    panels.
+    """
+    if axes:
+        return [k for k in axes if k != x]
+    facets = []
+    for k in sorted((k for k in vary if k != x),
+                    key=lambda k: len({repr(r.get(k)) for r in rows})):
+        seen = {}
+        for r in rows:
+            key = tuple(repr(r.get(c)) for c in [x, *facets])
+            seen.setdefault(key, set()).add(repr(r.get(k)))
+        if any(len(v) > 1 for v in seen.values()):
+            facets.append(k)
+    return facets
 
 
 def _panel(ax, rows, x, names, logx):
