@@ -1,11 +1,9 @@
 """offload-sim end to end through click's test runner, on small synthetic profiles."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,38 +295,3 @@ def test_no_blob_without_metric_table(tmp_path):
     res = ok("--profile", tmp_path / "imp.npz", "--length", 200, "--streams", 2, "--policy",
              "baseline", "--policy", "mdp")
     assert list(table(res.stdout)) == ["baseline", "mdp"]
-
-
-# ----------------------------------------------------------------------------- tools/plot_trace.py
-
-def _plot_trace():
-    pytest.importorskip("matplotlib")
-    path = Path(__file__).resolve().parents[1] / "tools" / "plot_trace.py"
-    spec = importlib.util.spec_from_file_location("plot_trace", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_plot_trace_writes_a_png(tmp_path):
-    mod = _plot_trace()
-    out = tmp_path / "trace.png"
-    res = CliRunner().invoke(mod.main, ["--synthetic", "2000", "--length", "1500", "--window",
-                                        "120", "--out", str(out)])
-    assert res.exit_code == 0, res.output + repr(res.exception)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "wrote" in res.stderr
-    res = CliRunner().invoke(mod.main, ["--synthetic", "2000", "--length", "100", "--window",
-                                        "120", "--out", str(tmp_path / "x.png")])
-    assert res.exit_code == 1 and "longer than --length" in res.stderr
-    assert not (tmp_path / "x.png").exists()
-
-
-def test_plot_trace_window_choice():
-    mod = _plot_trace()
-    a = np.zeros(100, np.uint8)
-    b = np.zeros(100, np.uint8)
-    a[60:70] = 1  # a offloads 10 more inside 55..74
-    b[10:13] = 1
-    assert mod.busiest_window(a, b, 20) in range(50, 61)
-    assert mod.busiest_window(b, a, 20) in range(50, 61)  # the sign does not matter

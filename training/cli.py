@@ -19,6 +19,14 @@ Commands
 ``offload-train dqn``
     Train the DQN offloading policy (``training.dqn``) for one scenario and
     write it as a policy blob, with a JSON report and a validation curve.
+``offload-train sweep``
+    Train and evaluate a DQN at every point of a grid (``training.sweep``):
+    the paper's evaluation figures or a TOML grid; one results table.
+``offload-train plot``
+    Figures of a sweep's results table in the paper's style
+    (``training.figures``).
+``offload-train trace``
+    Two policies' decisions on one simulated stream (the paper's Figs. 7, 10, 11).
 
 Every error the user can cause (missing data, malformed IDX, wrong model file)
 ends in one ``click`` error message, no traceback.
@@ -628,6 +636,246 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
         click.echo("interrupted: the blob holds the best policy so far; continue with the same "
                    "command plus --resume", err=True)
         raise SystemExit(130)
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@main.command()
+@click.argument("grid")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Sweep folder: points/<id>.json and .bin, results.csv, results.json. "
+                   "A rerun into it skips finished points.")
+@click.option("--scale", type=click.Choice(["smoke", "quick", "paper"]), default="quick",
+              show_default=True,
+              help="paper: the figure's full grid, published schedule; quick: a reduced grid, "
+                   "at most 240 s of training per point; smoke: the quick grid in seconds "
+                   "(tests).")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Points run at once in local processes (default: the number of cores; "
+                   "1: in this process).")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run the points as tasks on the Ray cluster at ADDRESS (e.g. "
+                   "127.0.0.1:6379 or auto) instead; needs the ray extra.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
+              help="Profile .npz in any layout offload-sim reads (this project's, or the MDP "
+                   "or DQN paper's); default: the committed artifacts/profile.npz.")
+@click.option("--synthetic", type=click.IntRange(20), default=None,
+              help="Without --profile: a synthetic profile of this many images.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
+              help="Seed of every point that does not set its own.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="torch threads per point (default: cores // workers; 1 with --ray).")
+@click.option("--list", "list_only", is_flag=True, help="Print the grid's points and exit.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep(grid, out_dir, scale, workers, ray_address, profile_path, synthetic, seed, threads,
+          list_only, quiet):
+    """Train and evaluate a DQN at every point of GRID; one results table.
+
+    GRID is a ready-made grid (fig5, fig6, fig8, fig9, fig11, fig12: the
+    paper's evaluation figures) or a TOML file (docs/sweeps.md). Every point
+    trains a DQN and tests it with MDP, Baseline, Lower bound, both oracles
+    and the structure-aware ceiling on the same test sequences. A failed point
+    is recorded with its error and retried by the next run; Ctrl+C keeps every
+    finished point, and the same command resumes.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        _fail("offload-train needs the training extra: pip install torch==2.13.0 'offload[training]'")
+    from training import sweep as S
+
+    try:
+        g = S.load_grid(grid, scale)
+        pts = S.points(g, seed)
+    except S.GridError as exc:
+        _fail(exc)
+    try:
+        for pt in pts:  # the DQN settings of every point, against the scale's schedule
+            S.scale_config(scale, pt)
+    except S.GridError as exc:
+        _fail(f"{g.source}: {exc}")
+    if list_only:
+        for pt in pts:
+            click.echo(f"{pt.id}\t{', '.join(pt.parts)}")
+        click.echo(f"{len(pts)} points", err=True)
+        return
+    prof, label = _sweep_profile(profile_path, synthetic, seed)
+    t0 = time.time()
+    try:
+        res = S.run_sweep(g, out_dir, scale, prof, label, workers=workers,
+                          ray_address=ray_address, seed=seed, threads=threads,
+                          progress=not quiet, echo=lambda m: click.echo(m, err=True))
+    except S.GridError as exc:
+        _fail(exc)
+    click.echo(f"sweep {g.name}: {res.skipped + res.done} of {res.total} points finished "
+               f"({res.done} now, {res.skipped} before), {res.failed} failed, "
+               f"{time.time() - t0:.0f} s; table {os.path.join(out_dir, 'results.csv')}",
+               err=True)
+    if res.interrupted:
+        click.echo("interrupted: finished points are kept; the same command resumes", err=True)
+        raise SystemExit(130)
+    if res.failed:
+        _fail(f"{res.failed} point(s) failed (their errors are in "
+              f"{os.path.join(out_dir, 'results.csv')}); the same command retries them")
+
+
+def _sweep_profile(profile_path, synthetic, seed):
+    """``(profile, label)``: --profile, else --synthetic N, else the committed profile."""
+    from offload.profile import read_profile
+
+    if profile_path is None and synthetic:
+        from offload.synthetic import synthetic_profile
+
+        return synthetic_profile(synthetic, seed=seed), f"synthetic({synthetic})"
+    label = profile_path
+    if profile_path is None:
+        profile_path = default_profile()
+        label = "artifacts/profile.npz"
+        if profile_path is None:
+            _fail("no --profile given and the committed artifacts/profile.npz was not found")
+    try:
+        return read_profile(profile_path), label
+    except (OSError, ValueError) as exc:
+        _fail(exc)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the PNG figures (one per grid part).")
+@click.option("--oracle", is_flag=True, help="Also draw the true-reward oracle (far below the "
+                                             "others: it squeezes their lines).")
+@click.option("--dpi", default=120, show_default=True, type=click.IntRange(30, 600))
+def plot(results, out_dir, oracle, dpi):
+    """Figures of a sweep's RESULTS (results.json, results.csv or the sweep folder).
+
+    Average loss against the swept parameter, one line per policy (DQN int8,
+    MDP, Baseline, Lower bound, metric-only oracle, ceiling), one figure per
+    grid part and one panel per value of its other axes.
+    """
+    from training import figures as F
+
+    try:
+        rows, meta = F.read_results(results)
+    except ValueError as exc:
+        _fail(exc)
+    figs = F.results_figures(rows, meta, oracle=oracle)
+    if not figs:
+        _fail(f"{results}: no finished points to plot")
+    prefix = meta.get("grid", "sweep")
+    for name, fig in figs:
+        path = os.path.join(out_dir, f"{prefix}-{name}.png")
+        F.save_png(fig, path, dpi)
+        click.echo(f"wrote {path}", err=True)
+
+
+# --------------------------------------------------------------------------- trace
+
+
+def _trace_policy(spec, prof, m, tr, st, N, P, M, rate, arrivals, markov, seed):
+    """``(label, SimResult with trace, thresholds or None)`` of ``[LABEL=]mdp|baseline|BLOB``."""
+    from offload import blob, policies, simulate
+    from offload.cli import training_arrivals
+
+    label, _, what = spec.rpartition("=")
+    if not label:
+        label = {"mdp": "MDP", "baseline": "Baseline"}.get(what) or \
+            os.path.splitext(os.path.basename(what))[0]
+    if what == "mdp":
+        theta = policies.mdp_thresholds(m[tr], prof.reward[tr], N, P, M,
+                                        interarrival=training_arrivals(arrivals, markov, seed))
+        return label, simulate.run_thresholds(theta, st, N, P, M, trace=True, name=label), theta
+    if what == "baseline":
+        theta = policies.baseline_threshold(m[tr], rate, st.mean_interarrival)
+        return label, simulate.run_thresholds(theta, st, N, P, M, trace=True, name=label), theta
+    if not os.path.isfile(what):
+        _fail(f"--policy {spec!r}: neither mdp, baseline nor a policy blob file")
+    try:
+        pol = blob.read_blob(what)
+    except blob.BlobError as exc:
+        _fail(exc)
+    if (pol.N, pol.P, pol.M) != (N, P, M):
+        _fail(f"{what}: policy was made for bucket (N, P, M) = ({pol.N}, {pol.P}, {pol.M}), "
+              f"this trace uses ({N}, {P}, {M})")
+    theta = pol.theta if pol.kind == "thresholds" else None
+    return label, simulate.run_policy(pol, st, trace=True, name=label), theta
+
+
+@main.command()
+@scenario_options
+@click.option("--policy", "policy_specs", multiple=True,
+              help="[LABEL=]mdp, baseline or a policy blob (e.g. a sweep's points/<id>.bin); "
+                   "give two (default: mdp and baseline).")
+@click.option("--length", default=10000, show_default=True, type=click.IntRange(1),
+              help="Images in the stream.")
+@click.option("--window", default=300, show_default=True, type=click.IntRange(10),
+              help="Images to plot.")
+@click.option("--start", default=None, type=click.IntRange(0),
+              help="First image plotted; default: where the two policies' offload counts "
+                   "differ most.")
+@click.option("--out", default="docs/img/trace.png", show_default=True,
+              type=click.Path(dir_okay=False), help="PNG to write (atomically).")
+@click.option("--dpi", default=110, show_default=True, type=click.IntRange(30, 600))
+def trace(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov, seed,
+          policy_specs, length, window, start, out, dpi):
+    """Two policies' decisions on a window of one simulated stream (Figs. 7, 10, 11).
+
+    Builds the same profile, bucket and test stream as offload-sim (same
+    options and defaults) and draws each image's metric, marked by which
+    policy offloaded it, each policy's token count, and the decisions.
+    """
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        _fail("matplotlib is needed: pip install matplotlib")
+    from offload import simulate
+    from offload.cli import load_scenario
+    from training import figures as F
+
+    specs = list(policy_specs) or ["mdp", "baseline"]
+    if len(specs) != 2:
+        _fail(f"--policy: give two policies to compare, got {len(specs)}")
+    if window > length:
+        _fail(f"--window {window} is longer than --length {length}")
+    if start is not None and start + window > length:
+        _fail(f"--start {start} + --window {window} exceeds --length {length}")
+    (N, P, M), prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, arrivals,
+                                               markov, seed)
+    try:
+        st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, 1, seed,
+                                   choice, spread, rprob, arrivals, markov,
+                                   raw_metric=prof.metric[te], hidden=True)
+        runs = [_trace_policy(s, prof, m, tr, st, N, P, M, rate, arrivals, markov, seed)
+                for s in specs]
+    except ValueError as exc:
+        _fail(exc)
+    (n0, r0, th0), (n1, r1, th1) = runs
+    if n0 == n1:
+        n0, n1 = n0 + " (1)", n1 + " (2)"
+    if start is None:
+        start = F.busiest_window(r0.decisions[0], r1.decisions[0], window)
+    sl = slice(start, start + window)
+    seg = {"k": np.arange(start, start + window), "metric": st.metric[0, sl],
+           "dec0": r0.decisions[0, sl], "dec1": r1.decisions[0, sl],
+           "tok0": r0.tokens[0, sl].astype(float), "tok1": r1.tokens[0, sl].astype(float)}
+    if arrivals == "markov":
+        seg["state"] = st.arrival_state[0, sl]
+    rew = [float(st.reward[0, sl][seg[f"dec{i}"] == 1].sum()) for i in (0, 1)]
+    title = (f"r={rate}, b={depth} (N, P, M = {N}, {P}, {M}), {choice}"
+             + (f" sp={spread} rprob={rprob}" if choice == "location-reset" else "")
+             + f", {arrivals} arrivals"
+             + (f" {' '.join(map(str, markov))}" if arrivals == "markov" else "")
+             + f", seed {seed}\nimages {start}-{start + window - 1}: "
+             f"{n0} {int(seg['dec0'].sum())} offloads (reward {rew[0]:+.0f}), "
+             f"{n1} {int(seg['dec1'].sum())} (reward {rew[1]:+.0f})")
+    fig = F.trace_figure(seg, (n0, n1), P, M, title,
+                         thresholds={n: th for n, th in ((n0, th0), (n1, th1)) if th is not None})
+    F.save_png(fig, out, dpi)
+    click.echo(f"wrote {out} (images {start}..{start + window - 1} of stream 0)", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

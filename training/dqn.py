@@ -833,8 +833,11 @@ def int8_agreement(qmlp, layers, streams, N, P, M, H, use_ia, int8_result):
             "decisions": S * L, "decisions_n_ge_P": free}
 
 
-def evaluate(trainer, layers, qmlp, rate, progress=False):
+def evaluate(trainer, layers, qmlp, rate, progress=False, threads=None):
     """Test results (SPEC section 5 and 6) of every policy on the test streams.
+
+    ``threads``: threads of the native int8 forward (default: every core; a
+    sweep running several points at once gives each its share).
 
     Returns ``(rows, extra)``: one dict per policy (average loss, reward per
     image, offload rate, share of each oracle's and of the structure-aware
@@ -853,7 +856,7 @@ def evaluate(trainer, layers, qmlp, rate, progress=False):
         "dqn-float": simulate.run_dqn(_float_forward(layers), st, N, P, M, cfg.H,
                                       cfg.interarrival, name="dqn-float", progress=progress),
         "dqn-int8": simulate.run_dqn(qmlp, st, N, P, M, cfg.H, cfg.interarrival, trace=True,
-                                     name="dqn-int8", progress=progress),
+                                     name="dqn-int8", progress=progress, threads=threads),
         "mdp": simulate.run_thresholds(trainer.theta_mdp, st, N, P, M, name="mdp"),
         "baseline": simulate.run_thresholds(policies.baseline_threshold(
             data.metric[data.train], rate, st.mean_interarrival), st, N, P, M, name="baseline"),
@@ -950,8 +953,9 @@ def report(trainer, prof, profile_path, preset_name, rows, extra, out, png, chec
             "curve": trainer.curve,
         },
         "test": rows,
-        "int8": None if extra is None else {k: v for k, v in extra.items() if k != "ceiling"},
-        "ceiling": None if extra is None else extra.get("ceiling"),
+        # No test report (extra None) when training was interrupted.
+        "int8": {k: v for k, v in extra.items() if k != "ceiling"} if extra else None,
+        "ceiling": extra.get("ceiling") if extra else None,
         "files": {"policy": out, "curve_png": png, "checkpoint": checkpoint},
         "total_seconds": seconds,
     })
