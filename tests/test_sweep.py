@@ -331,8 +331,11 @@ def test_published_profile_layouts_through_profile(prof, tmp_path, layout):
 # --------------------------------------------------------------------------- Ray
 
 
-def test_ray_path_on_a_local_cluster(profile_file, tmp_path):
+def test_ray_path_on_a_local_cluster(profile_file, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
+    # Ray puts the driver's working directory first on its workers' sys.path; from a
+    # checkout that would be the source tree, whose offload_native has no compiled core.
+    monkeypatch.chdir(tmp_path)
     # A short folder: Ray's socket paths must stay under the OS limit.
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     ctx = ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp,
