@@ -21,14 +21,13 @@ there it keeps the key already in ``/etc/offload``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
-import tempfile
 
 from firmware import ETC, USER, settings
 from firmware.build import data_path
 from firmware.tools import FirmwareError
+from offload.atomic import atomic_path
 
 __all__ = ["provision", "camera_dropin"]
 
@@ -43,22 +42,12 @@ def _ids(user):
 
 
 def _write(path, data, mode, uid=None, gid=None):
-    """Write ``path`` atomically with ``mode`` from the first byte (no window with wider access)."""
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=folder)
-    try:
-        os.fchmod(fd, mode)
+    """Write ``path`` atomically with ``mode`` (and owner) set before the data go in."""
+    with atomic_path(path, mode=mode) as tmp:
         if uid is not None and os.geteuid() == 0:
-            os.fchown(fd, uid, gid)
-        with os.fdopen(fd, "wb") as f:
+            os.chown(tmp, uid, gid)
+        with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _wipe(path):

@@ -20,13 +20,14 @@ def _default_mode():
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix=None):
+def atomic_path(path, suffix=None, mode=None):
     """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path``.
 
     The temporary name keeps ``path``'s extension (or ``suffix``) so writers that
     look at it (numpy's ``.npz``, matplotlib's ``.png``) behave. The file gets
-    the usual permissions (``0666 & ~umask``), not ``mkstemp``'s 0600. On an
-    exception the temporary file is removed and ``path`` is untouched.
+    ``mode``, by default the usual permissions (``0666 & ~umask``) rather than
+    ``mkstemp``'s 0600, before anything is written to it. On an exception the
+    temporary file is removed and ``path`` is untouched.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -36,7 +37,7 @@ def atomic_path(path, suffix=None):
                                dir=folder)
     os.close(fd)
     try:
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, _default_mode() if mode is None else mode)
         yield tmp
         with open(tmp, "rb+") as f:  # the data reach the disk before the rename
             os.fsync(f.fileno())
