@@ -128,6 +128,38 @@ cdef inline void dot_tile(const int16_t* W, const int16_t* X, int ldx, int din, 
         j += 1
 
 
+cdef inline void layer_output(const LayerC* lay, const int32_t* acc, int seg_stride,
+                              const LayerC* nxt_lay, float* y, float* out,
+                              int16_t* nxt) noexcept nogil:
+    """One layer's output from its int32 sums ``acc[s * seg_stride + j]``.
+
+    ``y = offset + sum_s mult[s] * acc[s]``, LeakyReLU(0.2) when the layer has
+    it, then float Q-values into ``out`` (last layer: ``nxt_lay`` NULL) or
+    int8 activations for ``nxt_lay`` into ``nxt``. The one definition both
+    forward paths use, so they stay bit-identical. Separate passes over j so
+    each pass vectorises; LeakyReLU as max(y, 0.2 y) avoids a branch.
+    """
+    cdef int j, s
+    cdef float v, inv, zp
+    for j in range(lay.dout):
+        y[j] = lay.offset[j]
+    for s in range(lay.nseg):
+        for j in range(lay.dout):
+            y[j] = y[j] + lay.mult[s * lay.dout + j] * <float> acc[s * seg_stride + j]
+    if lay.leaky:
+        for j in range(lay.dout):
+            v = y[j] * <float> 0.2
+            y[j] = y[j] if y[j] > v else v
+    if nxt_lay == NULL:
+        for j in range(lay.dout):
+            out[j] = y[j]
+    else:
+        inv = nxt_lay.seg_inv[0]
+        zp = nxt_lay.seg_zp[0]
+        for j in range(lay.dout):
+            nxt[j] = to_int8(y[j] * inv + zp)
+
+
 cdef class Int8MLP:
     """An int8 MLP built from ``offload.mlp.QuantMLP.native_args()``.
 
@@ -203,9 +235,8 @@ cdef class Int8MLP:
         free(self.ybuf)
 
     cdef void forward_c(self, const float* x, float* out) noexcept nogil:
-        cdef int l, j, s, i
-        cdef float inv, zp, v
-        cdef float* y
+        cdef int l, s, i
+        cdef float inv, zp
         cdef const int16_t* cur
         cdef int16_t* nxt
         cdef int16_t* tmp
@@ -223,26 +254,8 @@ cdef class Int8MLP:
             for s in range(lay.nseg):
                 dot_rows(lay.W, cur, lay.din, lay.dout, lay.seg_start[s], lay.seg_start[s + 1],
                          self.acc + s * lay.dout)
-            # Requantise in separate passes over j so each pass vectorises;
-            # LeakyReLU(0.2) as max(y, 0.2 y) avoids a data-dependent branch.
-            y = self.ybuf
-            for j in range(lay.dout):
-                y[j] = lay.offset[j]
-            for s in range(lay.nseg):
-                for j in range(lay.dout):
-                    y[j] = y[j] + lay.mult[s * lay.dout + j] * <float> self.acc[s * lay.dout + j]
-            if lay.leaky:
-                for j in range(lay.dout):
-                    v = y[j] * <float> 0.2
-                    y[j] = y[j] if y[j] > v else v
-            if l + 1 == self.nl:
-                for j in range(lay.dout):
-                    out[j] = y[j]
-            else:
-                inv = self.L[l + 1].seg_inv[0]
-                zp = self.L[l + 1].seg_zp[0]
-                for j in range(lay.dout):
-                    nxt[j] = to_int8(y[j] * inv + zp)
+            layer_output(lay, self.acc, lay.dout, &self.L[l + 1] if l + 1 < self.nl else NULL,
+                         self.ybuf, out, nxt)
             tmp = <int16_t*> cur
             cur = nxt
             nxt = tmp
@@ -255,12 +268,11 @@ cdef class Int8MLP:
         ``y``: width floats. Rows ``R..TILE-1`` of the scratch are computed
         too (zeros in, ignored out): one code path for every tile.
         """
-        cdef int l, j, s, i, r, w = self.width
-        cdef float inv, zp, v
+        cdef int l, s, i, r, w = self.width
+        cdef float inv, zp
         cdef const int16_t* cur
         cdef int16_t* nxt
         cdef int16_t* tmp
-        cdef int32_t* ac
         cdef LayerC* lay = &self.L[0]
         for r in range(TILE):
             if r < R:
@@ -281,25 +293,9 @@ cdef class Int8MLP:
             for r in range(TILE):
                 if l + 1 == self.nl and r >= R:
                     break
-                # The same operations in the same order as forward_c.
-                for j in range(lay.dout):
-                    y[j] = lay.offset[j]
-                for s in range(lay.nseg):
-                    ac = acc + s * TILE * lay.dout + r * lay.dout
-                    for j in range(lay.dout):
-                        y[j] = y[j] + lay.mult[s * lay.dout + j] * <float> ac[j]
-                if lay.leaky:
-                    for j in range(lay.dout):
-                        v = y[j] * <float> 0.2
-                        y[j] = y[j] if y[j] > v else v
-                if l + 1 == self.nl:
-                    for j in range(lay.dout):
-                        out[r * lay.dout + j] = y[j]
-                else:
-                    inv = self.L[l + 1].seg_inv[0]
-                    zp = self.L[l + 1].seg_zp[0]
-                    for j in range(lay.dout):
-                        nxt[r * w + j] = to_int8(y[j] * inv + zp)
+                layer_output(lay, acc + r * lay.dout, TILE * lay.dout,
+                             &self.L[l + 1] if l + 1 < self.nl else NULL, y,
+                             out + r * lay.dout, nxt + r * w)
             tmp = <int16_t*> cur
             cur = nxt
             nxt = tmp
