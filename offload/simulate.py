@@ -201,7 +201,7 @@ def dqn_inputs(streams, H, use_interarrival, start, stop):
     one batch.
     """
     rm, ri = _windows(streams, H, use_interarrival)
-    return _block(rm, ri, H, start, stop)
+    return window_block(rm, ri, H, start, stop)
 
 
 def input_blocks(streams, H, use_interarrival, rows=None):
@@ -216,12 +216,8 @@ def input_blocks(streams, H, use_interarrival, rows=None):
     step = max(1, (rows or _BLOCK_ROWS) // max(S, 1))
     for k0 in range(0, L, step):
         k1 = min(L, k0 + step)
-        x = _block(rm, ri, H, k0, k1)
+        x = window_block(rm, ri, H, k0, k1)
         yield k0, k1, x.reshape(S * (k1 - k0), x.shape[2])
-
-
-def _block(rm, ri, H, start, stop):
-    return window_block(rm, ri, H, start, stop)
 
 
 def _block_numpy(rm, ri, H, start, stop):

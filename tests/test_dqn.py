@@ -217,7 +217,7 @@ def test_int8_policy_agrees_with_float(small_profile):
     q = tr.quantize(layers)
     st, H = tr.val, tr.cfg.H
     res = simulate.run_dqn(q, st, 1, 10, 40, H, False, trace=True)
-    agree = dqn.int8_agreement(q, layers, st, 1, 10, 40, H, False, res)
+    agree = dqn.int8_agreement(layers, st, 1, 10, 40, H, False, res)
     # The same count, directly with the numpy twins along the int8 trajectory.
     S, L = st.shape
     x = simulate.dqn_inputs(st, H, False, 0, L).reshape(S * L, -1)

@@ -12,6 +12,7 @@ from offload.ring import HistoryRing, window_reference
 from offload.simulate import SimResult, Streams
 from offload.synthetic import synthetic_profile
 from offload.profile import TEST, TRAIN
+from offload_native import window_block
 
 from conftest import random_network
 
@@ -176,7 +177,7 @@ def test_native_walk_windows_and_threads_equal_numpy_twins(use_ia, monkeypatch):
         np.testing.assert_array_equal(got.tokens, want.tokens)
     rm, ri = simulate._windows(st, H, use_ia)
     for a, b in [(0, 1500), (0, 1), (1499, 1500), (3, 700), (5, 5)]:
-        np.testing.assert_array_equal(simulate._block(rm, ri, H, a, b),
+        np.testing.assert_array_equal(window_block(rm, ri, H, a, b),
                                       simulate._block_numpy(rm, ri, H, a, b))
     blocks = list(simulate.input_blocks(st, H, use_ia, rows=5 * 400))
     assert [(a, b) for a, b, _ in blocks] == [(0, 400), (400, 800), (800, 1200), (1200, 1500)]

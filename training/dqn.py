@@ -810,20 +810,21 @@ def _float_forward(layers, device="cpu"):
     return TorchForward(net.to(device), device, din)
 
 
-def int8_agreement(qmlp, layers, streams, N, P, M, H, use_ia, int8_result):
+def int8_agreement(layers, streams, N, P, M, H, use_ia, int8_result):
     """Share of the int8 policy's decisions (on its own trajectory) the float network agrees with.
 
     Counts every decision and, separately, those with ``n >= P`` (where the
-    network decides at all). Uses the token states traced in ``int8_result``.
+    network decides at all). ``int8_result`` is the int8 run with
+    ``trace=True``: its decisions and token states are compared as they are,
+    so only the float network runs here.
     """
     fwd_f = _float_forward(layers)
-    fwd_q = qmlp.native().forward
     S, L = streams.shape
     agree = free = agree_free = 0
     for k0, k1, x in simulate.input_blocks(streams, H, use_ia):
         n = int8_result.tokens[:, k0:k1].reshape(-1).astype(np.int64)
         a_f = mlp.decide_batch(fwd_f(x), n, N, P, M)
-        a_q = mlp.decide_batch(fwd_q(x), n, N, P, M)
+        a_q = int8_result.decisions[:, k0:k1].reshape(-1).astype(bool)
         same = a_f == a_q
         agree += int(same.sum())
         ok = n >= P
@@ -865,7 +866,7 @@ def evaluate(trainer, layers, qmlp, rate, progress=False, threads=None):
         "oracle-metric": simulate.run_oracle(st, N, P, M, metric_only=True, progress=progress),
         "ceiling": ceiling.run_ceiling(ceil, st, N, P, M),
     }
-    agreement = int8_agreement(qmlp, layers, st, N, P, M, cfg.H, cfg.interarrival,
+    agreement = int8_agreement(layers, st, N, P, M, cfg.H, cfg.interarrival,
                                res["dqn-int8"])
     rows = []
     for name, r in res.items():
