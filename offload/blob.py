@@ -22,17 +22,23 @@ import numpy as np
 from offload.atomic import atomic_write_bytes
 from offload.metric import MetricMap
 from offload.mlp import QuantLayer, QuantMLP, q_length
+from offload_native._mlp import CODE_RANGE, MAX_IN_16
 from offload.ring import input_size
 
 __all__ = ["MAGIC", "VERSION", "BlobError", "Policy", "to_bytes", "from_bytes",
            "write_blob", "read_blob"]
 
 MAGIC = b"OFLDPLCY"
-VERSION = 2
+VERSION = 3
 # Version 1 had no separate float bias (the float layers used the int8 layers' bias).
-READABLE = (1, 2)
+# Version 3 added 16-bit activation codes (FLAG_ACT16); a blob without them is
+# still written as version 2, so older readers keep reading it, while one with
+# them is refused by those readers instead of being misread.
+READABLE = (1, 2, 3)
 KINDS = {"dqn": 0, "thresholds": 1}
 FLAG_INTERARRIVAL = 1
+FLAG_ACT16 = 2
+_KNOWN_FLAGS = {1: FLAG_INTERARRIVAL, 2: FLAG_INTERARRIVAL, 3: FLAG_INTERARRIVAL | FLAG_ACT16}
 _HEAD = struct.Struct("<8sHHIIIIIddd")   # magic .. tinv
 _LAYER = struct.Struct("<IIII")          # din, dout, nseg, leaky
 
@@ -129,8 +135,16 @@ class Policy:
                     raise ValueError(f"layer {i}: hidden layers take one input segment")
                 if not (np.all(lay.in_scale > 0) and np.all(np.isfinite(lay.in_scale))):
                     raise ValueError(f"layer {i}: input scales must be positive")
-                if np.any(lay.in_zero < -128) or np.any(lay.in_zero > 127):
-                    raise ValueError(f"layer {i}: zero points outside int8")
+                zlo, zhi = CODE_RANGE.get(self.qmlp.act_bits, (0, -1))
+                if zlo > zhi:
+                    raise ValueError(f"activation width {self.qmlp.act_bits!r} bits "
+                                     f"(must be 8 or 16)")
+                if np.any(lay.in_zero < zlo) or np.any(lay.in_zero > zhi):
+                    raise ValueError(f"layer {i}: zero points outside the {self.qmlp.act_bits}-bit "
+                                     f"code range")
+                if self.qmlp.act_bits == 16 and din > MAX_IN_16:
+                    raise ValueError(f"layer {i}: {din} inputs; 16-bit activations allow at "
+                                     f"most {MAX_IN_16}")
                 if lay.w_scale.shape != (dout,) or lay.bias.shape != (dout,):
                     raise ValueError(f"layer {i}: scales/bias do not match {dout} outputs")
                 if lay.leaky != (i + 1 < len(self.qmlp.layers)):
@@ -152,7 +166,11 @@ def to_bytes(policy):
     lx = np.asarray(policy.lut_x, "<f4")
     ly = np.asarray(policy.lut_y, "<f4")
     flags = FLAG_INTERARRIVAL if policy.interarrival else 0
-    parts.append(_HEAD.pack(MAGIC, VERSION, KINDS[policy.kind], policy.N, policy.P, policy.M,
+    act16 = policy.kind == "dqn" and policy.qmlp.act_bits == 16
+    if act16:
+        flags |= FLAG_ACT16
+    version = 3 if act16 else 2
+    parts.append(_HEAD.pack(MAGIC, version, KINDS[policy.kind], policy.N, policy.P, policy.M,
                             policy.T, flags, policy.metric_mean, policy.metric_std, policy.tinv))
     meta = json.dumps(policy.meta, sort_keys=True).encode()
     parts += [struct.pack("<I", len(meta)), meta]
@@ -219,6 +237,8 @@ def from_bytes(data, name="<bytes>"):
         raise BlobError(f"{name}: CRC mismatch (file is corrupt or truncated)")
     r = _Reader(body, name)
     _, _, kind, N, P, M, T, flags, mean, std, tinv = r.unpack(_HEAD, "header")
+    if flags & ~_KNOWN_FLAGS[version]:
+        raise BlobError(f"{name}: unknown flags {flags:#x} for format version {version}")
     kinds = {v: k for k, v in KINDS.items()}
     if kind not in kinds:
         raise BlobError(f"{name}: unknown policy kind {kind}")
@@ -257,7 +277,7 @@ def from_bytes(data, name="<bytes>"):
             bf = r.array("<f4", dout, what).astype(np.float32) if version >= 2 else bias
             layers.append(QuantLayer(wq, wsc, bias, st, isc, izp, bool(leaky)))
             floats.append((wf, bf))
-        pol.qmlp = QuantMLP(layers, floats)
+        pol.qmlp = QuantMLP(layers, floats, 16 if flags & FLAG_ACT16 else 8)
     if r.pos != len(body):
         raise BlobError(f"{name}: {len(body) - r.pos} unexpected bytes after the last field")
     try:

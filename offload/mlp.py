@@ -5,8 +5,9 @@ A network is a list of ``(weight, bias)`` pairs, ``weight`` of shape
 section 6). ``quantize`` turns it into a ``QuantMLP``:
 
 * weights: int8, symmetric, one scale per output channel;
-* activations: int8, asymmetric, one (scale, zero point) per layer input, taken
-  from the range seen on calibration inputs. The network input may be split into
+* activations: int8 (or 16-bit codes, ``act_bits=16``), asymmetric, one
+  (scale, zero point) per layer input, taken from the range seen on
+  calibration inputs. The network input may be split into
   *segments* (metrics, inter-arrival times) with a (scale, zero point) each,
   since the two have very different ranges;
 * accumulation in int32, requantisation in float32:
@@ -23,11 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from offload_native import Int8MLP, decide
+from offload_native._mlp import CODE_RANGE, MAX_IN_16
 
 __all__ = [
     "LEAKY_SLOPE", "q_length", "q_index", "decide", "decide_reference", "decide_batch",
     "forward_float", "he_uniform", "QuantLayer", "QuantMLP", "equalize", "quantize", "correct_bias", "forward_int8",
-    "Int8MLP",
+    "Int8MLP", "MAX_IN_16", "weight_grid",
 ]
 
 LEAKY_SLOPE = np.float32(0.2)
@@ -111,10 +113,16 @@ class QuantLayer:
 
 @dataclass
 class QuantMLP:
-    """An int8 network plus the float weights it came from."""
+    """An int8 network plus the float weights it came from.
+
+    ``act_bits``: width of the activation codes, 8 or 16 (the weights are
+    int8 either way; 16-bit codes cost the native kernel no time, since it
+    holds codes as int16 anyway, and make activation rounding negligible).
+    """
 
     layers: list
     float_layers: list = field(default_factory=list)
+    act_bits: int = 8
 
     @property
     def input_size(self):
@@ -135,7 +143,7 @@ class QuantMLP:
 
     def native(self):
         """The compiled forward pass for this network."""
-        return Int8MLP(self.native_args())
+        return Int8MLP(self.native_args(), self.act_bits)
 
 
 def equalize(layers, calib_x, alpha=0.5):
@@ -168,17 +176,30 @@ def equalize(layers, calib_x, alpha=0.5):
     return [(w.astype(np.float32), b.astype(np.float32)) for w, b in out]
 
 
-def _act_quant(lo, hi):
-    """Asymmetric int8 (scale, zero point) covering ``[lo, hi]`` (always including 0)."""
+def weight_grid(w):
+    """``w`` (out, in) rounded to the int8 grid ``quantize`` gives it (one scale per row).
+
+    A network whose weights are already on this grid keeps them exactly when
+    quantised: its only int8 error is then activation rounding.
+    """
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    return (np.clip(np.rint(w / scale[:, None]), -127, 127) * scale[:, None]).astype(np.float32)
+
+
+def _act_quant(lo, hi, bits=8):
+    """Asymmetric (scale, zero point) of ``bits``-bit codes covering ``[lo, hi]`` (and 0)."""
+    qlo, qhi = CODE_RANGE[bits]
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if hi - lo < 1e-8:
         hi = lo + 1e-8
-    s = (hi - lo) / 255.0
-    z = int(np.clip(np.rint(-128.0 - lo / s), -128, 127))
+    s = (hi - lo) / (qhi - qlo)
+    z = int(np.clip(np.rint(qlo - lo / s), qlo, qhi))
     return np.float32(s), z
 
 
-def quantize(layers, calib_x, segments=(0,)):
+def quantize(layers, calib_x, segments=(0,), act_bits=8):
     """Quantise a float network to int8 using calibration inputs.
 
     Parameters
@@ -189,7 +210,17 @@ def quantize(layers, calib_x, segments=(0,)):
     segments : sequence of int
         Start offsets of the input segments that get their own input scale,
         e.g. ``(0, H)`` for H metrics followed by H inter-arrival times.
+    act_bits : 8 or 16
+        Width of the activation codes (``QuantMLP.act_bits``). 16 needs every
+        layer to have at most ``MAX_IN_16`` inputs.
     """
+    if act_bits not in CODE_RANGE:
+        raise ValueError(f"act_bits must be 8 or 16, got {act_bits!r}")
+    if act_bits == 16:
+        widest = max(np.asarray(w).shape[1] for w, _ in layers)
+        if widest > MAX_IN_16:
+            raise ValueError(f"16-bit activations allow at most {MAX_IN_16} inputs per layer, "
+                             f"the network has {widest}")
     calib_x = np.asarray(calib_x, dtype=np.float32)
     if calib_x.ndim != 2 or calib_x.shape[1] != np.asarray(layers[0][0]).shape[1]:
         raise ValueError(f"calibration inputs have shape {calib_x.shape}, "
@@ -204,11 +235,11 @@ def quantize(layers, calib_x, segments=(0,)):
         w = np.asarray(w, np.float32)
         b = np.asarray(b, np.float32)
         if i == 0:
-            qs = [_act_quant(h[:, a:c].min(), h[:, a:c].max())
+            qs = [_act_quant(h[:, a:c].min(), h[:, a:c].max(), act_bits)
                   for a, c in zip(bounds[:-1], bounds[1:])]
             seg = bounds
         else:
-            qs = [_act_quant(h.min(), h.max())]
+            qs = [_act_quant(h.min(), h.max(), act_bits)]
             seg = np.array([0, w.shape[1]], dtype=np.int32)
         amax = np.abs(w).max(axis=1)
         w_scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
@@ -221,11 +252,12 @@ def quantize(layers, calib_x, segments=(0,)):
         if leaky:
             h = np.where(h < 0, h * LEAKY_SLOPE, h)
     return QuantMLP(qlayers, [(np.asarray(w, np.float32), np.asarray(b, np.float32))
-                              for w, b in layers])
+                              for w, b in layers], act_bits)
 
 
-def _quant_input(x, inv, zp):
-    return np.rint(np.clip(x * inv + zp, np.float32(-128), np.float32(127))).astype(np.int32)
+def _quant_input(x, inv, zp, bits):
+    lo, hi = CODE_RANGE[bits]
+    return np.rint(np.clip(x * inv + zp, np.float32(lo), np.float32(hi))).astype(np.int32)
 
 
 def _int8_outputs(qmlp, x):
@@ -236,7 +268,7 @@ def _int8_outputs(qmlp, x):
     a = np.empty(x.shape, dtype=np.int32)
     for s in range(len(inv0)):
         lo, hi = st0[s], st0[s + 1]
-        a[:, lo:hi] = _quant_input(x[:, lo:hi], inv0[s], zp0[s])
+        a[:, lo:hi] = _quant_input(x[:, lo:hi], inv0[s], zp0[s], qmlp.act_bits)
     for li, (w, st, inv, zp, mult, off, leaky) in enumerate(args):
         w32 = w.astype(np.int32)
         y = np.broadcast_to(off, (x.shape[0], len(off))).astype(np.float32)
@@ -247,7 +279,7 @@ def _int8_outputs(qmlp, x):
         if leaky:
             y = np.where(y < 0, y * LEAKY_SLOPE, y)
         if li + 1 < len(args):
-            a = _quant_input(y, args[li + 1][2][0], args[li + 1][3][0])
+            a = _quant_input(y, args[li + 1][2][0], args[li + 1][3][0], qmlp.act_bits)
 
 
 def forward_int8(qmlp, x):

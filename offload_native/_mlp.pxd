@@ -15,6 +15,8 @@ cdef struct LayerC:
     const float* seg_zp      # nseg: input zero point (as float)
     const float* mult        # nseg x dout
     const float* offset      # dout
+    float qlo                # this layer's input codes are clamped to [qlo, qhi]
+    float qhi
 
 
 cdef class Int8MLP:
@@ -29,6 +31,7 @@ cdef class Int8MLP:
     cdef int accsize         # largest nseg x dout
     cdef readonly int input_size
     cdef readonly int output_size
+    cdef readonly int act_bits
     cdef void forward_c(self, const float* x, float* out) noexcept nogil
     cdef void forward_tile(self, const float* X, int R, float* out, int16_t* A, int16_t* B,
                            int32_t* acc, float* y) noexcept nogil

@@ -2,9 +2,11 @@
 """Hand-written int8 MLP forward pass and the DQN decision rule.
 
 The arithmetic mirrors ``offload.mlp.forward_int8`` (numpy) step for step:
-int8 inputs and weights, int32 dot products, float32 requantisation
-``y = offset + sum_s mult[s] * acc[s]``, LeakyReLU(0.2), then either float
-Q-values (last layer) or int8 activations for the next layer. The inner dot
+int8 weights, int8 or 16-bit activations (``act_bits``), int32 dot products,
+float32 requantisation ``y = offset + sum_s mult[s] * acc[s]``,
+LeakyReLU(0.2), then either float Q-values (last layer) or the next layer's
+activation codes. 16-bit activation codes are clamped to +-32767, so an
+int32 sum of up to ``MAX_IN_16`` products cannot overflow. The inner dot
 product is a plain reduction over contiguous rows so the C compiler vectorises
 it. The int8 values are held widened to int16 in memory (weights once at load,
 activations as they are produced): the products are the same, but the compiler
@@ -34,13 +36,19 @@ import numpy as np
 cdef float ROUND_MAGIC = 12582912.0
 
 
-cdef inline int16_t to_int8(float v) noexcept nogil:
-    """Clamp to [-128, 127] and round half to even (inputs are finite).
+#: Code ranges of the two activation widths (16-bit leaves out -32768, see above).
+CODE_RANGE = {8: (-128.0, 127.0), 16: (-32767.0, 32767.0)}
+#: Most inputs a layer may have with 16-bit activations: 516 * 32767 * 127 < 2**31.
+MAX_IN_16 = 516
+
+
+cdef inline int16_t to_code(float v, float lo, float hi) noexcept nogil:
+    """Clamp to [lo, hi] and round half to even (inputs are finite).
 
     Written as selects, not branches, so loops over it vectorise (min/max).
     """
-    v = v if v < <float> 127.0 else <float> 127.0
-    v = v if v > <float> -128.0 else <float> -128.0
+    v = v if v < hi else hi
+    v = v if v > lo else lo
     return <int16_t> ((v + ROUND_MAGIC) - ROUND_MAGIC)
 
 cdef inline void dot_rows(const int16_t* W, const int16_t* x, int din, int dout, int a, int b,
@@ -157,13 +165,14 @@ cdef inline void layer_output(const LayerC* lay, const int32_t* acc, int seg_str
         inv = nxt_lay.seg_inv[0]
         zp = nxt_lay.seg_zp[0]
         for j in range(lay.dout):
-            nxt[j] = to_int8(y[j] * inv + zp)
+            nxt[j] = to_code(y[j] * inv + zp, nxt_lay.qlo, nxt_lay.qhi)
 
 
 cdef class Int8MLP:
     """An int8 MLP built from ``offload.mlp.QuantMLP.native_args()``.
 
-    ``forward1(x, out)`` runs one float32 input vector into a preallocated float32
+    ``act_bits`` (8 or 16) is the width of the activation codes (the
+    weights are int8 either way). ``forward1(x, out)`` runs one float32 input vector into a preallocated float32
     Q-vector without allocating; ``forward(X)`` runs a batch (rows of ``X``).
     """
 
@@ -174,13 +183,16 @@ cdef class Int8MLP:
         self.acc = NULL
         self.ybuf = NULL
 
-    def __init__(self, layers):
+    def __init__(self, layers, int act_bits=8):
         cdef const int16_t[:, ::1] W
         cdef const int32_t[::1] st
         cdef const float[::1] inv, zp, off
         cdef const float[:, ::1] mult
         cdef int l, width = 0, accsize = 0
         layers = list(layers)
+        if act_bits not in CODE_RANGE:
+            raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+        qlo, qhi = CODE_RANGE[act_bits]
         if not 1 <= len(layers) <= MAX_LAYERS:
             raise ValueError(f"need 1..{MAX_LAYERS} layers, got {len(layers)}")
         self.keep = []
@@ -202,6 +214,9 @@ cdef class Int8MLP:
                 raise ValueError(f"layer {l}: input {din} != previous output {self.L[l - 1].dout}")
             if l > 0 and nseg != 1:
                 raise ValueError(f"layer {l}: hidden inputs have one quantisation segment")
+            if act_bits == 16 and din > MAX_IN_16:
+                raise ValueError(f"layer {l}: {din} inputs; 16-bit activations allow at most "
+                                 f"{MAX_IN_16} (the int32 sums could overflow)")
             self.keep.extend([w_, st_, inv_, zp_, mult_, off_])
             W = w_; st = st_; inv = inv_; zp = zp_; mult = mult_; off = off_
             self.L[l].din = din
@@ -214,9 +229,12 @@ cdef class Int8MLP:
             self.L[l].seg_zp = &zp[0]
             self.L[l].mult = &mult[0, 0]
             self.L[l].offset = &off[0]
+            self.L[l].qlo = qlo
+            self.L[l].qhi = qhi
             width = max(width, din, dout)
             accsize = max(accsize, nseg * dout)
         self.nl = len(layers)
+        self.act_bits = act_bits
         self.width = width
         self.accsize = accsize
         self.input_size = self.L[0].din
@@ -246,7 +264,7 @@ cdef class Int8MLP:
             inv = lay.seg_inv[s]
             zp = lay.seg_zp[s]
             for i in range(lay.seg_start[s], lay.seg_start[s + 1]):
-                self.buf_a[i] = to_int8(x[i] * inv + zp)
+                self.buf_a[i] = to_code(x[i] * inv + zp, lay.qlo, lay.qhi)
         cur = self.buf_a
         nxt = self.buf_b
         for l in range(self.nl):
@@ -280,7 +298,7 @@ cdef class Int8MLP:
                     inv = lay.seg_inv[s]
                     zp = lay.seg_zp[s]
                     for i in range(lay.seg_start[s], lay.seg_start[s + 1]):
-                        A[r * w + i] = to_int8(X[r * lay.din + i] * inv + zp)
+                        A[r * w + i] = to_code(X[r * lay.din + i] * inv + zp, lay.qlo, lay.qhi)
             else:
                 memset(A + r * w, 0, lay.din * sizeof(int16_t))
         cur = A

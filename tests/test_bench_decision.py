@@ -69,11 +69,16 @@ def test_decision_native_int8(benchmark, setup):
 
 
 @pytest.mark.benchmark(group="decision")
-def test_decision_native_fused(benchmark, setup):
-    """The same steps in one native call (what the device loop runs)."""
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_decision_native_fused(benchmark, setup, act_bits):
+    """The same steps in one native call (what the device loop runs), with int8 or
+    16-bit activation codes (the trainer's default: docs/blob.md)."""
     from offload.decider import Decider
 
-    (N, P, M), _, q, metrics, gaps = setup
+    (N, P, M), layers, q, metrics, gaps = setup
+    if act_bits == 16:
+        q = mlp.quantize(layers, dqn_inputs(np.random.default_rng(8), 4000), segments=(0, H),
+                         act_bits=16)
     d = Decider(q.native(), HistoryRing(H, True), TokenBucket(N, P, M))
     ms, gs = metrics.tolist(), gaps.tolist()
     state = {"k": 0}

@@ -179,3 +179,28 @@ def test_version_1_blobs_still_read(dqn_policy):
         np.testing.assert_array_equal(b, lay.bias)   # version 1: one shared bias
     x = dqn_inputs(np.random.default_rng(0), 50)
     np.testing.assert_array_equal(back.qmlp.native().forward(x), dqn_policy.qmlp.native().forward(x))
+
+
+def test_16_bit_activations_round_trip_as_version_3(paper_net, dqn_policy):
+    (N, P, M), layers, _ = paper_net
+    rng = np.random.default_rng(5)
+    q16 = mlp.quantize(layers, dqn_inputs(rng, 2000), segments=(0, 96), act_bits=16)
+    dqn_policy.qmlp = q16
+    data = to_bytes(dqn_policy)
+    version, flags = struct.unpack_from("<H", data, 8)[0], struct.unpack_from("<I", data, 28)[0]
+    assert version == 3 and flags == blob.FLAG_INTERARRIVAL | blob.FLAG_ACT16
+    back = from_bytes(data)
+    assert back.qmlp.act_bits == 16
+    x = dqn_inputs(rng, 50)
+    np.testing.assert_array_equal(back.qmlp.native().forward(x), q16.native().forward(x))
+    # The same flag in a version 2 header is refused, not misread with 8-bit codes.
+    body = bytearray(data[:-4])
+    struct.pack_into("<H", body, 8, 2)
+    with pytest.raises(BlobError, match="unknown flags 0x3 for format version 2"):
+        from_bytes(_recrc(bytes(body)), "x.bin")
+
+
+def test_8_bit_activations_are_still_written_as_version_2(dqn_policy):
+    assert dqn_policy.qmlp.act_bits == 8
+    assert struct.unpack_from("<H", to_bytes(dqn_policy), 8)[0] == 2
+    assert from_bytes(to_bytes(dqn_policy)).qmlp.act_bits == 8

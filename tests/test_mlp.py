@@ -12,14 +12,54 @@ from conftest import dqn_inputs, random_network
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.sampled_from([1, 2, 5]),
-       st.booleans())
-def test_native_equals_numpy_int8_twin(seed, din_half, depth, two_segments):
+       st.booleans(), st.sampled_from([8, 16]))
+def test_native_equals_numpy_int8_twin(seed, din_half, depth, two_segments, bits):
     rng = np.random.default_rng(seed)
     din = 2 * din_half
     layers = random_network(rng, din, int(rng.integers(1, 90)), hidden=(int(rng.integers(1, 70)),) * depth)
     x = rng.normal(scale=3.0, size=(64, din)).astype(np.float32)
-    q = mlp.quantize(layers, x[:32], segments=(0, din_half) if two_segments else (0,))
+    # Calibrated on half the inputs, so the others also hit the clamps.
+    q = mlp.quantize(layers, x[:32], segments=(0, din_half) if two_segments else (0,),
+                     act_bits=bits)
+    assert q.native().act_bits == bits
     np.testing.assert_array_equal(q.native().forward(x), mlp.forward_int8(q, x))
+    np.testing.assert_array_equal(q.native().forward(x, threads=2), q.native().forward_rowwise(x))
+
+
+def test_16_bit_activations_leave_only_the_weight_error(rng):
+    """With weights exactly on their int8 grid, 16-bit codes track the float network
+    about 256 times closer than 8-bit ones."""
+    N, P, M = 1, 10, 40
+    layers = random_network(rng, 192, mlp.q_length(N, P, M))
+    # Evaluated on the calibration inputs themselves: no input is clamped.
+    calib = x = dqn_inputs(rng, 4000)
+    q8 = mlp.quantize(layers, calib, segments=(0, 96))
+    # The float network the int8 weights represent exactly.
+    grid = [(lay.w_int8.astype(np.float32) * lay.w_scale[:, None], b)
+            for lay, (_, b) in zip(q8.layers, layers)]
+    ref = mlp.forward_float(grid, x)
+    err = {}
+    for bits in (8, 16):
+        q = mlp.quantize(grid, calib, segments=(0, 96), act_bits=bits)
+        for lay, lay8 in zip(q.layers, q8.layers):  # the grid survives quantisation
+            np.testing.assert_array_equal(lay.w_int8, lay8.w_int8)
+        err[bits] = np.abs(q.native().forward(x) - ref).max()
+    assert err[16] < err[8] / 64, err
+
+
+def test_16_bit_activations_refuse_layers_that_could_overflow(rng):
+    from offload_native._mlp import MAX_IN_16
+    layers = random_network(rng, MAX_IN_16 + 1, 3, hidden=(4,))
+    calib = rng.normal(size=(16, MAX_IN_16 + 1)).astype(np.float32)
+    with pytest.raises(ValueError, match="at most 516 inputs"):
+        mlp.quantize(layers, calib, act_bits=16)
+    q = mlp.quantize(layers, calib)  # 8-bit codes have no such limit
+    with pytest.raises(ValueError, match="at most 516"):
+        Int8MLP(q.native_args(), 16)
+    with pytest.raises(ValueError, match="act_bits"):
+        Int8MLP(q.native_args(), 12)
+    with pytest.raises(ValueError, match="act_bits"):
+        mlp.quantize(layers, calib, act_bits=4)
 
 
 def test_int8_tracks_float_reference():
