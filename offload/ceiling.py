@@ -69,6 +69,11 @@ class Ceiling:
     sweeps : int
         Value-iteration sweeps run.
     converged : bool
+    W : float64 (G, S, M + 1)
+        Expected (relative) value after a decision that leaves ``m`` tokens,
+        in reward units: ``Q(n, 0) = gamma W[g, s, n]`` and
+        ``Q(n, 1) = f + gamma W[g, s, n - P]`` (see ``q_values``).
+    discount : float
     """
 
     theta: np.ndarray
@@ -76,6 +81,8 @@ class Ceiling:
     bins: int
     sweeps: int
     converged: bool
+    W: np.ndarray = None
+    discount: float = 0.9999
 
     def bin_of(self, location):
         """Bin of each location (array of ints in ``0 .. n_images-1``)."""
@@ -217,7 +224,7 @@ def ceiling_policy(raw_metric, N, P, M, choice="iid", spread=0.1, rprob=0.1,
         if sweeps > 1 and float(moved.max(initial=0.0)) <= tol:
             converged = True
             break
-    return Ceiling(theta, n, G, sweeps, converged)
+    return Ceiling(theta, n, G, sweeps, converged, W, discount)
 
 
 def run_ceiling(ceiling, streams, N, P, M, name="ceiling"):

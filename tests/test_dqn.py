@@ -23,11 +23,11 @@ from training import dqn  # noqa: E402
 # A run small enough for tests: a few seconds on one core.
 TINY = dict(T=9, layers=2, width=16, iterations=30, steps=4, batch=64, validate_every=5,
             train_streams=2, train_length=3000, val_streams=2, val_length=1000, test_streams=2,
-            test_length=1000, calib_states=2000, threads=1, device="cpu")
+            test_length=1000, calib_states=2000, int8_tune=5, threads=1, device="cpu")
 TINY_FLAGS = ["-T", "9", "--layers", "2", "--width", "16", "--iterations", "30", "--steps", "4",
               "--batch", "64", "--validate-every", "5", "--train-streams", "2",
               "--train-length", "3000", "--val-streams", "2", "--val-length", "1000",
-              "--test-streams", "2", "--test-length", "1000", "--threads", "1",
+              "--test-streams", "2", "--test-length", "1000", "--int8-tune", "5", "--threads", "1",
               "--device", "cpu", "--quiet"]
 
 
@@ -234,6 +234,47 @@ def test_int8_policy_agrees_with_float(small_profile):
     assert abs(res.avg_loss - f.avg_loss) <= 0.001
 
 
+@pytest.mark.parametrize("markov", [False, True])
+def test_int8_tuning_puts_the_float_policy_on_the_int8_grid(small_profile, markov):
+    """After tuning, the blob's float reference is an on-grid network that quantisation
+    keeps exactly, so the int8 policy (16-bit activations) decides like it."""
+    tr = _trainer(small_profile, markov=markov, int8_tune=12, val_streams=4, val_length=5000)
+    tr.run()
+    layers, q = tr.int8_policy()
+    assert q.act_bits == 16 and tr.cfg.activation_bits == 16
+    for (w, b), lay, (wf, bf) in zip(layers, q.layers, q.float_layers):
+        np.testing.assert_array_equal(lay.w_int8.astype(np.float32) * lay.w_scale[:, None], w)
+        np.testing.assert_array_equal(mlp.weight_grid(w), w)
+        np.testing.assert_array_equal(wf, w)
+    t = tr.int8_tuning
+    assert t["iterations"] == 12 and len(t["curve"]) == 12 // tr.cfg.validate_every + 1
+    # The kept network is the best validated one, the rounded untuned network included.
+    assert t["val_best"] == max([t["val_rounded"]] + [c["dqn"] for c in t["curve"]])
+    res_f = simulate.run_dqn(layers, tr.val, 1, 10, 40, tr.cfg.H, markov)
+    assert res_f.mean_reward == pytest.approx(t["val_best"], abs=1e-12)
+    res_q = simulate.run_dqn(q, tr.val, 1, 10, 40, tr.cfg.H, markov, trace=True)
+    agree = dqn.int8_agreement(layers, tr.val, 1, 10, 40, tr.cfg.H, markov, res_q)
+    assert agree["n_ge_P"] >= 0.995, agree
+    assert abs(res_q.avg_loss - res_f.avg_loss) <= 0.001
+
+
+def test_without_tuning_the_best_network_is_quantised_as_it_is(small_profile):
+    tr = _trainer(small_profile, int8_tune=0, act_bits=8)
+    tr.run()
+    layers, q = tr.int8_policy()
+    assert tr.int8_tuning is None and q.act_bits == 8
+    for (w, _), (w0, _) in zip(layers, tr.best_layers()):
+        np.testing.assert_array_equal(w, w0)
+
+
+def test_activation_width_follows_the_widest_layer():
+    assert dqn.DQNConfig(T=97, interarrival=True).activation_bits == 16
+    assert dqn.DQNConfig(T=300, interarrival=True).activation_bits == 8   # 598 inputs
+    with pytest.raises(ValueError, match="act_bits=16 allows at most 516 inputs"):
+        dqn.DQNConfig(T=300, interarrival=True, act_bits=16).validate()
+    assert dqn.DQNConfig(T=300, interarrival=True, act_bits=8).validate().activation_bits == 8
+
+
 def test_checkpoint_resume_continues_where_it_stopped(small_profile, tmp_path):
     tr = _trainer(small_profile, tmp_path, iterations=10)
     tr.run()
@@ -264,6 +305,48 @@ def test_checkpoint_for_another_bucket_or_layout_is_refused(small_profile, tmp_p
         _ = dqn.Trainer(d, tr.sc, tr.cfg, "another-profile").restore(path)
 
 
+def test_ceiling_targets_hand_worked():
+    # N, P, M = 1, 2, 3: Q(n,0) = g W[n] for n = 1..3, Q(n,1) = f + g W[n-2] for n = 2..3.
+    W = torch.tensor([[0.0, 1.0, 2.0, 4.0]], dtype=torch.float64)
+    got = dqn.ceiling_targets(W, torch.tensor([0.5]), 1, 2, 3, 0.5)
+    np.testing.assert_allclose(got.numpy(), [[0.5, 1.0, 2.0, 0.5 + 0.0, 0.5 + 0.5]])
+
+
+@pytest.mark.parametrize("markov", [False, True])
+def test_ceiling_targets_follow_the_ceilings_own_decisions(small_profile, markov):
+    """Each training tuple's target prefers offloading exactly where the ceiling offloads."""
+    tr = _trainer(small_profile, markov=markov, targets="ceiling")
+    N, P, M = tr.sc.N, tr.sc.P, tr.sc.M
+    x, tq = tr.sample_targets(4000)
+    assert x.shape == (4000, tr.din) and tq.shape == (4000, mlp.q_length(N, P, M))
+    # The same positions again, from the same generator state.
+    tr.rng = np.random.default_rng([tr.cfg.seed, 303])
+    s, k = tr.replay.positions(tr.rng, 4000)
+    np.testing.assert_array_equal(x.numpy(), tr.replay.tuples(s, k)[0])
+    theta = tr.ceiling.theta[tr.ceil_g[s, k], tr.ceil_s[s, k]]          # (B, M+1)
+    f = tr.ceil_f[s, k].astype(np.float64)
+    q = tq.numpy().astype(np.float64)
+    for n in range(P, M + 1):
+        d = q[:, mlp.q_index(n, 1, N, P, M)] - q[:, mlp.q_index(n, 0, N, P, M)]
+        np.testing.assert_allclose(d, f - theta[:, n], atol=2e-5)
+    assert len(np.unique(tr.ceil_g)) > (1 if not markov else 0)
+    if markov:
+        assert set(np.unique(tr.ceil_s)) == {0, 1}
+
+
+def test_training_on_ceiling_targets_reduces_the_loss_and_checkpoints(small_profile, tmp_path):
+    tr = _trainer(small_profile, targets="ceiling")
+    losses = [tr.iterate() for _ in range(30)]
+    assert np.mean(losses[-5:]) < 0.5 * losses[0]
+    tr = _trainer(small_profile, tmp_path, targets="ceiling", iterations=10)
+    layers = tr.run()
+    res = simulate.run_dqn(layers, tr.val, 1, 10, 40, tr.cfg.H, False)
+    assert res.mean_reward == pytest.approx(tr.best_val, abs=1e-12)
+    # Its checkpoint does not resume a Q-learning run, nor the other way round.
+    with pytest.raises(dqn.CheckpointError, match="network layout"):
+        _trainer(small_profile).restore(str(tmp_path / "run.ckpt"))
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04broken zip"])
 def test_corrupt_checkpoint_is_refused(small_profile, tmp_path, content):
     path = tmp_path / "bad.ckpt"
@@ -276,6 +359,8 @@ def test_corrupt_checkpoint_is_refused(small_profile, tmp_path, content):
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="discount"):
         dqn.DQNConfig(discount=1.0).validate()
+    with pytest.raises(ValueError, match="targets"):
+        dqn.DQNConfig(targets="oracle").validate()
     with pytest.raises(ValueError, match="unknown preset"):
         dqn.preset("slow")
     assert dqn.preset("paper").steps * dqn.preset("paper").batch * 4000 == 65_536_000

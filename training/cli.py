@@ -474,6 +474,18 @@ def _dqn_options(command):
                      show_default=True,
                      help="Targets less the mean of the whole batch (SPEC section 6, the "
                           "published code) or of each tuple's own row; see docs/dqn.md."),
+        click.option("--act-bits", type=click.Choice(["auto", "8", "16"]), default="auto",
+                     show_default=True,
+                     help="Activation width of the device network (weights are int8 either "
+                          "way); auto: 16 unless a layer has over 516 inputs, then 8."),
+        click.option("--int8-tune", type=click.IntRange(0), default=None,
+                     help="Iterations of quantisation-aware tuning after training, weights "
+                          "held on the int8 grid (0: none)  [default: 200]"),
+        click.option("--targets", type=click.Choice(["q", "ceiling"]), default=None,
+                     help="q: Q-learning (SPEC section 6; the paper preset's); ceiling: "
+                          "regression on the structure-aware ceiling's Q-values at the "
+                          "generator's hidden state (the quick preset's; not SPEC, see "
+                          "docs/dqn.md)."),
         click.option("--lr", type=float, help="Initial Adam learning rate."),
         click.option("--lr-decay", type=float,
                      help="Factor applied to the learning rate when validation stops improving."),
@@ -511,7 +523,8 @@ def _dqn_options(command):
 @scenario_options
 @_dqn_options
 def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov, seed,
-        preset, out, T, interarrival, layers, width, discount, shift, lr, lr_decay, lr_min,
+        preset, out, T, interarrival, layers, width, discount, shift, targets, act_bits, int8_tune,
+        lr, lr_decay, lr_min,
         patience, batch, steps, iterations, time_limit, validate_every, train_streams, train_length,
         val_streams, val_length, test_streams, test_length, threads, device, checkpoint, resume,
         quiet):
@@ -546,7 +559,9 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     use_ia = {"on": True, "off": False, "auto": arrivals != "periodic"}[interarrival]
     try:
         cfg = D.preset(preset, T=T, interarrival=use_ia, layers=layers, width=width,
-                       discount=discount, shift=shift, lr=lr, lr_decay=lr_decay, lr_min=lr_min,
+                       discount=discount, shift=shift, targets=targets,
+                       act_bits={"auto": 0, "8": 8, "16": 16}[act_bits], int8_tune=int8_tune,
+                       lr=lr, lr_decay=lr_decay, lr_min=lr_min,
                        patience=patience, batch=batch, steps=steps, iterations=iterations,
                        time_limit=time_limit, validate_every=validate_every,
                        train_streams=train_streams, train_length=train_length,
@@ -592,8 +607,26 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     click.echo(f"training: {trainer.stopped_by} after {trainer.iteration} iterations, "
                f"{trainer.train_seconds:.0f} s; best validation {trainer.best_val:.5f} at "
                f"iteration {trainer.best_iteration}", err=True)
-    qmlp = trainer.quantize(layers_f)
     interrupted = trainer.stopped_by.startswith("stopped by")
+    if interrupted or not cfg.int8_tune:
+        # Stopped by a signal: keep the best policy now, without tuning.
+        qmlp = trainer.quantize(layers_f)
+    else:
+        tbar = tqdm(total=cfg.int8_tune, unit="it", desc="int8 tuning",
+                    disable=True if quiet else None, dynamic_ncols=True)
+
+        def tshow(i, n, val):
+            if val == val:
+                tbar.set_postfix_str(f"val dqn {val:.5f}", refresh=False)
+            tbar.update(1)
+
+        layers_f, qmlp = trainer.int8_policy(tshow)
+        tbar.close()
+        t = trainer.int8_tuning
+        click.echo(f"int8 tuning: {t['iterations']} iterations, {t['seconds']:.0f} s; validation "
+                   f"{t['val_before']:.5f} trained, {t['val_rounded']:.5f} with weights rounded, "
+                   f"{t['val_best']:.5f} best on the grid (iteration {t['best_iteration']})",
+                   err=True)
     meta = {"name": "dqn", "rate": rate, "depth": depth,
             "profile": profile_label or f"synthetic({synthetic})", "choice": choice,
             "arrivals": arrivals, "iterations": trainer.iteration,

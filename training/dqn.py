@@ -26,6 +26,16 @@ only the value of the context itself (the network then learns Q-values up
 to a constant per input). On the committed profile both give the same test
 results in the paper's Fig. 7 and Fig. 10 settings (docs/dqn.md).
 
+The targets (``DQNConfig.targets``). ``"q"``, the default, is the Q-learning
+above (SPEC section 6). ``"ceiling"`` is not Q-learning: it regresses the
+network on the structure-aware ceiling's Q-values (``offload.ceiling``) at
+the generator's true hidden state (location, arrival state) of each training
+position, ``Q(n, 0) = g W[n]``, ``Q(n, 1) = f + g W[n - P]`` (``f`` the
+image's expected reward). The network still sees only the history, so it
+learns the ceiling's Q-values as well as the history reveals the hidden
+state. It needs sequences from this project's generators (their hidden state
+is known only there); docs/dqn.md compares the two.
+
 Units: ``N, P, M`` and ``n`` are scaled tokens; inter-arrival times are slots;
 metrics are standardised (training mean and standard deviation).
 
@@ -54,6 +64,7 @@ from offload.ring import input_size
 
 __all__ = [
     "Scenario", "DQNConfig", "PRESETS", "Data", "Replay", "q_targets", "q_targets_reference",
+    "ceiling_targets",
     "build_network", "export_layers", "prepare_data", "Trainer", "CheckpointError",
     "profile_fingerprint", "evaluate",
 ]
@@ -102,8 +113,14 @@ class DQNConfig:
     share of the iterations (the published schedule). Validation every
     ``validate_every`` iterations on ``val_streams x val_length`` images.
     ``shift`` is ``"batch"`` (SPEC section 6's one mean per batch, the
-    default) or ``"row"`` (each tuple's targets less their own mean); see the
-    module docstring.
+    default) or ``"row"`` (each tuple's targets less their own mean);
+    ``targets`` is ``"q"`` (SPEC section 6's Q-learning, the default) or
+    ``"ceiling"`` (regression on the structure-aware ceiling's Q-values); see
+    the module docstring. ``act_bits`` is the device network's activation
+    width (8 or 16; weights are int8 either way; 0: 16 where every layer has
+    at most ``offload.mlp.MAX_IN_16`` inputs, else 8: see ``activation_bits``) and ``int8_tune`` the
+    iterations of quantisation-aware tuning after training (0: none), see
+    ``Trainer.int8_policy``.
     """
 
     T: int = 97
@@ -112,6 +129,9 @@ class DQNConfig:
     width: int = 64
     discount: float = 0.9999
     shift: str = "batch"
+    targets: str = "q"
+    act_bits: int = 0
+    int8_tune: int = 200
     lr: float = 1e-3
     lr_decay: float = 0.3
     lr_min: float = 1e-5
@@ -134,6 +154,16 @@ class DQNConfig:
     device: str = "cpu"
     seed: int = 0
 
+    def _widest(self):
+        return max(input_size(max(self.H, 1), self.interarrival), self.width)
+
+    @property
+    def activation_bits(self):
+        """``act_bits``, with 0 (auto) resolved: 16 where every layer allows it, else 8."""
+        if self.act_bits:
+            return self.act_bits
+        return 16 if self._widest() <= mlp.MAX_IN_16 else 8
+
     @property
     def H(self):
         """Past values of each kind in the input (``T - 1``)."""
@@ -147,6 +177,12 @@ class DQNConfig:
             ("width", self.width >= 1, "must be >= 1"),
             ("discount", 0 < self.discount < 1, "must be in (0, 1)"),
             ("shift", self.shift in ("batch", "row"), "must be batch or row"),
+            ("targets", self.targets in ("q", "ceiling"), "must be q or ceiling"),
+            ("act_bits", self.act_bits in (0, 8, 16), "must be 8, 16 or 0 (auto)"),
+            ("act_bits", self.act_bits != 16 or self._widest() <= mlp.MAX_IN_16,
+             f"allows at most {mlp.MAX_IN_16} inputs per layer (input "
+             f"{input_size(max(self.H, 1), self.interarrival)}, width {self.width}); use 8"),
+            ("int8_tune", self.int8_tune >= 0, "must be >= 0 (0: no tuning)"),
             ("lr", self.lr > 0, "must be > 0"),
             ("lr_decay", 0 < self.lr_decay < 1, "must be in (0, 1)"),
             ("lr_min", 0 < self.lr_min <= self.lr, "must be in (0, lr]"),
@@ -176,7 +212,7 @@ class DQNConfig:
 
 PRESETS = {
     # Reaches the quality bar of docs/dqn.md in a few minutes on 2 cores.
-    "quick": dict(iterations=3000, steps=32, batch=256, lr=1e-3, lr_decay=0.3, lr_min=1e-5,
+    "quick": dict(targets="ceiling", iterations=3000, steps=32, batch=256, lr=1e-3, lr_decay=0.3, lr_min=1e-5,
                   patience=8, validate_every=25, time_limit=540.0, train_streams=16,
                   train_length=100_000, val_streams=32, val_length=20_000, test_streams=20,
                   test_length=100_000),
@@ -275,9 +311,13 @@ class Replay:
         self.din = input_size(H, use_interarrival)
         self._rev = np.arange(H, -1, -1)
 
+    def positions(self, rng, B):
+        """``B`` uniform random positions ``(s, k)``, ``k`` in ``0..L-2`` (so ``x'`` exists)."""
+        return rng.integers(0, self.S, size=B), rng.integers(0, self.L - 1, size=B)
+
     def sample(self, rng, B):
-        """``B`` tuples at uniform random positions (``k`` in ``0..L-2``): see ``tuples``."""
-        return self.tuples(rng.integers(0, self.S, size=B), rng.integers(0, self.L - 1, size=B))
+        """``B`` tuples at uniform random positions: see ``positions`` and ``tuples``."""
+        return self.tuples(*self.positions(rng, B))
 
     def tuples(self, s, k):
         """Training tuples ``(x, x', R, I)`` at positions ``k`` of sequences ``s``.
@@ -326,6 +366,20 @@ def q_targets(q_next, R, I, N, P, M, discount):
     idx1 = torch.clamp(n[:, P - N:] - P + refill, max=M) - N
     t0 = discount * best.gather(1, idx0)
     t1 = R.to(q_next.dtype)[:, None] + discount * best.gather(1, idx1)
+    return torch.cat([t0, t1], dim=1)
+
+
+def ceiling_targets(W, f, N, P, M, discount):
+    """Regression targets from the structure-aware ceiling (torch), Q-vector layout.
+
+    ``W`` (B, M+1): the ceiling's value after a decision leaving ``m``
+    tokens (``offload.ceiling.Ceiling.W``) at each tuple's hidden state;
+    ``f`` (B,) the image's expected reward. ``Q(n, 0) = g W[n]`` for
+    ``n = N..M`` and ``Q(n, 1) = f + g W[n - P]`` for ``n = P..M``, so
+    ``Q(n, 1) - Q(n, 0) = f - theta[n]``: the ceiling's own decision.
+    """
+    t0 = discount * W[:, N:M + 1]
+    t1 = f.to(W.dtype)[:, None] + discount * W[:, 0:M - P + 1]
     return torch.cat([t0, t1], dim=1)
 
 
@@ -398,6 +452,43 @@ def export_layers(net, H, use_interarrival, ia_scale):
     return layers
 
 
+class GridMLP(nn.Module):
+    """Exported float layers (raw-slot inputs) trained with their weights on the int8 grid.
+
+    The forward pass uses each weight matrix rounded to ``offload.mlp.weight_grid``
+    (one scale per row, as ``quantize`` sets them); gradients pass the rounding
+    unchanged (straight-through), so the latent weights keep learning while the
+    network that is judged is always the on-grid one.
+    """
+
+    def __init__(self, layers):
+        super().__init__()
+        self.w = nn.ParameterList([nn.Parameter(torch.from_numpy(np.array(w, np.float32)))
+                                   for w, _ in layers])
+        self.b = nn.ParameterList([nn.Parameter(torch.from_numpy(np.array(b, np.float32)))
+                                   for _, b in layers])
+
+    @staticmethod
+    def _grid(w):
+        amax = w.detach().abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        return torch.clamp(torch.round(w.detach() / scale), -127, 127) * scale
+
+    def forward(self, x):
+        h = x
+        for i, (w, b) in enumerate(zip(self.w, self.b)):
+            wq = w + (self._grid(w) - w.detach())   # straight-through rounding
+            h = h @ wq.T + b
+            if i + 1 < len(self.w):
+                h = torch.nn.functional.leaky_relu(h, float(mlp.LEAKY_SLOPE))
+        return h
+
+    def grid_layers(self):
+        """The on-grid network as float32 numpy ``(weight, bias)`` layers."""
+        return [(mlp.weight_grid(w.detach().cpu().numpy()), b.detach().cpu().numpy().copy())
+                for w, b in zip(self.w, self.b)]
+
+
 def center_output(layers):
     """The same decisions with the output's common part removed (for int8).
 
@@ -442,11 +533,14 @@ class CheckpointError(ValueError):
 
 def _identity(scenario, config, fingerprint):
     """What a checkpoint must match to be resumed: bucket, generators, layout, profile."""
+    layout = {"T": config.T, "interarrival": config.interarrival, "layers": config.layers,
+              "width": config.width, "shift": config.shift}
+    if config.targets != "q":  # absent for Q-learning, so older checkpoints still resume
+        layout["targets"] = config.targets
     return {
         "bucket": [scenario.N, scenario.P, scenario.M],
         "scenario": json.loads(json.dumps(asdict(scenario))),
-        "layout": {"T": config.T, "interarrival": config.interarrival, "layers": config.layers,
-                   "width": config.width, "shift": config.shift},
+        "layout": layout,
         "profile": fingerprint,
     }
 
@@ -584,6 +678,8 @@ class Trainer:
         ia_scale = float(train.interarrival.mean()) if config.interarrival else 1.0
         self.replay = Replay(train, config.H, config.interarrival, ia_scale)
         self.val = data.streams(scenario, "val", config.val_length, config.val_streams, seed + 202)
+        if config.targets == "ceiling":
+            self._init_ceiling(train)
         # MDP and Baseline from the training images, as offload-sim trains them.
         tr_ia = train.interarrival.ravel() if scenario.arrivals != "periodic" else None
         self.theta_mdp = policies.mdp_thresholds(data.metric[data.train], data.reward[data.train],
@@ -610,6 +706,28 @@ class Trainer:
         self.train_seconds = 0.0
         self.iter_seconds = []   # wall time of each iteration (without validation)
         self.stopped_by = None
+        self.int8_tuning = None  # set by tune_int8
+
+    def _init_ceiling(self, train):
+        """The ceiling on the training images and the hidden state of every training position."""
+        from offload import ceiling
+
+        sc, cfg, data = self.sc, self.cfg, self.data
+        hidden = data.streams(sc, "train", cfg.train_length, cfg.train_streams, cfg.seed + 101,
+                              hidden=True)
+        if not np.array_equal(hidden.metric, train.metric):  # the generators must repeat
+            raise RuntimeError("training sequences with hidden state differ from the others")
+        tr = data.train
+        ceil = ceiling.ceiling_policy(data.raw_metric[tr], sc.N, sc.P, sc.M, sc.choice, sc.spread,
+                                      sc.rprob, sc.arrivals, tuple(sc.markov),
+                                      metric=data.metric[tr], discount=cfg.discount,
+                                      seed=cfg.seed + 505)
+        self.ceiling = ceil
+        self.ceil_g = ceil.bin_of(hidden.location).astype(np.int16 if ceil.bins < 2**15
+                                                          else np.int32)
+        self.ceil_s = hidden.arrival_state.astype(np.int8)
+        self.ceil_f = hidden.raw_metric
+        self.ceil_W = torch.from_numpy(ceil.W.astype(np.float32)).to(self.device)
 
     # ---------------------------------------------------------------- state
 
@@ -673,10 +791,18 @@ class Trainer:
     def sample_targets(self, B):
         """``B`` tuples from the replay and their mean-shifted targets, as tensors on the device."""
         cfg, sc, dev = self.cfg, self.sc, self.device
-        x, xn, R, I = self.replay.sample(self.rng, B)
+        s, k = self.replay.positions(self.rng, B)
+        x, xn, R, I = self.replay.tuples(s, k)
         with torch.no_grad():
-            tq = q_targets(self.target(torch.from_numpy(xn).to(dev)), torch.from_numpy(R).to(dev),
-                           torch.from_numpy(I).to(dev), sc.N, sc.P, sc.M, cfg.discount)
+            if cfg.targets == "ceiling":
+                W = self.ceil_W[torch.from_numpy(self.ceil_g[s, k]).long().to(dev),
+                                torch.from_numpy(self.ceil_s[s, k]).long().to(dev)]
+                tq = ceiling_targets(W, torch.from_numpy(self.ceil_f[s, k]).to(dev),
+                                     sc.N, sc.P, sc.M, cfg.discount)
+            else:
+                tq = q_targets(self.target(torch.from_numpy(xn).to(dev)),
+                               torch.from_numpy(R).to(dev), torch.from_numpy(I).to(dev),
+                               sc.N, sc.P, sc.M, cfg.discount)
             if cfg.shift == "row":
                 tq -= tq.mean(dim=1, keepdim=True)
             else:
@@ -779,6 +905,99 @@ class Trainer:
         return center_output(export_layers(net, self.cfg.H, self.cfg.interarrival,
                                            self.replay.ia_scale))
 
+    def int8_policy(self, on_progress=None):
+        """``(float layers, QuantMLP)``: the policy the blob carries, from the best network.
+
+        With ``int8_tune > 0`` (the default) the best network is equalised
+        (``offload.mlp.equalize``, the same function), then tuned for
+        ``int8_tune`` iterations with its weights held on the int8 grid
+        (``GridMLP``) on the training targets shifted per row (the centred
+        output layer has a zero mean row, so the row shift is what it can
+        match), validating every ``validate_every`` and keeping the best
+        on-grid network, which may be the untuned one rounded. The float
+        reference is then that on-grid network, and ``quantize`` keeps its
+        weights exactly: the int8 policy differs from it only by activation
+        rounding (negligible with 16-bit activations). ``on_progress(i, n, val)``
+        is called after each tuning iteration. Without tuning, the best
+        network is quantised as it is (``quantize``).
+        """
+        layers = self.best_layers()
+        if not self.cfg.int8_tune:
+            return layers, self.quantize(layers)
+        tuned = self.tune_int8(layers, on_progress)
+        q = mlp.quantize(tuned, self._calibration(), segments=self._segments(),
+                         act_bits=self.cfg.activation_bits)
+        return tuned, mlp.correct_bias(q, self._calibration())
+
+    def _calibration(self, count=None):
+        rng = np.random.default_rng([self.cfg.seed, 404])
+        return self.replay.raw_states(rng, count or self.cfg.calib_states)
+
+    def _segments(self):
+        return (0, self.cfg.H) if self.cfg.interarrival else (0,)
+
+    def _validate_layers(self, layers):
+        return simulate.run_dqn(_float_forward(layers, self.device), self.val, self.sc.N,
+                                self.sc.P, self.sc.M, self.cfg.H,
+                                self.cfg.interarrival).mean_reward
+
+    def tune_int8(self, layers, on_progress=None):
+        """Quantisation-aware tuning (see ``int8_policy``); returns on-grid float layers.
+
+        Records ``self.int8_tuning`` (validation before and after, iterations,
+        the best one) for the report. Ctrl+C / SIGTERM stop it early with the
+        best on-grid network so far.
+        """
+        cfg, sc, dev = self.cfg, self.sc, self.device
+        t0 = time.perf_counter()
+        net = GridMLP(mlp.equalize(layers, self._calibration())).to(dev)
+        raw = torch.ones(self.din, device=dev)
+        if cfg.interarrival:  # replay inputs hold inter-arrival times / ia_scale
+            raw[cfg.H:] = self.replay.ia_scale
+        best = net.grid_layers()
+        best_val = self._validate_layers(best)
+        rec = {"iterations": 0, "best_iteration": 0, "val_rounded": best_val,
+               "val_before": self.best_val, "curve": []}
+        opt = _adam(net.parameters(), self.lr)
+        with _StopFlag() as flag:
+            for it in range(1, cfg.int8_tune + 1):
+                s, k = self.replay.positions(self.rng, cfg.steps * cfg.batch)
+                x, xn, R, I = self.replay.tuples(s, k)
+                x = torch.from_numpy(x).to(dev) * raw
+                with torch.no_grad():
+                    if cfg.targets == "ceiling":
+                        W = self.ceil_W[torch.from_numpy(self.ceil_g[s, k]).long().to(dev),
+                                        torch.from_numpy(self.ceil_s[s, k]).long().to(dev)]
+                        tq = ceiling_targets(W, torch.from_numpy(self.ceil_f[s, k]).to(dev),
+                                             sc.N, sc.P, sc.M, cfg.discount)
+                    else:
+                        qn = net(torch.from_numpy(xn).to(dev) * raw)
+                        tq = q_targets(qn, torch.from_numpy(R).to(dev),
+                                       torch.from_numpy(I).to(dev), sc.N, sc.P, sc.M,
+                                       cfg.discount)
+                    tq -= tq.mean(dim=1, keepdim=True)
+                for j in range(cfg.steps):
+                    sl = slice(j * cfg.batch, (j + 1) * cfg.batch)
+                    loss = torch.mean((net(x[sl]) - tq[sl]) ** 2)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                val = float("nan")
+                if it % cfg.validate_every == 0 or it == cfg.int8_tune:
+                    cand = net.grid_layers()
+                    val = self._validate_layers(cand)
+                    rec["curve"].append({"iteration": it, "dqn": val})
+                    if val > best_val:
+                        best, best_val, rec["best_iteration"] = cand, val, it
+                rec["iterations"] = it
+                if on_progress:
+                    on_progress(it, cfg.int8_tune, val)
+                if flag.stop:
+                    break
+        rec.update(val_best=best_val, seconds=time.perf_counter() - t0)
+        self.int8_tuning = rec
+        return best
+
     def quantize(self, layers, count=None):
         """Int8 network calibrated on states from the training sequences.
 
@@ -788,10 +1007,9 @@ class Trainer:
         states is taken out of its bias (``offload.mlp.correct_bias``). The
         returned ``QuantMLP`` carries the equalised float layers.
         """
-        rng = np.random.default_rng([self.cfg.seed, 404])
-        calib = self.replay.raw_states(rng, count or self.cfg.calib_states)
-        segments = (0, self.cfg.H) if self.cfg.interarrival else (0,)
-        q = mlp.quantize(mlp.equalize(layers, calib), calib, segments=segments)
+        calib = self._calibration(count)
+        q = mlp.quantize(mlp.equalize(layers, calib), calib, segments=self._segments(),
+                         act_bits=self.cfg.activation_bits)
         return mlp.correct_bias(q, calib)
 
 
@@ -953,6 +1171,8 @@ def report(trainer, prof, profile_path, preset_name, rows, extra, out, png, chec
             "validation_baseline_reward": trainer.val_base,
             "curve": trainer.curve,
         },
+        # Quantisation-aware tuning (Trainer.int8_policy); None when it did not run.
+        "int8_tuning": trainer.int8_tuning,
         "test": rows,
         # No test report (extra None) when training was interrupted.
         "int8": {k: v for k, v in extra.items() if k != "ceiling"} if extra else None,

@@ -137,7 +137,7 @@ SCALES = {
     "smoke": ("quick", dict(layers=2, width=16, iterations=6, steps=4, batch=64,
                             validate_every=3, time_limit=0.0, train_streams=2, train_length=3000,
                             val_streams=2, val_length=1000, test_streams=2, test_length=2000,
-                            calib_states=1000)),
+                            calib_states=1000, int8_tune=3)),
     "quick": ("quick", dict(time_limit=240.0, test_streams=10, test_length=100_000)),
     "paper": ("paper", {}),
 }
@@ -174,7 +174,7 @@ SCENARIO_KEYS = {
                                           "(default: --seed)"),
 }
 #: DQN settings a grid may change (the rest: the scale's schedule, --threads).
-CONFIG_KEYS = ("layers", "width", "discount", "shift", "lr", "lr_decay", "lr_min",
+CONFIG_KEYS = ("layers", "width", "discount", "shift", "targets", "act_bits", "int8_tune", "lr", "lr_decay", "lr_min",
                "lr_final_share", "patience", "batch", "steps", "iterations", "time_limit",
                "validate_every", "train_streams", "train_length", "val_streams", "val_length",
                "test_streams", "test_length", "calib_states", "holdout")
@@ -525,8 +525,7 @@ def run_point(point, config, prof, fingerprint, threads=1):
     trainer = _train(data, train_sc, config, fingerprint)
     if trainer.stopped_by.startswith("stopped by"):
         raise PointInterrupted(trainer.stopped_by)
-    layers = trainer.best_layers()
-    qmlp = trainer.quantize(layers)
+    layers, qmlp = trainer.int8_policy()
     tester = copy.copy(trainer)  # the trained policies, judged on the test scenario
     tester.sc = test_sc
     rows, extra = D.evaluate(tester, layers, qmlp, p["rate"], threads=threads)
