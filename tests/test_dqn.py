@@ -267,6 +267,25 @@ def test_without_tuning_the_best_network_is_quantised_as_it_is(small_profile):
         np.testing.assert_array_equal(w, w0)
 
 
+def test_ema_judges_and_keeps_the_weight_average(small_profile, tmp_path):
+    tr = _trainer(small_profile, ema=0.5)
+    before = {k: v.clone() for k, v in tr.ema_state.items()}
+    tr.iterate()
+    tr._update_ema()
+    for k, v in tr.net.state_dict().items():
+        torch.testing.assert_close(tr.ema_state[k], 0.5 * before[k] + 0.5 * v)
+    tr = _trainer(small_profile, tmp_path, ema=0.9, iterations=10)
+    layers = tr.run()
+    assert any(not torch.equal(tr.ema_state[k], v) for k, v in tr.net.state_dict().items())
+    res = simulate.run_dqn(layers, tr.val, 1, 10, 40, tr.cfg.H, False)
+    assert res.mean_reward == pytest.approx(tr.best_val, abs=1e-12)
+    # A resumed run goes on from the same average.
+    tr2 = _trainer(small_profile, tmp_path, ema=0.9, iterations=20)
+    tr2.restore(str(tmp_path / "run.ckpt"))
+    for k, v in tr.ema_state.items():
+        assert torch.equal(tr2.ema_state[k], v)
+
+
 def test_activation_width_follows_the_widest_layer():
     assert dqn.DQNConfig(T=97, interarrival=True).activation_bits == 16
     assert dqn.DQNConfig(T=300, interarrival=True).activation_bits == 8   # 598 inputs

@@ -478,6 +478,9 @@ def _dqn_options(command):
                      show_default=True,
                      help="Activation width of the device network (weights are int8 either "
                           "way); auto: 16 unless a layer has over 516 inputs, then 8."),
+        click.option("--ema", type=click.FloatRange(0, 1, max_open=True), default=None,
+                     help="Validate (and keep) an exponential average of the weights, this "
+                          "decay per iteration (0: the weights themselves)."),
         click.option("--int8-tune", type=click.IntRange(0), default=None,
                      help="Iterations of quantisation-aware tuning after training, weights "
                           "held on the int8 grid (0: none)  [default: 200]"),
@@ -523,8 +526,8 @@ def _dqn_options(command):
 @scenario_options
 @_dqn_options
 def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov, seed,
-        preset, out, T, interarrival, layers, width, discount, shift, targets, act_bits, int8_tune,
-        lr, lr_decay, lr_min,
+        preset, out, T, interarrival, layers, width, discount, shift, targets, act_bits, ema,
+        int8_tune, lr, lr_decay, lr_min,
         patience, batch, steps, iterations, time_limit, validate_every, train_streams, train_length,
         val_streams, val_length, test_streams, test_length, threads, device, checkpoint, resume,
         quiet):
@@ -561,7 +564,7 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
         cfg = D.preset(preset, T=T, interarrival=use_ia, layers=layers, width=width,
                        discount=discount, shift=shift, targets=targets,
                        act_bits={"auto": 0, "8": 8, "16": 16}[act_bits], int8_tune=int8_tune,
-                       lr=lr, lr_decay=lr_decay, lr_min=lr_min,
+                       ema=ema, lr=lr, lr_decay=lr_decay, lr_min=lr_min,
                        patience=patience, batch=batch, steps=steps, iterations=iterations,
                        time_limit=time_limit, validate_every=validate_every,
                        train_streams=train_streams, train_length=train_length,
@@ -627,6 +630,9 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
                    f"{t['val_before']:.5f} trained, {t['val_rounded']:.5f} with weights rounded, "
                    f"{t['val_best']:.5f} best on the grid (iteration {t['best_iteration']})",
                    err=True)
+        if t["stopped_by"]:  # a signal during the tuning: keep what there is, no test
+            trainer.stopped_by = t["stopped_by"]
+            interrupted = True
     meta = {"name": "dqn", "rate": rate, "depth": depth,
             "profile": profile_label or f"synthetic({synthetic})", "choice": choice,
             "arrivals": arrivals, "iterations": trainer.iteration,
