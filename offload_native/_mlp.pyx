@@ -172,8 +172,9 @@ cdef class Int8MLP:
     """An int8 MLP built from ``offload.mlp.QuantMLP.native_args()``.
 
     ``act_bits`` (8 or 16) is the width of the activation codes (the
-    weights are int8 either way). ``forward1(x, out)`` runs one float32 input vector into a preallocated float32
-    Q-vector without allocating; ``forward(X)`` runs a batch (rows of ``X``).
+    weights are int8 either way). ``forward1(x, out)`` runs one float32
+    input vector into a preallocated float32 Q-vector without allocating;
+    ``forward(X)`` runs a batch (rows of ``X``).
     """
 
 

@@ -117,10 +117,11 @@ class DQNConfig:
     ``targets`` is ``"q"`` (SPEC section 6's Q-learning, the default) or
     ``"ceiling"`` (regression on the structure-aware ceiling's Q-values); see
     the module docstring. ``act_bits`` is the device network's activation
-    width (8 or 16; weights are int8 either way; 0: 16 where every layer has
-    at most ``offload.mlp.MAX_IN_16`` inputs, else 8: see ``activation_bits``) and ``int8_tune`` the
-    iterations of quantisation-aware tuning after training (0: none), see
-    ``Trainer.int8_policy``.
+    width (8 or 16; weights are int8 either way; 0: ``activation_bits``
+    decides), ``int8_tune`` the iterations of quantisation-aware tuning after
+    training (0: none; see ``Trainer.int8_policy``), and ``ema`` the decay per
+    iteration of the weight average that validation judges and keeps (0:
+    the weights themselves).
     """
 
     T: int = 97
@@ -806,10 +807,7 @@ class Trainer:
         x, xn, R, I = self.replay.tuples(s, k)
         with torch.no_grad():
             if cfg.targets == "ceiling":
-                W = self.ceil_W[torch.from_numpy(self.ceil_g[s, k]).long().to(dev),
-                                torch.from_numpy(self.ceil_s[s, k]).long().to(dev)]
-                tq = ceiling_targets(W, torch.from_numpy(self.ceil_f[s, k]).to(dev),
-                                     sc.N, sc.P, sc.M, cfg.discount)
+                tq = self._ceiling_targets(s, k)
             else:
                 tq = q_targets(self.target(torch.from_numpy(xn).to(dev)),
                                torch.from_numpy(R).to(dev), torch.from_numpy(I).to(dev),
@@ -819,6 +817,14 @@ class Trainer:
             else:
                 tq -= tq.mean()
         return torch.from_numpy(x).to(dev), tq
+
+    def _ceiling_targets(self, s, k):
+        """``ceiling_targets`` of training positions ``(s, k)``, at their hidden states."""
+        dev = self.device
+        W = self.ceil_W[torch.from_numpy(self.ceil_g[s, k]).long().to(dev),
+                        torch.from_numpy(self.ceil_s[s, k]).long().to(dev)]
+        return ceiling_targets(W, torch.from_numpy(self.ceil_f[s, k]).to(dev),
+                               self.sc.N, self.sc.P, self.sc.M, self.cfg.discount)
 
     def fit(self, x, tq):
         """``steps`` Adam steps of MSE between ``net(x)`` and ``tq`` in consecutive batches.
@@ -860,7 +866,8 @@ class Trainer:
 
     def validate(self):
         """Mean reward per image of the judged float network on the validation streams."""
-        res = simulate.run_dqn(self.forward_fn(self._judged_net()), self.val, self.sc.N, self.sc.P, self.sc.M,
+        res = simulate.run_dqn(self.forward_fn(self._judged_net()), self.val,
+                               self.sc.N, self.sc.P, self.sc.M,
                                self.cfg.H, self.cfg.interarrival)
         return res.mean_reward
 
@@ -993,10 +1000,7 @@ class Trainer:
                 x = torch.from_numpy(x).to(dev) * raw
                 with torch.no_grad():
                     if cfg.targets == "ceiling":
-                        W = self.ceil_W[torch.from_numpy(self.ceil_g[s, k]).long().to(dev),
-                                        torch.from_numpy(self.ceil_s[s, k]).long().to(dev)]
-                        tq = ceiling_targets(W, torch.from_numpy(self.ceil_f[s, k]).to(dev),
-                                             sc.N, sc.P, sc.M, cfg.discount)
+                        tq = self._ceiling_targets(s, k)
                     else:
                         qn = net(torch.from_numpy(xn).to(dev) * raw)
                         tq = q_targets(qn, torch.from_numpy(R).to(dev),
