@@ -121,6 +121,10 @@ class Policy:
             if self.qmlp.output_size != want_out:
                 raise ValueError(f"network gives {self.qmlp.output_size} Q-values, bucket "
                                  f"(N={self.N}, P={self.P}, M={self.M}) needs {want_out}")
+            if self.qmlp.act_bits not in CODE_RANGE:
+                raise ValueError(f"activation width {self.qmlp.act_bits!r} bits "
+                                 f"(must be 8 or 16)")
+            zlo, zhi = CODE_RANGE[self.qmlp.act_bits]
             prev = None
             for i, lay in enumerate(self.qmlp.layers):
                 dout, din = lay.w_int8.shape
@@ -135,10 +139,6 @@ class Policy:
                     raise ValueError(f"layer {i}: hidden layers take one input segment")
                 if not (np.all(lay.in_scale > 0) and np.all(np.isfinite(lay.in_scale))):
                     raise ValueError(f"layer {i}: input scales must be positive")
-                zlo, zhi = CODE_RANGE.get(self.qmlp.act_bits, (0, -1))
-                if zlo > zhi:
-                    raise ValueError(f"activation width {self.qmlp.act_bits!r} bits "
-                                     f"(must be 8 or 16)")
                 if np.any(lay.in_zero < zlo) or np.any(lay.in_zero > zhi):
                     raise ValueError(f"layer {i}: zero points outside the {self.qmlp.act_bits}-bit "
                                      f"code range")

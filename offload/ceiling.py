@@ -72,7 +72,7 @@ class Ceiling:
     W : float64 (G, S, M + 1)
         Expected (relative) value after a decision that leaves ``m`` tokens,
         in reward units: ``Q(n, 0) = gamma W[g, s, n]`` and
-        ``Q(n, 1) = f + gamma W[g, s, n - P]`` (see ``q_values``).
+        ``Q(n, 1) = f + gamma W[g, s, n - P]``.
     discount : float
     """
 

@@ -901,8 +901,9 @@ class Trainer:
                                        "mdp": self.val_mdp, "baseline": self.val_base})
                     if val > self.best_val:
                         self.best_val, self.best_iteration, self.since_best = val, self.iteration, 0
-                        self.best_state = {k: v.detach().clone()
-                                           for k, v in self._judged_net().state_dict().items()}
+                        judged = (self.ema_state if self.ema_state is not None
+                                  else self.net.state_dict())
+                        self.best_state = {k: v.detach().clone() for k, v in judged.items()}
                     else:
                         self.since_best += 1
                         if final_from is None and self.since_best >= cfg.patience:
@@ -958,10 +959,11 @@ class Trainer:
         layers = self.best_layers()
         if not self.cfg.int8_tune:
             return layers, self.quantize(layers)
-        tuned = self.tune_int8(layers, on_progress)
-        q = mlp.quantize(tuned, self._calibration(), segments=self._segments(),
+        calib = self._calibration()
+        tuned = self.tune_int8(layers, calib, on_progress)
+        q = mlp.quantize(tuned, calib, segments=self._segments(),
                          act_bits=self.cfg.activation_bits)
-        return tuned, mlp.correct_bias(q, self._calibration())
+        return tuned, mlp.correct_bias(q, calib)
 
     def _calibration(self, count=None):
         rng = np.random.default_rng([self.cfg.seed, 404])
@@ -975,8 +977,10 @@ class Trainer:
                                 self.sc.P, self.sc.M, self.cfg.H,
                                 self.cfg.interarrival).mean_reward
 
-    def tune_int8(self, layers, on_progress=None):
+    def tune_int8(self, layers, calib, on_progress=None):
         """Quantisation-aware tuning (see ``int8_policy``); returns on-grid float layers.
+
+        ``calib``: raw-slot inputs from the training sequences (``equalize`` uses them).
 
         Records ``self.int8_tuning`` (validation before and after, iterations,
         the best one) for the report. Ctrl+C / SIGTERM stop it early with the
@@ -984,7 +988,7 @@ class Trainer:
         """
         cfg, sc, dev = self.cfg, self.sc, self.device
         t0 = time.perf_counter()
-        net = GridMLP(mlp.equalize(layers, self._calibration())).to(dev)
+        net = GridMLP(mlp.equalize(layers, calib)).to(dev)
         raw = torch.ones(self.din, device=dev)
         if cfg.interarrival:  # replay inputs hold inter-arrival times / ia_scale
             raw[cfg.H:] = self.replay.ia_scale

@@ -176,7 +176,8 @@ SCENARIO_KEYS = {
 #: DQN settings a grid may change (the rest: the scale's schedule, --threads).
 CONFIG_KEYS = ("layers", "width", "discount", "shift", "targets", "act_bits", "int8_tune", "ema",
                "lr", "lr_decay", "lr_min", "lr_final_share", "patience", "batch", "steps",
-               "iterations", "time_limit", "validate_every", "train_streams", "train_length", "val_streams", "val_length",
+               "iterations", "time_limit", "validate_every", "train_streams", "train_length",
+               "val_streams", "val_length",
                "test_streams", "test_length", "calib_states", "holdout")
 #: Columns of a point in the results table, in order (config keys a grid sets follow).
 PARAM_COLUMNS = ("rate", "depth", "choice", "sp", "rprob", "arrivals", "I1", "I2", "tprob1",
