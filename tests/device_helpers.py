@@ -85,8 +85,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
-        if mode == "500":
-            return self._send(500, wire.error_body("boom"))
+        if mode in ("500", "429", "503"):  # each with srv.retry_after as its Retry-After header
+            return self._send(int(mode), wire.error_body(f"status {mode}"),
+                              {"Retry-After": srv.retry_after})
         if mode == "garbage":
             return self._send(200, b"<html>not json</html>")
         if self.headers.get("Authorization") != f"Bearer {srv.key}":
@@ -100,8 +101,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, wire.answer_body([cls] + others, [0.9, 0.06, 0.04], inference_ms=1.5,
                                          batch_size=1, frame_id=fid))
 
-    def _send(self, status, data):
+    def _send(self, status, data, headers=None):
         self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -113,6 +116,7 @@ class FakeServer:
 
     def __init__(self, mode="ok", key=KEY, answer_class=lambda fid: 0, delay=1.0):
         self.mode, self.key, self.answer_class, self.delay = mode, key, answer_class, delay
+        self.retry_after = "1"  # the Retry-After header of modes "429", "503" and "500"
         self.requests = []
         self.connections = []
         self.release = threading.Event()

@@ -1,6 +1,7 @@
 """Offloading through a fake wire-format server: answers, every fault, no stalled capture."""
 
 import socket
+import time
 
 import pytest
 
@@ -8,7 +9,7 @@ from offload.blob import read_blob
 from offload.device import make_config, run
 from offload.device.capture import MemorySource
 from offload.device.framelog import read_log
-from offload.device.sender import Sender
+from offload.device.sender import MAX_HOLD_S, Sender, retry_after_seconds
 
 from device_helpers import CLIP, DQN, KEY, LABELS, MODEL, FakeServer, check_log, demo_frames
 
@@ -168,3 +169,74 @@ def test_sender_reports_every_frame_once_and_cancels_on_close():
 def test_keep_alive_one_connection(tmp_path, server):
     s, recs = _run(tmp_path, server.url, video=CLIP)
     assert s["answered"] >= 5 and len(server.connections) == 1
+
+
+def _next_result(snd, timeout=10.0):
+    return snd.results.get(timeout=timeout)
+
+
+@pytest.mark.parametrize("status", ["429", "503"])
+def test_retry_after_holds_the_sender_off(status):
+    srv = FakeServer(status)
+    srv.retry_after = "30"
+    try:
+        snd = Sender(srv.url, KEY, queue_size=8)
+        frames, _ = demo_frames()
+        assert snd.submit(0, frames[0])
+        first = _next_result(snd)
+        assert first.outcome == f"http-{status}"
+        for k in range(1, 4):
+            assert snd.submit(k, frames[k])
+        held = [_next_result(snd) for _ in range(3)]
+        assert [r.frame_id for r in held] == [1, 2, 3]
+        assert {r.outcome for r in held} == {"held-off"}
+        assert all("Retry-After" in r.error for r in held)
+        assert len(srv.requests) == 1            # nothing else reached the network
+        snd.close(timeout=0.0)
+    finally:
+        srv.kill()
+
+
+def test_sending_resumes_after_the_hold():
+    srv = FakeServer("429")
+    srv.retry_after = "1"
+    try:
+        snd = Sender(srv.url, KEY, queue_size=8)
+        frames, _ = demo_frames()
+        assert snd.submit(0, frames[0]) and _next_result(snd).outcome == "http-429"
+        srv.mode = "ok"
+        time.sleep(1.2)                          # past the hold, however slow the machine
+        assert snd.submit(1, frames[1])
+        res = _next_result(snd)
+        assert res.outcome == "sent" and len(srv.requests) == 2
+        snd.close(timeout=0.0)
+    finally:
+        srv.kill()
+
+
+def test_http_500_with_retry_after_does_not_hold():
+    # only 429 and 503 mean "come back later"; a 500 is a fault of this one request
+    srv = FakeServer("500")
+    srv.retry_after = "30"
+    try:
+        snd = Sender(srv.url, KEY, queue_size=8)
+        frames, _ = demo_frames()
+        outs = []
+        for k in range(2):
+            assert snd.submit(k, frames[k])
+            outs.append(_next_result(snd).outcome)
+        assert outs == ["http-500", "http-500"] and len(srv.requests) == 2
+        snd.close(timeout=0.0)
+    finally:
+        srv.kill()
+
+
+@pytest.mark.parametrize("value,want", [
+    ("5", 5.0), (" 0 ", 0.0), ("100000", MAX_HOLD_S),
+    ("Thu, 01 Jan 1970 00:00:10 GMT", 7.0),      # an HTTP date, 7 s after now=3
+    ("Thu, 01 Jan 1970 00:00:01 GMT", 0.0),      # already past
+    ("-3", None), ("1.5", None), ("soon", None), ("", None), (None, None),
+    ("Thu, 01 Jan 1970 00:00:10 -0000", None),   # no time zone: ambiguous
+])
+def test_retry_after_seconds(value, want):
+    assert retry_after_seconds(value, now=3.0) == want

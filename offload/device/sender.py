@@ -16,10 +16,17 @@ Outcomes (``Result.outcome``):
 ``disconnected`` the server closed the connection without an answer
 ``net-error``   any other network error (message in ``Result.error``)
 ``http-<code>`` the server answered with that status (401, 429, 500, ...)
+``held-off``    not sent: the server asked to wait (``Retry-After`` on a 429 or 503)
 ``bad-answer``  a 200 answer that does not follow the wire format
 ``cancelled``   still queued or in flight when the run ended (``close``)
 
 (``queue-full`` is decided by the caller when ``submit`` returns False.)
+
+A 429 or 503 answer with ``Retry-After`` (seconds or an HTTP date, RFC 9110)
+holds the sender off: frames taken from the queue before that time come back
+``held-off`` at once instead of being sent, so a device whose bucket has
+drifted from the server's does not spend network on requests the server has
+said it will refuse. The hold is capped at ``MAX_HOLD_S``.
 """
 
 from __future__ import annotations
@@ -30,11 +37,37 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from offload import wire
 
-__all__ = ["Sender", "Result"]
+__all__ = ["Sender", "Result", "retry_after_seconds", "MAX_HOLD_S"]
+
+MAX_HOLD_S = 60.0  # a longer Retry-After would silence offloading for a whole run
+
+
+def retry_after_seconds(value, now=None):
+    """Seconds to wait from a ``Retry-After`` header value, or None if it is not valid.
+
+    ``value`` is delta-seconds (``"5"``) or an HTTP date; ``now`` (Unix time,
+    s) is the reference for a date (default: the current time). The result
+    lies in ``0 .. MAX_HOLD_S``.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        secs = float(value)
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None or when.tzinfo is None:  # RFC 9110 dates are GMT; others are ambiguous
+            return None
+        secs = when.timestamp() - (time.time() if now is None else now)
+    return min(max(secs, 0.0), MAX_HOLD_S)
 
 
 @dataclass
@@ -90,6 +123,7 @@ class Sender:
         self._conn_lock = threading.Lock()
         self._stopping = threading.Event()
         self._pending = 0          # submitted and not yet on ``results``
+        self._hold_until = 0.0     # time.monotonic() before which nothing is sent (Retry-After)
         self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="offload-sender", daemon=True)
         self._thread.start()
@@ -162,6 +196,12 @@ class Sender:
                                     queue_ms=(time.perf_counter() - t_in) * 1e3))
                 continue
             t0 = time.perf_counter()
+            hold = self._hold_until - time.monotonic()
+            if hold > 0:
+                self._finish(Result(fid, "held-off", queue_ms=(t0 - t_in) * 1e3,
+                                    error=f"not sent: the server asked to wait {hold:.1f} s more "
+                                          "(Retry-After)"))
+                continue
             res = self._send(fid, image)
             res.queue_ms = (t0 - t_in) * 1e3
             if self._stopping.is_set() and res.outcome != "sent":
@@ -213,6 +253,7 @@ class Sender:
                 resp = conn.getresponse()
                 data = resp.read()
                 status = resp.status
+                retry_after = resp.getheader("Retry-After")
                 if resp.will_close:
                     self._close_conn()
             except (socket.timeout, TimeoutError) as e:
@@ -236,6 +277,9 @@ class Sender:
                               encode_ms=encode_ms, request_bytes=len(body))
             rtt_ms = (time.perf_counter() - t1) * 1e3
             if status != 200:
+                wait = retry_after_seconds(retry_after) if status in (429, 503) else None
+                if wait:
+                    self._hold_until = max(self._hold_until, time.monotonic() + wait)
                 return Result(fid, f"http-{status}", error=data[:200].decode("utf-8", "replace"),
                               encode_ms=encode_ms, transmission_ms=rtt_ms,
                               request_bytes=len(body))
