@@ -21,7 +21,7 @@ from offload_native import oracle_dp, simulate_thresholds as _simulate_native, u
 __all__ = [
     "lower_bound", "baseline_threshold", "mdp_thresholds", "oracle", "oracle_metric",
     "threshold_vector", "simulate_thresholds", "interarrival_distribution",
-    "DISCOUNT", "MAX_SWEEPS", "MAX_DP_STATES", "MAX_MDP_TABLE",
+    "DISCOUNT", "MAX_SWEEPS", "MAX_DP_STATES", "MAX_MDP_TABLE", "MAX_THRESHOLD_STATES",
 ]
 
 DISCOUNT = 0.9999
@@ -32,6 +32,9 @@ MAX_DP_STATES = 1 << 16
 # The MDP tabulates next(n, a) for every state and distinct inter-arrival
 # time: it refuses tables larger than this (entries), which bounds a sweep.
 MAX_MDP_TABLE = 1 << 20
+# A threshold policy keeps one float32 threshold per n = P..M (64 MiB here):
+# a larger bucket is refused with a message rather than a failed allocation.
+MAX_THRESHOLD_STATES = 1 << 24
 
 
 # ----------------------------------------------------------------------------- checks
@@ -331,6 +334,10 @@ def oracle_metric(metrics, rewards, interarrival, N, P, M):
 def threshold_vector(theta, N, P, M):
     """Thresholds for ``n = P..M`` as float32: a scalar (Baseline) is repeated."""
     N, P, M = _check_bucket(N, P, M)
+    if M - P + 1 > MAX_THRESHOLD_STATES:
+        raise ValueError(f"threshold policy: bucket (N={N}, P={P}, M={M}) has {M - P + 1:,} "
+                         f"token states that can offload, above the supported "
+                         f"{MAX_THRESHOLD_STATES:,}; use a smaller depth")
     t = np.asarray(theta, dtype=np.float32)
     if t.ndim == 0:
         return np.full(M - P + 1, t, dtype=np.float32)

@@ -251,6 +251,12 @@ def test_simulation_wrapper_one_stream_and_scalar_theta():
     assert threshold_vector(0.8, 1, 10, 40).shape == (31,)
 
 
+def test_huge_bucket_is_refused_before_allocating():
+    m = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match="smaller depth"):
+        simulate_thresholds(m, m, np.ones(5, np.int64), 0.8, 1, 2, 1 << 40)
+
+
 def test_policies_never_beat_the_oracles():
     rng = np.random.default_rng(11)
     train_m, train_r = make_data(rng, 3000)
