@@ -1,4 +1,4 @@
-"""Shared fixtures (small random networks, DQN-like inputs) and hypothesis profiles.
+"""Shared fixtures (small random networks, DQN-like inputs, the strong model) and hypothesis profiles.
 
 Hypothesis profiles, chosen by the environment variable ``HYPOTHESIS_PROFILE``:
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from offload import mlp
+from offload import artifacts, mlp
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
                           deadline=None, max_examples=100)
@@ -66,3 +66,15 @@ def paper_net(rng):
     layers = random_network(rng, 192, mlp.q_length(N, P, M))
     q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, 96))
     return (N, P, M), layers, q
+
+
+@pytest.fixture(scope="module")
+def strong_model():
+    """The committed strong ONNX model on one CPU thread (skips without onnxruntime or the file)."""
+    pytest.importorskip("onnxruntime")
+    from offload.server.model import StrongModel
+
+    path = artifacts.find("strong.onnx")
+    if path is None:
+        pytest.skip("artifacts/strong.onnx not found")
+    return StrongModel(path, threads=1)

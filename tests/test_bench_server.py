@@ -26,15 +26,6 @@ from starlette.testclient import TestClient  # noqa: E402
 from offload import artifacts, wire  # noqa: E402
 from offload.server.app import create_app  # noqa: E402
 from offload.server.keys import KeyStore  # noqa: E402
-from offload.server.model import StrongModel  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model():
-    path = artifacts.find("strong.onnx")
-    if path is None:
-        pytest.skip("artifacts/strong.onnx not found")
-    return StrongModel(path, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +39,16 @@ def frame():
 
 @pytest.mark.benchmark(group="model")
 @pytest.mark.parametrize("batch", [1, 32])
-def test_bench_model_call(benchmark, model, frame, batch):
+def test_bench_model_call(benchmark, strong_model, frame, batch):
     img = cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_UNCHANGED)
-    x = np.stack([model.prepare(img)] * batch)
-    out = benchmark(lambda: model.run(x)[0])
+    x = np.stack([strong_model.prepare(img)] * batch)
+    out = benchmark(lambda: strong_model.run(x)[0])
     assert out.shape == (batch, 10) and np.all(out.argmax(1) == 9)
 
 
 @pytest.mark.benchmark(group="request")
-def test_bench_classify_request(benchmark, model, frame):
-    app = create_app(model, KeyStore.single("k"), batch_window_ms=0.0)
+def test_bench_classify_request(benchmark, strong_model, frame):
+    app = create_app(strong_model, KeyStore.single("k"), batch_window_ms=0.0)
     headers = {"Authorization": "Bearer k", "Content-Type": "image/png"}
     with TestClient(app) as c:
         r = benchmark(lambda: c.post(wire.CLASSIFY_PATH, content=frame, headers=headers))

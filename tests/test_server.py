@@ -43,14 +43,6 @@ PNG = {**AUTH, "Content-Type": "image/png"}
 
 
 @pytest.fixture(scope="module")
-def model():
-    path = artifacts.find("strong.onnx")
-    if path is None:
-        pytest.skip("artifacts/strong.onnx not found")
-    return StrongModel(path, threads=1)
-
-
-@pytest.fixture(scope="module")
 def frames():
     out = []
     for i in range(16):
@@ -67,8 +59,8 @@ def _store(**kw):
 
 
 @pytest.fixture
-def client(model):
-    app = create_app(model, _store())
+def client(strong_model):
+    app = create_app(strong_model, _store())
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
 
@@ -89,20 +81,21 @@ def _direct_probs(path_or_bytes):
 # ----------------------------------------------------------------------------- model
 
 
-def test_model_reads_metadata(model):
-    assert (model.channels, model.height, model.width, model.n_classes) == (1, 28, 28, 10)
-    assert model.class_names[9] == "Ankle boot"
-    assert model.providers[-1] == "CPUExecutionProvider"
+def test_model_reads_metadata(strong_model):
+    m = strong_model
+    assert (m.channels, m.height, m.width, m.n_classes) == (1, 28, 28, 10)
+    assert m.class_names[9] == "Ankle boot"
+    assert m.providers[-1] == "CPUExecutionProvider"
 
 
-def test_preprocessing_is_trainings(model):
+def test_preprocessing_is_trainings(strong_model):
     from offload.classifier import prepare_image
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (28, 28), dtype=np.uint8)
-    assert np.array_equal(model.prepare(img), (img.astype(np.float32) / 255.0)[None])
+    assert np.array_equal(strong_model.prepare(img), (img.astype(np.float32) / 255.0)[None])
     big = rng.integers(0, 256, (56, 70, 3), dtype=np.uint8)
-    assert np.array_equal(model.prepare(big), prepare_image(big, 28, 28, 1).transpose(2, 0, 1))
+    assert np.array_equal(strong_model.prepare(big), prepare_image(big, 28, 28, 1).transpose(2, 0, 1))
 
 
 def test_bad_model_files(tmp_path):
@@ -214,19 +207,19 @@ def test_batcher_passes_model_errors_on():
     asyncio.run(go())
 
 
-def test_batched_results_equal_single(model, frames):
-    x = np.stack([model.prepare(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED))
+def test_batched_results_equal_single(strong_model, frames):
+    x = np.stack([strong_model.prepare(cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED))
                   for b in frames])
-    together = model.run(x)[0]
-    alone = np.concatenate([model.run(x[i:i + 1])[0] for i in range(len(x))])
+    together = strong_model.run(x)[0]
+    alone = np.concatenate([strong_model.run(x[i:i + 1])[0] for i in range(len(x))])
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert np.array_equal(together.argmax(1), alone.argmax(1))
 
 
-def test_http_requests_really_share_model_calls(model, frames):
+def test_http_requests_really_share_model_calls(strong_model, frames):
     """16 concurrent HTTP requests over loopback: the model is held on the first call
     until the other 15 have queued, so the second call must batch them."""
-    with serve_in_thread(model, api_key=KEY, max_batch=32, batch_window_ms=0.0) as srv:
+    with serve_in_thread(strong_model, api_key=KEY, max_batch=32, batch_window_ms=0.0) as srv:
         batcher = srv.app.state.service.batcher
         gate, entered = threading.Event(), threading.Event()
         real_run = batcher._run
@@ -266,7 +259,7 @@ def test_http_requests_really_share_model_calls(model, frames):
         assert _metric(metrics, "offload_batch_size_count") == 2
         assert _metric(metrics, "offload_batch_size_sum") == len(frames)
     # ... and they are the answers of batch-1 calls (--max-batch 1).
-    with serve_in_thread(model, api_key=KEY, max_batch=1) as srv:
+    with serve_in_thread(strong_model, api_key=KEY, max_batch=1) as srv:
         with httpx.Client(timeout=60) as c:
             single = [wire.parse_answer(c.post(srv.url + wire.CLASSIFY_PATH, content=b,
                                                headers=PNG).content) for b in frames]
@@ -369,12 +362,12 @@ def test_401(client, frames, headers):
     _healthy(client)
 
 
-def test_key_file_reloaded_while_serving(tmp_path, model, frames):
+def test_key_file_reloaded_while_serving(tmp_path, strong_model, frames):
     path = tmp_path / "keys.toml"
     key1 = K.add_key(path, "one")
     now = [0.0]
     store = K.KeyStore.from_file(path, clock=lambda: now[0], reload_s=1.0)
-    with TestClient(create_app(model, store)) as c:
+    with TestClient(create_app(strong_model, store)) as c:
         def status(key):
             return c.post(wire.CLASSIFY_PATH, content=frames[0],
                           headers={"Authorization": f"Bearer {key}",
@@ -429,14 +422,14 @@ def test_key_bucket_follows_spec(rate, depth, gaps):
     assert got == _reference(times, rate, depth, slot_ms / 1000.0)
 
 
-def test_429_exactly_when_bucket_is_empty(model, frames):
+def test_429_exactly_when_bucket_is_empty(strong_model, frames):
     # rate 0.25, depth 2 -> (N, P, M) = (1, 4, 8): two requests at once, then one per 4 slots.
     now = [0.0]
     store = _store(rate=0.25, depth=2, slot_s=0.2, clock=lambda: now[0])
     times = [0.0, 0.01, 0.05, 0.79, 0.81, 0.85, 1.60, 1.61, 3.3, 3.31, 3.32]
     expected = _reference(times, 0.25, 2, 0.2)
     assert expected == [True, True, False, False, True, False, True, False, True, True, False]
-    with TestClient(create_app(model, store)) as c:
+    with TestClient(create_app(strong_model, store)) as c:
         for t, ok in zip(times, expected):
             now[0] = t
             r = c.post(wire.CLASSIFY_PATH, content=frames[0], headers=PNG)
@@ -465,9 +458,9 @@ def test_unlimited_key_never_429(client, frames):
 # ----------------------------------------------------------------------------- bad requests
 
 
-def test_413_declared_length_over_http(model):
+def test_413_declared_length_over_http(strong_model):
     """A request declaring a huge body gets 413 without the server waiting for it."""
-    with serve_in_thread(model, api_key=KEY, max_body=4096) as srv:
+    with serve_in_thread(strong_model, api_key=KEY, max_body=4096) as srv:
         host, port = srv.url.rsplit("//", 1)[1].rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=30) as s:
             s.sendall((f"POST {wire.CLASSIFY_PATH} HTTP/1.1\r\nHost: x\r\n"
@@ -484,7 +477,7 @@ def test_413_declared_length_over_http(model):
         assert httpx.get(srv.url + wire.HEALTH_PATH).status_code == 200
 
 
-def test_413_streamed_body_over_http(model):
+def test_413_streamed_body_over_http(strong_model):
     """A chunked body (no Content-Length) is counted as it streams in."""
     sent = []
 
@@ -493,7 +486,7 @@ def test_413_streamed_body_over_http(model):
             sent.append(1000)
             yield b"\x00" * 1000
 
-    with serve_in_thread(model, api_key=KEY, max_body=4096) as srv:
+    with serve_in_thread(strong_model, api_key=KEY, max_body=4096) as srv:
         with httpx.Client(timeout=30) as c:
             r = c.post(srv.url + wire.CLASSIFY_PATH, content=body(), headers=PNG)
             assert r.status_code == 413 and "over the limit of 4096" in r.json()["error"]
@@ -503,8 +496,8 @@ def test_413_streamed_body_over_http(model):
             assert ok.status_code == 400  # read in full, then refused as not a PNG
 
 
-def test_413_testclient(model, frames):
-    with TestClient(create_app(model, _store(), max_body=100)) as c:
+def test_413_testclient(strong_model, frames):
+    with TestClient(create_app(strong_model, _store(), max_body=100)) as c:
         r = c.post(wire.CLASSIFY_PATH, content=frames[0], headers=PNG)
         assert r.status_code == 413
         _healthy(c)
@@ -566,8 +559,8 @@ def _metric(text, name):
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_metrics_count_requests(model, frames):
-    with TestClient(create_app(model, _store())) as c:
+def test_metrics_count_requests(strong_model, frames):
+    with TestClient(create_app(strong_model, _store())) as c:
         for _ in range(3):
             assert c.post(wire.CLASSIFY_PATH, content=frames[0], headers=PNG).status_code == 200
         c.post(wire.CLASSIFY_PATH, content=frames[0], headers={"Content-Type": "image/png"})
@@ -583,7 +576,7 @@ def test_metrics_count_requests(model, frames):
         assert _metric(m, "offload_inference_seconds_count") == 3
         assert _metric(m, "offload_queue_depth") == 0
     # A second app in the same process has its own registry: counts start at zero.
-    with TestClient(create_app(model, _store())) as c2:
+    with TestClient(create_app(strong_model, _store())) as c2:
         m2 = c2.get(wire.METRICS_PATH).text
         assert "offload_requests_total{" not in m2 and _metric(m2, "offload_batch_size_count") == 0
 
@@ -591,8 +584,8 @@ def test_metrics_count_requests(model, frames):
 # ----------------------------------------------------------------------------- serving API, CLI
 
 
-def test_serve_in_thread_starts_and_stops(model, frames):
-    srv = serve_in_thread(model)  # a throw-away key
+def test_serve_in_thread_starts_and_stops(strong_model, frames):
+    srv = serve_in_thread(strong_model)  # a throw-away key
     try:
         assert srv.running and srv.url.startswith("http://127.0.0.1:") and len(srv.api_key) == 43
         r = httpx.post(srv.url + wire.CLASSIFY_PATH, content=frames[1], timeout=30,
@@ -605,7 +598,7 @@ def test_serve_in_thread_starts_and_stops(model, frames):
         httpx.get(srv.url + wire.HEALTH_PATH, timeout=5)
 
 
-def test_serve_in_thread_refusals(tmp_path, model):
+def test_serve_in_thread_refusals(tmp_path, strong_model):
     from offload.server import ServerStartError
 
     with pytest.raises(ServerStartError, match="not found"):
@@ -616,7 +609,7 @@ def test_serve_in_thread_refusals(tmp_path, model):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         with pytest.raises(ServerStartError, match="cannot listen"):
-            serve_in_thread(model, port=s.getsockname()[1])
+            serve_in_thread(strong_model, port=s.getsockname()[1])
 
 
 def test_serve_cli_errors(tmp_path):
