@@ -247,4 +247,4 @@ def run_ceiling(ceiling, streams, N, P, M, name="ceiling"):
         send = streams.raw_metric[:, k0:k1, None] >= th[g[:, k0:k1], s[:, k0:k1]]
         walk_block(send, streams.reward, streams.interarrival, k0, n, total, count, hist,
                    N, P, M)
-    return simulate._result(name, streams, total, count, token_hist=hist)
+    return simulate.SimResult.from_totals(name, streams, total, count, token_hist=hist)

@@ -83,6 +83,18 @@ class SimResult:
     feasible: bool = True              # False: ignores the bucket (lower bound)
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_totals(cls, name, streams, total, count, **kw):
+        """The result of policy ``name`` from its per-stream totals on ``streams``.
+
+        ``total`` (S,) summed true reward, ``count`` (S,) images offloaded;
+        other fields (``token_hist``, ``decisions``, ...) pass through.
+        """
+        S, L = streams.shape
+        mean_reward = float(np.sum(total) / (S * L))
+        return cls(name, mean_reward, float(streams.weak_loss.mean()) - mean_reward,
+                   float(np.sum(count) / (S * L)), stream_reward=np.asarray(total) / L, **kw)
+
     def row(self):
         """A flat dict for tables (no arrays)."""
         return {"policy": self.policy, "avg_loss": self.avg_loss, "mean_reward": self.mean_reward,
@@ -136,18 +148,11 @@ def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", s
     return Streams(metric[idx], reward[idx], weak_loss[idx], ia, raw[idx], loc, state)
 
 
-def _result(name, streams, total, count, **kw):
-    S, L = streams.shape
-    mean_reward = float(np.sum(total) / (S * L))
-    return SimResult(name, mean_reward, float(streams.weak_loss.mean()) - mean_reward,
-                     float(np.sum(count) / (S * L)), stream_reward=np.asarray(total) / L, **kw)
-
-
 def run_thresholds(theta, streams, N, P, M, trace=False, name="thresholds"):
     """A threshold policy (scalar = Baseline, or ``M-P+1`` values) in the native loop."""
     out = policies.simulate_thresholds(streams.metric, streams.reward, streams.interarrival,
                                        theta, N, P, M, trace=trace)
-    res = _result(name, streams, out[0], out[1], token_hist=out[2])
+    res = SimResult.from_totals(name, streams, out[0], out[1], token_hist=out[2])
     if trace:
         res.decisions, res.tokens = out[3], out[4]
     return res
@@ -171,7 +176,7 @@ def run_thresholds_numpy(theta, streams, N, P, M, name="thresholds"):
         total += np.where(a, streams.reward[:, k], 0.0)
         count += a
         n = np.minimum(M, n - P * a + N * streams.interarrival[:, k])
-    return _result(name, streams, total, count, token_hist=hist)
+    return SimResult.from_totals(name, streams, total, count, token_hist=hist)
 
 
 def _windows(streams, H, use_ia):
@@ -297,7 +302,8 @@ def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, na
              dec, tok)
         bar.update(S * (k1 - k0))
     bar.close()
-    return _result(name, streams, total, count, token_hist=hist, decisions=dec, tokens=tok)
+    return SimResult.from_totals(name, streams, total, count, token_hist=hist, decisions=dec,
+                                 tokens=tok)
 
 
 def walk_block_numpy(send, reward, interarrival, k0, n, total, count, hist, N, P, M,
@@ -343,7 +349,8 @@ def run_oracle(streams, N, P, M, metric_only=False, progress=False):
         else:
             t, mask = policies.oracle(streams.reward[s], streams.interarrival[s], N, P, M)
         total[s], count[s] = t, mask.sum()
-    return _result("oracle-metric" if metric_only else "oracle", streams, total, count)
+    return SimResult.from_totals("oracle-metric" if metric_only else "oracle", streams, total,
+                                 count)
 
 
 def run_lower_bound(train_metric, streams, rate):
@@ -354,7 +361,7 @@ def run_lower_bound(train_metric, streams, rate):
     theta = policies.baseline_threshold(train_metric, rate, streams.mean_interarrival)
     a = streams.metric >= theta
     total = np.where(a, streams.reward, 0.0).sum(axis=1)
-    return _result("lower-bound", streams, total, a.sum(axis=1), feasible=False)
+    return SimResult.from_totals("lower-bound", streams, total, a.sum(axis=1), feasible=False)
 
 
 def captured_share(result, baseline, oracle):

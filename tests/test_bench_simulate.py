@@ -90,7 +90,7 @@ def _run_dqn_previous(nat, st):
         send = q[:, :, M - N + 1:] >= q[:, :, P - N:M - N + 1]
         simulate.walk_block_numpy(send, st.reward, st.interarrival, k0, n, total, count, hist,
                                   N, P, M)
-    return simulate._result("previous", st, total, count, token_hist=hist)
+    return simulate.SimResult.from_totals("previous", st, total, count, token_hist=hist)
 
 
 @pytest.mark.benchmark(group="sim-dqn")
