@@ -366,6 +366,29 @@ def test_training_on_ceiling_targets_reduces_the_loss_and_checkpoints(small_prof
         _trainer(small_profile).restore(str(tmp_path / "run.ckpt"))
 
 
+def test_expected_reward_validation_scores_offloads_by_their_metric(small_profile, tmp_path):
+    true_tr = _trainer(small_profile)
+    exp_tr = _trainer(small_profile, tmp_path, val_reward="expected", iterations=5)
+    # Same seed: the same network and validation images; only the rewards differ.
+    st = true_tr.val
+    assert np.array_equal(exp_tr.val.metric, st.metric)
+    assert not np.array_equal(st.reward, st.raw_metric)
+    res = simulate.run_dqn(true_tr.forward_fn(), st, 1, 10, 40, true_tr.cfg.H, False, trace=True)
+    want = float((st.raw_metric * res.decisions).sum()) / st.reward.size
+    assert exp_tr.validate() == pytest.approx(want, rel=1e-6)
+    assert true_tr.validate() == pytest.approx(res.mean_reward, rel=1e-12)
+    # MDP and Baseline are scored alike, so the progress bar compares like with like.
+    mdp = simulate.run_thresholds(true_tr.theta_mdp, st, 1, 10, 40, trace=True)
+    assert exp_tr.val_mdp == pytest.approx(
+        float((st.raw_metric * mdp.decisions).sum()) / st.reward.size, rel=1e-6)
+    # A run validated one way does not resume the other (best rewards would not compare).
+    exp_tr.run()
+    with pytest.raises(dqn.CheckpointError, match="network layout"):
+        _trainer(small_profile).restore(str(tmp_path / "run.ckpt"))
+    with pytest.raises(ValueError, match="val_reward"):
+        dqn.DQNConfig(val_reward="noisy").validate()
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04broken zip"])
 def test_corrupt_checkpoint_is_refused(small_profile, tmp_path, content):
     path = tmp_path / "bad.ckpt"

@@ -489,6 +489,10 @@ def _dqn_options(command):
                           "regression on the structure-aware ceiling's Q-values at the "
                           "generator's hidden state (the quick preset's; not SPEC, see "
                           "docs/dqn.md)."),
+        click.option("--val-reward", type=click.Choice(["true", "expected"]), default=None,
+                     help="What validation scores policies by: true rewards, or expected "
+                          "ones (each offloaded image's metric; less noisy; the quick "
+                          "preset's)."),
         click.option("--lr", type=float, help="Initial Adam learning rate."),
         click.option("--lr-decay", type=float,
                      help="Factor applied to the learning rate when validation stops improving."),
@@ -527,7 +531,7 @@ def _dqn_options(command):
 @_dqn_options
 def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov, seed,
         preset, out, T, interarrival, layers, width, discount, shift, targets, act_bits, ema,
-        int8_tune, lr, lr_decay, lr_min,
+        int8_tune, val_reward, lr, lr_decay, lr_min,
         patience, batch, steps, iterations, time_limit, validate_every, train_streams, train_length,
         val_streams, val_length, test_streams, test_length, threads, device, checkpoint, resume,
         quiet):
@@ -562,7 +566,7 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     use_ia = {"on": True, "off": False, "auto": arrivals != "periodic"}[interarrival]
     try:
         cfg = D.preset(preset, T=T, interarrival=use_ia, layers=layers, width=width,
-                       discount=discount, shift=shift, targets=targets,
+                       discount=discount, shift=shift, targets=targets, val_reward=val_reward,
                        act_bits={"auto": 0, "8": 8, "16": 16}[act_bits], int8_tune=int8_tune,
                        ema=ema, lr=lr, lr_decay=lr_decay, lr_min=lr_min,
                        patience=patience, batch=batch, steps=steps, iterations=iterations,

@@ -174,7 +174,8 @@ SCENARIO_KEYS = {
                                           "(default: --seed)"),
 }
 #: DQN settings a grid may change (the rest: the scale's schedule, --threads).
-CONFIG_KEYS = ("layers", "width", "discount", "shift", "targets", "act_bits", "int8_tune", "ema",
+CONFIG_KEYS = ("layers", "width", "discount", "shift", "targets", "val_reward", "act_bits",
+               "int8_tune", "ema",
                "lr", "lr_decay", "lr_min", "lr_final_share", "patience", "batch", "steps",
                "iterations", "time_limit", "validate_every", "train_streams", "train_length",
                "val_streams", "val_length",
