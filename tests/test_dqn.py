@@ -442,6 +442,12 @@ def test_cli_end_to_end_blob_runs_in_offload_sim(profile_file, tmp_path):
     shares = {row["policy"]: row["share_of_ceiling_gain"] for row in rep["test"]}
     assert shares["ceiling"] == 1.0 and shares["baseline"] == 0.0
     assert rep["training"]["curve"] and rep["int8"]["int8_agreement"]["decisions"] == 2000
+    # Options not given keep the preset's values (a CLI default must not override them).
+    given = {"iterations", "steps", "batch", "validate_every", "train_streams", "train_length",
+             "val_streams", "val_length", "test_streams", "test_length"}
+    for key, value in dqn.PRESETS["quick"].items():
+        if key not in given:
+            assert rep["config"][key] == value, key
     assert (tmp_path / "fig7.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sim = subprocess.run([sys.executable, "-m", "offload.cli", "--profile", profile_file,
                           "--policy", "baseline", "--policy", str(out), "--length", "500",

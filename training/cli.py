@@ -470,10 +470,10 @@ def _dqn_options(command):
                      help="Units per hidden layer."),
         click.option("--discount", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                      default=0.9999, show_default=True, help="Discount g."),
-        click.option("--shift", type=click.Choice(["batch", "row"]), default="batch",
-                     show_default=True,
+        click.option("--shift", type=click.Choice(["batch", "row"]), default=None,
                      help="Targets less the mean of the whole batch (SPEC section 6, the "
-                          "published code) or of each tuple's own row; see docs/dqn.md."),
+                          "published code; the paper preset's) or of each tuple's own row "
+                          "(the quick preset's); see docs/dqn.md."),
         click.option("--act-bits", type=click.Choice(["auto", "8", "16"]), default="auto",
                      show_default=True,
                      help="Activation width of the device network (weights are int8 either "
