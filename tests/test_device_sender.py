@@ -1,5 +1,6 @@
 """Offloading through a fake wire-format server: answers, every fault, no stalled capture."""
 
+import contextlib
 import socket
 import time
 
@@ -175,16 +176,24 @@ def _next_result(snd, timeout=10.0):
     return snd.results.get(timeout=timeout)
 
 
+@contextlib.contextmanager
+def _sender_to(mode, retry_after):
+    """A Sender posting to a FakeServer in ``mode`` whose Retry-After is ``retry_after``."""
+    srv = FakeServer(mode)
+    srv.retry_after = retry_after
+    snd = Sender(srv.url, KEY, queue_size=8)
+    try:
+        yield srv, snd, demo_frames()[0]
+    finally:
+        snd.close(timeout=0.0)
+        srv.kill()
+
+
 @pytest.mark.parametrize("status", ["429", "503"])
 def test_retry_after_holds_the_sender_off(status):
-    srv = FakeServer(status)
-    srv.retry_after = "30"
-    try:
-        snd = Sender(srv.url, KEY, queue_size=8)
-        frames, _ = demo_frames()
+    with _sender_to(status, "30") as (srv, snd, frames):
         assert snd.submit(0, frames[0])
-        first = _next_result(snd)
-        assert first.outcome == f"http-{status}"
+        assert _next_result(snd).outcome == f"http-{status}"
         for k in range(1, 4):
             assert snd.submit(k, frames[k])
         held = [_next_result(snd) for _ in range(3)]
@@ -192,43 +201,25 @@ def test_retry_after_holds_the_sender_off(status):
         assert {r.outcome for r in held} == {"held-off"}
         assert all("Retry-After" in r.error for r in held)
         assert len(srv.requests) == 1            # nothing else reached the network
-        snd.close(timeout=0.0)
-    finally:
-        srv.kill()
 
 
 def test_sending_resumes_after_the_hold():
-    srv = FakeServer("429")
-    srv.retry_after = "1"
-    try:
-        snd = Sender(srv.url, KEY, queue_size=8)
-        frames, _ = demo_frames()
+    with _sender_to("429", "1") as (srv, snd, frames):
         assert snd.submit(0, frames[0]) and _next_result(snd).outcome == "http-429"
         srv.mode = "ok"
         time.sleep(1.2)                          # past the hold, however slow the machine
         assert snd.submit(1, frames[1])
-        res = _next_result(snd)
-        assert res.outcome == "sent" and len(srv.requests) == 2
-        snd.close(timeout=0.0)
-    finally:
-        srv.kill()
+        assert _next_result(snd).outcome == "sent" and len(srv.requests) == 2
 
 
 def test_http_500_with_retry_after_does_not_hold():
     # only 429 and 503 mean "come back later"; a 500 is a fault of this one request
-    srv = FakeServer("500")
-    srv.retry_after = "30"
-    try:
-        snd = Sender(srv.url, KEY, queue_size=8)
-        frames, _ = demo_frames()
+    with _sender_to("500", "30") as (srv, snd, frames):
         outs = []
         for k in range(2):
             assert snd.submit(k, frames[k])
             outs.append(_next_result(snd).outcome)
         assert outs == ["http-500", "http-500"] and len(srv.requests) == 2
-        snd.close(timeout=0.0)
-    finally:
-        srv.kill()
 
 
 @pytest.mark.parametrize("value,want", [
