@@ -226,7 +226,7 @@ def test_http_500_with_retry_after_does_not_hold():
     ("5", 5.0), (" 0 ", 0.0), ("100000", MAX_HOLD_S),
     ("Thu, 01 Jan 1970 00:00:10 GMT", 7.0),      # an HTTP date, 7 s after now=3
     ("Thu, 01 Jan 1970 00:00:01 GMT", 0.0),      # already past
-    ("-3", None), ("1.5", None), ("soon", None), ("", None), (None, None),
+    ("-3", None), ("1.5", None), ("soon", None), ("", None), (None, None), ("\u00b2", None),
     ("Thu, 01 Jan 1970 00:00:10 -0000", None),   # no time zone: ambiguous
 ])
 def test_retry_after_seconds(value, want):

@@ -57,7 +57,7 @@ def retry_after_seconds(value, now=None):
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit alone takes "²" too
         secs = float(value)
     else:
         try:
