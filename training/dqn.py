@@ -820,21 +820,31 @@ class Trainer:
 
     def sample_targets(self, B):
         """``B`` tuples from the replay and their mean-shifted targets, as tensors on the device."""
-        cfg, sc, dev = self.cfg, self.sc, self.device
+        dev = self.device
         s, k = self.replay.positions(self.rng, B)
         x, xn, R, I = self.replay.tuples(s, k)
+        tq = self._targets(s, k, xn, R, I, lambda v: self.target(torch.from_numpy(v).to(dev)),
+                           self.cfg.shift)
+        return torch.from_numpy(x).to(dev), tq
+
+    def _targets(self, s, k, xn, R, I, target_q, shift):
+        """Mean-shifted targets of the tuples at positions ``(s, k)`` (``Replay.tuples``).
+
+        ``target_q`` maps next inputs ``xn`` (numpy) to the target network's
+        Q-vectors (used by Q-learning only); ``shift`` is ``"batch"`` or ``"row"``.
+        """
+        cfg, sc, dev = self.cfg, self.sc, self.device
         with torch.no_grad():
             if cfg.targets == "ceiling":
                 tq = self._ceiling_targets(s, k)
             else:
-                tq = q_targets(self.target(torch.from_numpy(xn).to(dev)),
-                               torch.from_numpy(R).to(dev), torch.from_numpy(I).to(dev),
-                               sc.N, sc.P, sc.M, cfg.discount)
-            if cfg.shift == "row":
+                tq = q_targets(target_q(xn), torch.from_numpy(R).to(dev),
+                               torch.from_numpy(I).to(dev), sc.N, sc.P, sc.M, cfg.discount)
+            if shift == "row":
                 tq -= tq.mean(dim=1, keepdim=True)
             else:
                 tq -= tq.mean()
-        return torch.from_numpy(x).to(dev), tq
+        return tq
 
     def _ceiling_targets(self, s, k):
         """``ceiling_targets`` of training positions ``(s, k)``, at their hidden states."""
@@ -844,19 +854,22 @@ class Trainer:
         return ceiling_targets(W, torch.from_numpy(self.ceil_f[s, k]).to(dev),
                                self.sc.N, self.sc.P, self.sc.M, self.cfg.discount)
 
-    def fit(self, x, tq):
+    def fit(self, x, tq, net=None, opt=None):
         """``steps`` Adam steps of MSE between ``net(x)`` and ``tq`` in consecutive batches.
 
+        ``net`` and ``opt`` default to the trained network and its optimiser.
         Returns the mean loss over the steps.
         """
         cfg = self.cfg
+        net = self.net if net is None else net
+        opt = self.opt if opt is None else opt
         total = torch.zeros((), device=x.device)
         for j in range(cfg.steps):
             sl = slice(j * cfg.batch, (j + 1) * cfg.batch)
-            loss = torch.mean((self.net(x[sl]) - tq[sl]) ** 2)
-            self.opt.zero_grad(set_to_none=True)
+            loss = torch.mean((net(x[sl]) - tq[sl]) ** 2)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            self.opt.step()
+            opt.step()
             total += loss.detach()
         return float(total) / cfg.steps
 
@@ -1013,7 +1026,7 @@ class Trainer:
         the best one) for the report. Ctrl+C / SIGTERM stop it early with the
         best on-grid network so far.
         """
-        cfg, sc, dev = self.cfg, self.sc, self.device
+        cfg, dev = self.cfg, self.device
         t0 = time.perf_counter()
         net = GridMLP(mlp.equalize(layers, calib)).to(dev)
         raw = torch.ones(self.din, device=dev)
@@ -1028,22 +1041,9 @@ class Trainer:
             for it in range(1, cfg.int8_tune + 1):
                 s, k = self.replay.positions(self.rng, cfg.steps * cfg.batch)
                 x, xn, R, I = self.replay.tuples(s, k)
-                x = torch.from_numpy(x).to(dev) * raw
-                with torch.no_grad():
-                    if cfg.targets == "ceiling":
-                        tq = self._ceiling_targets(s, k)
-                    else:
-                        qn = net(torch.from_numpy(xn).to(dev) * raw)
-                        tq = q_targets(qn, torch.from_numpy(R).to(dev),
-                                       torch.from_numpy(I).to(dev), sc.N, sc.P, sc.M,
-                                       cfg.discount)
-                    tq -= tq.mean(dim=1, keepdim=True)
-                for j in range(cfg.steps):
-                    sl = slice(j * cfg.batch, (j + 1) * cfg.batch)
-                    loss = torch.mean((net(x[sl]) - tq[sl]) ** 2)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                tq = self._targets(s, k, xn, R, I,
+                                   lambda v: net(torch.from_numpy(v).to(dev) * raw), "row")
+                self.fit(torch.from_numpy(x).to(dev) * raw, tq, net, opt)
                 val = float("nan")
                 if it % cfg.validate_every == 0 or it == cfg.int8_tune:
                     cand = net.grid_layers()
