@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import random_network  # noqa: E402
 from offload import blob, mlp, simulate  # noqa: E402
 from offload.bucket import scale  # noqa: E402
 from offload.profile import TEST, TRAIN, VALIDATION, Profile  # noqa: E402
@@ -232,6 +233,19 @@ def test_int8_policy_agrees_with_float(small_profile):
                                mlp.forward_float(layers, x[:500]), rtol=1e-4, atol=1e-4)
     f = simulate.run_dqn(layers, st, 1, 10, 40, H, False)
     assert abs(res.avg_loss - f.avg_loss) <= 0.001
+
+
+def test_grid_mlp_runs_the_network_it_exports(rng):
+    # GridMLP rounds in torch what offload.mlp.weight_grid rounds in numpy: the network
+    # tuning judges must be the one it hands on.
+    layers = random_network(rng, 20, 12, hidden=(16, 16))
+    net = dqn.GridMLP(layers)
+    x = rng.normal(size=(200, 20)).astype(np.float32)
+    with torch.no_grad():
+        got = net(torch.from_numpy(x)).numpy()
+    grid = net.grid_layers()
+    assert any(not np.array_equal(w, g) for (w, _), (g, _) in zip(layers, grid))
+    np.testing.assert_allclose(got, mlp.forward_float(grid, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("markov", [False, True])
