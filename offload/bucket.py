@@ -9,7 +9,7 @@ import math
 
 from offload_native import TokenBucket
 
-__all__ = ["scale", "TokenBucket", "step_reference"]
+__all__ = ["scale", "TokenBucket", "step_reference", "slot_index"]
 
 
 def scale(rate, depth, max_denominator=100):
@@ -75,3 +75,12 @@ def step_reference(n, offload, slots, N, P, M):
     if offload and n < P:
         raise ValueError(f"cannot offload with {n} < P={P}")
     return min(M, n - P * int(bool(offload)) + N * slots)
+
+
+def slot_index(t, t0, slot_s):
+    """The time slot holding clock reading ``t`` (s), counted from ``t0`` (s): ``round((t - t0) / slot_s)``.
+
+    Half-up rounding, the one slotting rule the device and the server share:
+    slot ``s`` covers ``[t0 + (s - 1/2) slot_s, t0 + (s + 1/2) slot_s)``.
+    """
+    return int(math.floor((t - t0) / slot_s + 0.5))
