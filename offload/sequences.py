@@ -70,6 +70,11 @@ def _fraction(value, name, lo_open=False):
     return v
 
 
+def _shape(n_images, length, n_seq):
+    """Checked ``(n_images, length, n_seq)`` of an image-choice draw."""
+    return _count(n_images, "n_images", 1), _count(length, "length", 0), _count(n_seq, "n_seq", 0)
+
+
 def _rng(seed):
     if isinstance(seed, (bool, np.bool_)):
         raise ValueError(f"seed must be an int (or a numpy SeedSequence/Generator), got {seed!r}")
@@ -95,20 +100,13 @@ def iid(n_images, length, n_seq, seed):
         Number of sequences, ``>= 0``.
     seed : int
         Random seed.
-    return_locations : bool
-        Also return each arrival's location (before the offset ``d``): the
-        hidden state a structure-aware ceiling (``offload.ceiling``) knows.
 
     Returns
     -------
     ndarray of int64, shape (n_seq, length)
         Image indices in ``0..n_images-1``.
-    locations : ndarray of int64, shape (n_seq, length)
-        Only with ``return_locations``.
     """
-    n_images = _count(n_images, "n_images", 1)
-    length = _count(length, "length", 0)
-    n_seq = _count(n_seq, "n_seq", 0)
+    n_images, length, n_seq = _shape(n_images, length, n_seq)
     return _rng(seed).integers(0, n_images, size=(n_seq, length), dtype=np.int64)
 
 
@@ -150,9 +148,7 @@ def location_reset(n_images, length, n_seq, spread, rprob, seed, return_location
     locations : ndarray of int64, shape (n_seq, length)
         Only with ``return_locations``.
     """
-    n_images = _count(n_images, "n_images", 1)
-    length = _count(length, "length", 0)
-    n_seq = _count(n_seq, "n_seq", 0)
+    n_images, length, n_seq = _shape(n_images, length, n_seq)
     spread = _fraction(spread, "spread")
     rprob = _fraction(rprob, "rprob")
     rng = _rng(seed)
