@@ -9,8 +9,8 @@ from offload.decider import decide_sequence_reference
 from offload.device import make_config, run
 from offload.device.capture import MemorySource
 from offload.device.framelog import read_log
-from offload.device.loop import slot_of
 from offload.device.policy import FrameMetric
+from offload.device.slotter import Slotter
 from offload.metric import apply_metric_map, entropy, standardize
 
 from device_helpers import (CLIP, DQN, DQN_IA, LABELS, MODEL, check_log, demo_frames,
@@ -37,17 +37,20 @@ def _reference(recs, blob):
 
 
 def test_slot_rule():
-    # rounds the time since the first frame, at least one slot after the previous
-    assert slot_of(0.0, 0.0, 0.2, None) == 0
-    assert slot_of(0.29, 0.0, 0.2, 0) == 1
-    assert slot_of(0.31, 0.0, 0.2, 0) == 2
-    assert slot_of(0.05, 0.0, 0.2, 0) == 1      # too close: pushed to the next slot
+    # rounds the time since the first frame (half up), at least one slot after the previous
+    def places(times):
+        slotter = Slotter(0.2)
+        return [slotter.place(t) for t in times]
+
+    assert places([0.0]) == [(0, 0)]
+    assert places([0.0, 0.29]) == [(0, 0), (1, 1)]
+    assert places([0.0, 0.31]) == [(0, 0), (2, 2)]
+    assert places([0.0, 0.05]) == [(0, 0), (1, 1)]      # too close: pushed to the next slot
+    assert places([5.0, 5.2])[1] == (1, 1)              # counted from the first frame's time
     # no drift: 7 frames at 0.4 s with jitter land on even slots
-    t, s, out = [0.0, 0.41, 0.79, 1.2, 1.61, 1.99, 2.4], None, []
-    for x in t:
-        s = slot_of(x, 0.0, 0.2, s)
-        out.append(s)
-    assert out == [0, 2, 4, 6, 8, 10, 12]
+    got = places([0.0, 0.41, 0.79, 1.2, 1.61, 1.99, 2.4])
+    assert [s for s, _ in got] == [0, 2, 4, 6, 8, 10, 12]
+    assert [n for _, n in got] == [0, 2, 2, 2, 2, 2, 2]
 
 
 def test_local_only_demo_clip_matches_dqn_reference(tmp_path):

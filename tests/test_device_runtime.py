@@ -344,11 +344,18 @@ def test_signal_mid_run_leaves_a_complete_log(tmp_path, sig):
            "--read-timeout", "20", "--summary-json", str(summ), "--accelerator", "cpu"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:   # wait until frames are being logged and sent
-            if log.exists() and log.read_text().count("\n") >= 8 and srv.requests:
-                break
-            time.sleep(0.05)
+        deadline = time.monotonic() + 30     # a generous limit for a slow machine, not a measurement
+        ready = False
+        while not ready and time.monotonic() < deadline and p.poll() is None:
+            # wait until frames are being logged and sent
+            ready = log.exists() and log.read_text().count("\n") >= 8 and bool(srv.requests)
+            if not ready:
+                time.sleep(0.05)
+        if not ready:
+            p.kill()
+            out, err = p.communicate(timeout=10)
+            pytest.fail(f"the loop never got ready (8 frames logged, one request sent) before the "
+                        f"signal; exit status {p.returncode}, stderr:\n{err[-2000:]}")
         p.send_signal(sig)
         out, err = p.communicate(timeout=10)
     finally:
@@ -463,6 +470,7 @@ def test_status_line_only_on_a_tty(monkeypatch):
     import io
 
     from offload.device import status as S
+    from offload.device.record import FrameRecord, Outcome
     from offload.device.status import Stats, StatusLine
 
     clock = [100.0]
@@ -473,8 +481,8 @@ def test_status_line_only_on_a_tty(monkeypatch):
             return True
 
     stats = Stats()
-    stats.add({"id": 0, "offload": True, "outcome": "sent", "ms": {"weak": 1.0, "policy": 0.1},
-               "tokens_after": 3.0})
+    stats.add(FrameRecord(id=0, t=0.0, label=None, offload=True, outcome=Outcome.SENT,
+                          ms={"weak": 1.0, "policy": 0.1}, tokens_after=3.0))
     tty, plain = Tty(), io.StringIO()
     for stream in (tty, plain):
         line = StatusLine(stream, stats)
