@@ -7,8 +7,9 @@ validation runs twice: at build time on the settings given to
 ``offload-firmware build``, and at first boot on the Pi, on whatever the card
 holds by then.
 
-The file holds ``offload-run`` keys (docs/device.md), validated with the
-device's own :func:`offload.device.config.make_config`, plus two checks of the
+The file holds ``offload-run`` keys (docs/device.md), each declared once on
+:class:`offload.device.config.RunConfig` and validated with the device's own
+:func:`offload.device.config.make_config`, plus two checks of the
 bucket: ``rate`` and ``depth``, when given, must match the token bucket
 ``(N, P, M)`` the policy blob was trained for (a policy is trained for one
 bucket; the device takes its bucket from the blob). The firmware decides the
@@ -137,21 +138,21 @@ def device_config(values, *, settings_name, has_edgetpu_model=False, require_ser
         A reserved key, an unknown key, a bad value (the message names the key,
         as ``offload-run`` would), no frame log cap.
     """
-    from offload.device.config import ConfigError, make_config
+    from offload.device.config import SOURCE_KEYS, ConfigError, key_name, make_config
 
     if not isinstance(values, dict):
         raise FirmwareError(f"settings {settings_name}: expected a table of keys")
     table = {}
     bucket = {"rate": None, "depth": None}
     for raw, value in values.items():
-        key = str(raw).replace("_", "-")
+        # the device's spelling rule (dashes or underscores); make_config names an unknown key
+        key = key_name(raw) or str(raw).replace("_", "-")
         if key in RESERVED:
             raise FirmwareError(f"settings {settings_name}: {raw}: not allowed here; {RESERVED[key]}")
         if key in _BUCKET_KEYS:
             bucket[key] = value
             continue
         table[key] = value
-    from offload.device.config import SOURCE_KEYS
 
     if not any(k in table for k in SOURCE_KEYS):
         table["camera"] = 0       # the first USB/V4L2 camera, the paper's testbed's source

@@ -9,8 +9,8 @@ from offload.decider import decide_sequence_reference
 from offload.device import make_config, run
 from offload.device.capture import MemorySource
 from offload.device.framelog import read_log
-from offload.device.loop import slot_of
 from offload.device.policy import FrameMetric
+from offload.device.slotter import Slotter
 from offload.metric import apply_metric_map, entropy, standardize
 
 from device_helpers import (CLIP, DQN, DQN_IA, LABELS, MODEL, check_log, demo_frames,
@@ -37,17 +37,20 @@ def _reference(recs, blob):
 
 
 def test_slot_rule():
-    # rounds the time since the first frame, at least one slot after the previous
-    assert slot_of(0.0, 0.0, 0.2, None) == 0
-    assert slot_of(0.29, 0.0, 0.2, 0) == 1
-    assert slot_of(0.31, 0.0, 0.2, 0) == 2
-    assert slot_of(0.05, 0.0, 0.2, 0) == 1      # too close: pushed to the next slot
+    # rounds the time since the first frame (half up), at least one slot after the previous
+    def places(times):
+        slotter = Slotter(0.2)
+        return [slotter.place(t) for t in times]
+
+    assert places([0.0]) == [(0, 0)]
+    assert places([0.0, 0.29]) == [(0, 0), (1, 1)]
+    assert places([0.0, 0.31]) == [(0, 0), (2, 2)]
+    assert places([0.0, 0.05]) == [(0, 0), (1, 1)]      # too close: pushed to the next slot
+    assert places([5.0, 5.2])[1] == (1, 1)              # counted from the first frame's time
     # no drift: 7 frames at 0.4 s with jitter land on even slots
-    t, s, out = [0.0, 0.41, 0.79, 1.2, 1.61, 1.99, 2.4], None, []
-    for x in t:
-        s = slot_of(x, 0.0, 0.2, s)
-        out.append(s)
-    assert out == [0, 2, 4, 6, 8, 10, 12]
+    got = places([0.0, 0.41, 0.79, 1.2, 1.61, 1.99, 2.4])
+    assert [s for s, _ in got] == [0, 2, 4, 6, 8, 10, 12]
+    assert [n for _, n in got] == [0, 2, 2, 2, 2, 2, 2]
 
 
 def test_local_only_demo_clip_matches_dqn_reference(tmp_path):
@@ -192,3 +195,63 @@ def test_policy_unit_random_metrics_and_gaps(kind):
     assert 0 < sum(got) < 400
     with pytest.raises(ValueError, match="slots"):
         pol.decide(0.0, 0)
+
+
+def test_stopwatch_books_nested_parts_to_themselves():
+    from offload.device.stopwatch import Stopwatch
+
+    now = [0.0]
+    watch = Stopwatch(("outer", "inner"), clock=lambda: now[0])
+    with watch.part("outer") as outer:
+        now[0] += 1.0
+        with watch.part("inner") as inner:
+            now[0] += 0.25
+        now[0] += 0.5
+    assert inner.seconds == 0.25 and outer.seconds == 1.75
+    assert watch.totals == {"outer": 1.5, "inner": 0.25}     # the parts add up to the time
+    assert watch.per_frame_us(2) == {"outer": 750000.0, "inner": 125000.0}
+
+
+def test_stop_on_signal_sets_the_event_and_restores_handlers():
+    import os
+    import signal
+
+    from offload.stopsignal import StopOnSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal() as stop:
+        assert not stop.is_set() and stop.signal is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.event.wait(5), "the handler did not run"
+        os.kill(os.getpid(), signal.SIGINT)        # a second signal: the first one is kept
+        assert stop.signal == "SIGTERM" and stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before
+    with StopOnSignal(install=False) as quiet:     # no handlers: only the event stops the run
+        assert signal.getsignal(signal.SIGTERM) is before
+        quiet.event.set()
+        assert quiet.is_set() and quiet.signal is None
+
+
+def test_record_serialises_to_the_log_line():
+    from offload.device.capture import Frame
+    from offload.device.record import FrameRecord, Outcome
+    from offload.device.sender import Result
+
+    rec = FrameRecord.of(Frame(7, 1.23456789, None, 4))
+    rec.time("weak", 0.0012345)
+    rec.decided(slot=6, slots=1, probs=np.array([0.1, 0.7, 0.2]), entropy=0.81234567,
+                metric=0.51234567, metric_std=np.float32(0.5), n_before=30, n_after=20, P=10,
+                offload=True, k=2)
+    assert not rec.done
+    rec.answered(Result(7, Outcome.HTTP, http_status=429, error="slow down", queue_ms=0.5), 2)
+    assert rec.as_dict() == {
+        "id": 7, "t": 1.234568, "label": 4, "ms": {"weak": 1.2345, "queue": 0.5},
+        "slot": 6, "slots": 1, "weak_top": [[1, 0.7], [2, 0.2]], "entropy": 0.812346,
+        "metric": 0.512346, "metric_std": 0.5, "n_before": 30, "n_after": 20,
+        "tokens_before": 3.0, "tokens_after": 2.0, "offload": True, "final": 1,
+        "final_source": "weak", "outcome": "http-429", "error": "slow down"}
+    failed = FrameRecord.of(Frame(8, 2.0, None, None))
+    failed.end(Outcome.WEAK_FAILED)
+    assert failed.as_dict() == {"id": 8, "t": 2.0, "label": None, "ms": {}, "offload": False,
+                                "final": None, "final_source": None, "outcome": "weak-failed"}
+    assert Outcome.HELD_OFF.is_failure and not Outcome.LOCAL_ONLY.is_failure

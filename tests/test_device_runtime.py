@@ -242,6 +242,53 @@ def test_config_errors_name_the_key(values, key):
     assert str(e.value).startswith(key + ":")
 
 
+def test_docs_config_table_is_generated():
+    """docs/device.md holds exactly the table generated from RunConfig's declaration."""
+    from offload.device.config import DOCS_BEGIN, DOCS_END, docs_table
+
+    doc = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "device.md"),
+               encoding="utf-8").read()
+    assert doc.count(DOCS_BEGIN) == 1 and doc.count(DOCS_END) == 1
+    block = doc.split(DOCS_BEGIN, 1)[1].split(DOCS_END, 1)[0]
+    assert block == docs_table(), "regenerate with offload.device.config.update_docs_table"
+
+
+def test_each_key_is_declared_once_and_drives_reader_and_flags():
+    from offload.device.cli import main as cli_main
+    from offload.device.config import KEYS, RunConfig
+
+    assert [k.attr for k in KEYS] == [f for f in RunConfig.__dataclass_fields__]
+    defaults = make_config()
+    flags = {o.name: o for o in cli_main.params}
+    for k in KEYS:
+        assert getattr(defaults, k.attr) == k.default      # the reader's default is the declared one
+        opt = flags[k.attr]                                 # one flag per key, typed as declared
+        assert opt.opts == [f"--{k.name}"] and k.help in opt.help
+        if k.type is bool:
+            assert opt.secondary_opts == [f"--no-{k.name}"]
+        else:
+            assert opt.type.name == {int: "integer", float: "float", str: "text"}[k.type]
+    bounded = {k.name: k.bound for k in KEYS if k.bound}
+    assert bounded["jpeg-quality"] == "1..100" and bounded["slot-ms"] == "> 0"
+    assert bounded["accelerator"] == "auto, edgetpu, cpu"
+    with pytest.raises(ConfigError, match=r"^jpeg-quality: must be in 1\.\.100, got 101$"):
+        make_config({"jpeg-quality": 101})
+    with pytest.raises(ConfigError, match=r"^camera: must be >= 0, got -1$"):
+        make_config({"camera": -1})
+
+
+def test_firmware_settings_use_declared_keys():
+    """The keys the firmware sets or refuses are declared device keys (a rename breaks here)."""
+    from firmware import settings
+
+    from offload.device.config import key_name
+
+    table, _ = settings.device_config({"server": "http://h:1", "queue_size": 4},
+                                      settings_name="s")
+    assert all(key_name(k) == k for k in (*settings.RESERVED, *table))
+    assert table["queue-size"] == 4
+
+
 def test_cli_config_errors_are_one_line(tmp_path):
     f = tmp_path / "bad.toml"
     f.write_text('video = "x.avi"\nbogus-key = 1\n')
@@ -344,11 +391,18 @@ def test_signal_mid_run_leaves_a_complete_log(tmp_path, sig):
            "--read-timeout", "20", "--summary-json", str(summ), "--accelerator", "cpu"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:   # wait until frames are being logged and sent
-            if log.exists() and log.read_text().count("\n") >= 8 and srv.requests:
-                break
-            time.sleep(0.05)
+        deadline = time.monotonic() + 30     # a generous limit for a slow machine, not a measurement
+        ready = False
+        while not ready and time.monotonic() < deadline and p.poll() is None:
+            # wait until frames are being logged and sent
+            ready = log.exists() and log.read_text().count("\n") >= 8 and bool(srv.requests)
+            if not ready:
+                time.sleep(0.05)
+        if not ready:
+            p.kill()
+            out, err = p.communicate(timeout=10)
+            pytest.fail(f"the loop never got ready (8 frames logged, one request sent) before the "
+                        f"signal; exit status {p.returncode}, stderr:\n{err[-2000:]}")
         p.send_signal(sig)
         out, err = p.communicate(timeout=10)
     finally:
@@ -463,6 +517,7 @@ def test_status_line_only_on_a_tty(monkeypatch):
     import io
 
     from offload.device import status as S
+    from offload.device.record import FrameRecord, Outcome
     from offload.device.status import Stats, StatusLine
 
     clock = [100.0]
@@ -473,8 +528,8 @@ def test_status_line_only_on_a_tty(monkeypatch):
             return True
 
     stats = Stats()
-    stats.add({"id": 0, "offload": True, "outcome": "sent", "ms": {"weak": 1.0, "policy": 0.1},
-               "tokens_after": 3.0})
+    stats.add(FrameRecord(id=0, t=0.0, label=None, offload=True, outcome=Outcome.SENT,
+                          ms={"weak": 1.0, "policy": 0.1}, tokens_after=3.0))
     tty, plain = Tty(), io.StringIO()
     for stream in (tty, plain):
         line = StatusLine(stream, stats)

@@ -2,7 +2,6 @@
 
 import contextlib
 import socket
-import time
 
 import pytest
 
@@ -10,6 +9,7 @@ from offload.blob import read_blob
 from offload.device import make_config, run
 from offload.device.capture import MemorySource
 from offload.device.framelog import read_log
+from offload.device.record import Outcome
 from offload.device.sender import MAX_HOLD_S, Sender, retry_after_seconds
 
 from device_helpers import CLIP, DQN, KEY, LABELS, MODEL, FakeServer, check_log, demo_frames
@@ -145,8 +145,6 @@ def test_capture_never_waits_for_the_network(tmp_path):
     later_local = [r["id"] for r in recs_sorted if r["id"] > first and r["outcome"] == "not-offloaded"]
     assert later_local and order.index(first) > max(order.index(i) for i in later_local)
     assert {r["outcome"] for r in queued} == {"sent"}
-    # no stage of the frame path holds network time: the policy stage is pure computation
-    assert s["stages_ms"]["policy"]["mean"] < 50
 
 
 def test_sender_reports_every_frame_once_and_cancels_on_close():
@@ -161,7 +159,7 @@ def test_sender_reports_every_frame_once_and_cancels_on_close():
         while not snd.results.empty():
             results.append(snd.results.get())
         assert sorted(r.frame_id for r in results) == accepted
-        assert {r.outcome for r in results} == {"cancelled"}
+        assert {r.outcome for r in results} == {Outcome.CANCELLED}
         assert not snd.submit(99, frames[0])     # closed
     finally:
         srv.kill()
@@ -176,12 +174,22 @@ def _next_result(snd, timeout=10.0):
     return snd.results.get(timeout=timeout)
 
 
+class FakeClock:
+    """A monotonic clock that moves only when a test says so (s)."""
+
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
 @contextlib.contextmanager
-def _sender_to(mode, retry_after):
+def _sender_to(mode, retry_after, clock=None):
     """A Sender posting to a FakeServer in ``mode`` whose Retry-After is ``retry_after``."""
     srv = FakeServer(mode)
     srv.retry_after = retry_after
-    snd = Sender(srv.url, KEY, queue_size=8)
+    snd = Sender(srv.url, KEY, queue_size=8, clock=clock or FakeClock())
     try:
         yield srv, snd, demo_frames()[0]
     finally:
@@ -193,23 +201,27 @@ def _sender_to(mode, retry_after):
 def test_retry_after_holds_the_sender_off(status):
     with _sender_to(status, "30") as (srv, snd, frames):
         assert snd.submit(0, frames[0])
-        assert _next_result(snd).outcome == f"http-{status}"
+        first = _next_result(snd)
+        assert first.outcome is Outcome.HTTP and first.label == f"http-{status}"
         for k in range(1, 4):
             assert snd.submit(k, frames[k])
         held = [_next_result(snd) for _ in range(3)]
         assert [r.frame_id for r in held] == [1, 2, 3]
-        assert {r.outcome for r in held} == {"held-off"}
+        assert {r.outcome for r in held} == {Outcome.HELD_OFF}
         assert all("Retry-After" in r.error for r in held)
         assert len(srv.requests) == 1            # nothing else reached the network
 
 
 def test_sending_resumes_after_the_hold():
-    with _sender_to("429", "1") as (srv, snd, frames):
-        assert snd.submit(0, frames[0]) and _next_result(snd).outcome == "http-429"
+    clock = FakeClock()
+    with _sender_to("429", "2", clock) as (srv, snd, frames):
+        assert snd.submit(0, frames[0]) and _next_result(snd).label == "http-429"
         srv.mode = "ok"
-        time.sleep(1.2)                          # past the hold, however slow the machine
-        assert snd.submit(1, frames[1])
-        assert _next_result(snd).outcome == "sent" and len(srv.requests) == 2
+        clock.now += 1.5                         # still inside the 2 s hold
+        assert snd.submit(1, frames[1]) and _next_result(snd).outcome is Outcome.HELD_OFF
+        clock.now += 0.5                         # the hold is over (exactly 2 s later)
+        assert snd.submit(2, frames[2])
+        assert _next_result(snd).outcome is Outcome.SENT and len(srv.requests) == 2
 
 
 def test_http_500_with_retry_after_does_not_hold():
@@ -218,7 +230,7 @@ def test_http_500_with_retry_after_does_not_hold():
         outs = []
         for k in range(2):
             assert snd.submit(k, frames[k])
-            outs.append(_next_result(snd).outcome)
+            outs.append(_next_result(snd).label)
         assert outs == ["http-500", "http-500"] and len(srv.requests) == 2
 
 

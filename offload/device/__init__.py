@@ -2,15 +2,19 @@
 
 Torch-free (numpy, OpenCV, LiteRT). One concept per module:
 
-``config``   the keys (TOML file and CLI flags), ``RunConfig``, ``make_config``
+``config``   the keys, each declared once on ``RunConfig`` (TOML, CLI flags, docs table), ``make_config``
 ``capture``  frame sources (camera, video, image folder, Picamera2, memory) and labels
 ``weak``     accelerator choice (Edge TPU / CPU) and the inference watchdog
 ``policy``   per-frame metric and decision (native Decider or thresholds + bucket)
 ``sender``   bounded queue + background thread posting frames to the edge server
+``record``   ``FrameRecord`` (one frame's log record) and the ``Outcome`` enum
+``slotter``  ``Slotter``: time slot and inter-arrival of each decided frame
+``stopwatch`` ``Stopwatch``: per-part loop times
 ``framelog`` JSON-lines per-frame log with size rotation
 ``status``   live status line and the end-of-run summary (Table I)
-``loop``     ``run(config) -> summary dict``, the loop itself
-``cli``      the ``offload-run`` command
+``loop``     ``run(config) -> summary dict``, the ``FrameLoop`` itself
+``demo``     ``open_demo``: the in-process server for ``offload-run --demo`` (click-free)
+``cli``      the ``offload-run`` command (imports ``demo``, never the other way)
 
 Python use: ``run(make_config(overrides={...}))``; see ``offload.device.loop``.
 """

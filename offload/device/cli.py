@@ -1,7 +1,8 @@
 """``offload-run``: the device loop from the command line.
 
-Every key of ``offload.device.config.KEYS`` is a flag (``--slot-ms 200``) and
-a TOML key (``--config run.toml``); a flag overrides the file. Example::
+Every key of ``offload.device.config.KEYS`` (declared once on ``RunConfig``)
+is a flag (``--slot-ms 200``) and a TOML key (``--config run.toml``); a flag
+overrides the file. Example::
 
     offload-run --video clip.avi --server http://127.0.0.1:8080 --key-file cam1.key \\
                 --policy policy.bin --log frames.jsonl
@@ -10,8 +11,9 @@ Bad input gives one ``Error: ...`` line and exit status 1 (2 for a malformed
 flag, as click does), never a traceback. After a SIGINT/SIGTERM the run drains,
 prints its summary and exits with 128 + the signal number.
 
-``--demo`` (``offload.device.demo``) starts an edge server in-process and runs
-the loop over the committed demo clip.
+``--demo`` (``offload.device.demo.open_demo``) starts an edge server in-process
+and runs the loop over the committed demo clip; the demo module does not
+import this one.
 """
 
 from __future__ import annotations
@@ -24,12 +26,7 @@ import click
 
 from offload.device.config import KEYS, ConfigError, load_toml, make_config
 
-__all__ = ["main", "execute", "device_errors"]
-
-_INT_KEYS = {"camera", "picamera", "queue-size", "log-max-bytes", "log-backups", "jpeg-quality",
-             "top-k", "max-frames", "threads"}
-_FLOAT_KEYS = {"fps", "slot-ms", "connect-timeout", "read-timeout", "inference-timeout",
-               "drain-timeout"}
+__all__ = ["main", "execute", "device_errors", "build_config", "config_options"]
 
 
 @contextlib.contextmanager
@@ -37,33 +34,32 @@ def device_errors():
     """Every refusal of the loop as one ``Error: ...`` line (``click.ClickException``).
 
     Like ``offload.cli.user_errors`` (``ValueError``: config, source, blob,
-    classifier, wire errors), plus the ``RuntimeError``s of the accelerator and
-    the watchdog and ``OSError`` (a log path that cannot be written).
+    classifier, wire errors), plus the ``RuntimeError``s of the accelerator,
+    the watchdog and the demo, and ``OSError`` (a log path that cannot be written).
     """
     from offload.classifier import EdgeTPUUnavailable
+    from offload.device.demo import DemoError
     from offload.device.weak import WatchdogError
 
     try:
         yield
-    except (ValueError, EdgeTPUUnavailable, WatchdogError) as e:
+    except (ValueError, EdgeTPUUnavailable, WatchdogError, DemoError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
         raise click.ClickException(f"{where.strip() or 'I/O'}: {e.strerror or e}") from None
 
 
-def _options(command):
-    for key, default, help_text in reversed(KEYS):
-        flag = f"--{key}"
-        extra = "" if default is None else f" [default: {str(default).lower() if isinstance(default, bool) else default}]"
-        if key == "realtime":
-            opt = click.option("--realtime/--no-realtime", default=None, help=help_text + extra)
-        elif key in _INT_KEYS:
-            opt = click.option(flag, type=int, default=None, help=help_text + extra)
-        elif key in _FLOAT_KEYS:
-            opt = click.option(flag, type=float, default=None, help=help_text + extra)
+def config_options(command):
+    """Add one ``--<key>`` option per declared key (``None`` = not given; ``make_config`` validates)."""
+    for k in reversed(KEYS):
+        shown = k.default_text
+        text = k.help if shown is None else f"{k.help} [default: {shown}]"
+        if k.type is bool:
+            opt = click.option(f"--{k.name}/--no-{k.name}", default=None, help=text)
         else:
-            opt = click.option(flag, type=str, default=None, help=help_text + extra)
+            # strings stay strings for choices: make_config's message names the key
+            opt = click.option(f"--{k.name}", type=k.type, default=None, help=text)
         command = opt(command)
     return command
 
@@ -74,8 +70,11 @@ def build_config(config_file, flags):
     return make_config(file_values, {k: v for k, v in flags.items() if v is not None})
 
 
-def execute(cfg, *, stream=None):
-    """Run the loop for ``cfg``, print the summary; returns the exit status (0, or 128+signal)."""
+def execute(cfg, *, stream=None, complete=None):
+    """Run the loop for ``cfg``, print the summary; returns the exit status (0, or 128+signal).
+
+    ``complete(summary)``, when given, may add to the summary before it is printed.
+    """
     from offload.device.loop import run
     from offload.device.status import format_summary
 
@@ -83,6 +82,8 @@ def execute(cfg, *, stream=None):
     with device_errors():
         summary = run(cfg, status_stream=sys.stderr,
                       echo=lambda m: click.echo(m, err=True))
+        if complete is not None:
+            complete(summary)
     click.echo(format_summary(summary), file=out)
     if summary.get("log"):
         click.echo(f"frame log: {summary['log']}", file=out)
@@ -100,7 +101,7 @@ def execute(cfg, *, stream=None):
                    "--log, --policy, ...).")
 @click.option("--config", "config_file", type=str, default=None,
               help="TOML file with any of the keys below (a flag overrides it).")
-@_options
+@config_options
 def main(demo, config_file, **flags):
     """Classify frames on the device and offload some to the edge server under a token bucket.
 
@@ -110,14 +111,21 @@ def main(demo, config_file, **flags):
     """
     flags = {k.replace("_", "-"): v for k, v in flags.items()}
     if demo:
-        from offload.device.demo import run_demo
-
         if config_file:
             raise click.ClickException("--demo takes flags, not --config")
-        sys.exit(run_demo(flags))
+        sys.exit(_run_demo(flags))
     with device_errors():
         cfg = build_config(config_file, flags)
         if cfg.source[0] is None:
             raise ConfigError("no frame source: give one of --video, --images, --camera, "
                               "--picamera (or the same key in --config)")
     sys.exit(execute(cfg))
+
+
+def _run_demo(flags):
+    """``--demo``: the loop against an in-process server (``offload.device.demo``); exit status."""
+    from offload.device.demo import open_demo
+
+    with device_errors(), open_demo(flags) as demo:
+        click.echo(demo.banner, err=True)
+        return execute(build_config(None, demo.values), complete=demo.complete)

@@ -1,11 +1,16 @@
-"""Configuration of the device loop: one table of keys, read from TOML and/or CLI flags.
+"""Configuration of the device loop: each key declared once, read from TOML and/or CLI flags.
 
-Every key below can be set in a TOML file (``offload-run --config FILE``) under
-its own name (dashes, e.g. ``slot-ms = 200``; underscores are accepted too) and
-as the CLI flag ``--<key>``; a flag overrides the file, the file overrides the
+Every key is one field of :class:`RunConfig`, declared with :func:`setting`: its
+type (the annotation), default, bound (``ge``/``le``/``gt``/``choices``) and
+help, once. From that one declaration come the TOML reader
+(:func:`make_config`), the ``offload-run`` flags (``offload.device.cli``) and
+the table in docs/device.md (:func:`docs_table`; a test holds the doc to it).
+
+Every key can be set in a TOML file (``offload-run --config FILE``) under its
+own name (dashes, e.g. ``slot-ms = 200``; underscores are accepted too) and as
+the CLI flag ``--<key>``; a flag overrides the file, the file overrides the
 default. Unknown keys and invalid values are refused at start with a
-:class:`ConfigError` naming the key. ``KEYS`` is the single source of truth:
-the CLI builds its help from it and docs/device.md lists it.
+:class:`ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -13,93 +18,109 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Optional
 
-__all__ = ["ConfigError", "RunConfig", "KEYS", "load_toml", "make_config", "SOURCE_KEYS",
-           "read_key"]
+__all__ = ["ConfigError", "RunConfig", "Key", "KEYS", "setting", "key_name", "load_toml",
+           "make_config", "SOURCE_KEYS", "read_key", "docs_table", "update_docs_table"]
 
 
 class ConfigError(ValueError):
     """A configuration key with a value the loop cannot use; the message names the key."""
 
 
-#: (key, default, help). Units are in the help text.
-KEYS = [
-    ("camera", None, "OpenCV camera index to capture from (cv2.VideoCapture(N))."),
-    ("video", None, "Video file to replay; timestamps come from the file, not the wall clock."),
-    ("images", None, "Folder of images (sorted by name), one frame each."),
-    ("picamera", None, "Raspberry Pi camera number (Picamera2), where picamera2 is installed."),
-    ("fps", None, "Frame rate of an --images folder (frames/s); default: one frame per slot."),
-    ("labels", None, "CSV with columns 'frame' (0-based) and 'label' (true class), for the summary."),
-    ("server", None, "Edge server base URL, e.g. http://10.0.0.2:8080; none: local-only, never offload."),
-    ("key", None, "API key sent as 'Authorization: Bearer KEY' (prefer key-file)."),
-    ("key-file", None, "File holding the API key (first line, surrounding whitespace ignored)."),
-    ("policy", None, "Policy blob (.bin, kind dqn or thresholds); default: the committed policy.bin."),
-    ("model", None, "Weak classifier .tflite; default: the committed weak_int8.tflite."),
-    ("accelerator", "auto", "auto (Edge TPU when its delegate loads, else CPU with one warning), edgetpu, cpu."),
-    ("device", None, "Edge TPU device for the delegate: usb, usb:N, pci, pci:N (default: first found)."),
-    ("slot-ms", 200.0, "Length of one time slot (ms); 200 = the paper's 5 images/s."),
-    ("queue-size", 8, "Frames waiting to be sent at most; a full queue leaves the weak answer standing."),
-    ("connect-timeout", 1.0, "Seconds to open a connection to the server."),
-    ("read-timeout", 2.0, "Seconds to wait for the server's answer to one frame."),
-    ("inference-timeout", 2.0, "Seconds one weak inference may take before the watchdog reloads the model."),
-    ("drain-timeout", 5.0, "Seconds to wait for in-flight frames at the end or on SIGINT/SIGTERM."),
-    ("log", None, "JSON-lines frame log (one record per frame); none: no log."),
-    ("log-max-bytes", 0, "Rotate the log when it would grow past this many bytes; 0: never."),
-    ("log-backups", 3, "Rotated logs kept (LOG.1 .. LOG.N, newest first)."),
-    ("image-format", "png", "Encoding of offloaded frames: png (lossless) or jpeg."),
-    ("jpeg-quality", 90, "JPEG quality 1..100 when image-format is jpeg."),
-    ("top-k", 3, "Classes kept per answer in the log."),
-    ("max-frames", None, "Stop after this many frames; none: until the source ends."),
-    ("realtime", False, "Pace a file source (video, images) at its frame rate; false: as fast as possible."),
-    ("threads", None, "CPU threads for LiteRT (default: LiteRT's choice)."),
-    ("summary-json", None, "Also write the end-of-run summary as JSON to this file."),
-]
-SOURCE_KEYS = ("camera", "video", "images", "picamera")
-_DEFAULTS = {k: d for k, d, _ in KEYS}
+def setting(default, help, *, ge=None, le=None, gt=None, choices=None, check=None):
+    """Declare one configuration key (a :class:`RunConfig` field); units go in ``help``.
+
+    ``ge``/``le`` bound an integer (inclusive), ``gt`` a number (exclusive,
+    finite), ``choices`` a string (case-insensitive, stored lower-case);
+    ``check(value)`` may refuse a parsed value with a ``ValueError`` (its
+    message follows the key's name).
+    """
+    return field(default=default, metadata={"help": help, "ge": ge, "le": le, "gt": gt,
+                                            "choices": choices, "check": check})
 
 
-def _attr(key):
-    return key.replace("-", "_")
+def _check_server(url):
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    if u.scheme != "http" or not u.hostname:
+        raise ValueError(f"must be an http://HOST[:PORT] URL, got {url!r}"
+                         + (" (https is not supported; use a TLS-terminating proxy)"
+                            if u.scheme == "https" else ""))
+    try:
+        u.port
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    return url
+
+
+def _check_device(spec):
+    from offload.classifier import check_device_spec
+
+    return check_device_spec(spec)
 
 
 @dataclass
 class RunConfig:
     """The validated configuration of one run; attribute names are the keys with ``_``.
 
-    Build it with :func:`make_config` (which validates); units as in ``KEYS``:
-    ``slot_ms`` in ms, timeouts in seconds, ``log_max_bytes`` in bytes.
+    Build it with :func:`make_config` (which validates). Each field is one key,
+    declared once with :func:`setting`.
     """
 
-    camera: int | None = None
-    video: str | None = None
-    images: str | None = None
-    picamera: int | None = None
-    fps: float | None = None
-    labels: str | None = None
-    server: str | None = None
-    key: str | None = None
-    key_file: str | None = None
-    policy: str | None = None
-    model: str | None = None
-    accelerator: str = "auto"
-    device: str | None = None
-    slot_ms: float = 200.0
-    queue_size: int = 8
-    connect_timeout: float = 1.0
-    read_timeout: float = 2.0
-    inference_timeout: float = 2.0
-    drain_timeout: float = 5.0
-    log: str | None = None
-    log_max_bytes: int = 0
-    log_backups: int = 3
-    image_format: str = "png"
-    jpeg_quality: int = 90
-    top_k: int = 3
-    max_frames: int | None = None
-    realtime: bool = False
-    threads: int | None = None
-    summary_json: str | None = None
+    camera: Optional[int] = setting(None, "OpenCV camera index to capture from (cv2.VideoCapture(N)).",
+                                ge=0)
+    video: Optional[str] = setting(None, "Video file to replay; timestamps come from the file, not "
+                                     "the wall clock.")
+    images: Optional[str] = setting(None, "Folder of images (sorted by name), one frame each.")
+    picamera: Optional[int] = setting(None, "Raspberry Pi camera number (Picamera2), where picamera2 "
+                                        "is installed.", ge=0)
+    fps: Optional[float] = setting(None, "Frame rate of an --images folder (frames/s); default: one "
+                                     "frame per slot.", gt=0)
+    labels: Optional[str] = setting(None, "CSV with columns 'frame' (0-based) and 'label' (true "
+                                      "class), for the summary.")
+    server: Optional[str] = setting(None, "Edge server base URL, e.g. http://10.0.0.2:8080; none: "
+                                      "local-only, never offload.", check=_check_server)
+    key: Optional[str] = setting(None, "API key sent as 'Authorization: Bearer KEY' (prefer "
+                                   "key-file).")
+    key_file: Optional[str] = setting(None, "File holding the API key (first line, surrounding "
+                                        "whitespace ignored).")
+    policy: Optional[str] = setting(None, "Policy blob (.bin, kind dqn or thresholds); default: the "
+                                      "committed policy.bin.")
+    model: Optional[str] = setting(None, "Weak classifier .tflite; default: the committed "
+                                     "weak_int8.tflite.")
+    accelerator: str = setting("auto", "auto (Edge TPU when its delegate loads, else CPU with one "
+                                   "warning), edgetpu, cpu.", choices=("auto", "edgetpu", "cpu"))
+    device: Optional[str] = setting(None, "Edge TPU device for the delegate: usb, usb:N, pci, pci:N "
+                                      "(default: first found).", check=_check_device)
+    slot_ms: float = setting(200.0, "Length of one time slot (ms); 200 = the paper's 5 images/s.",
+                         gt=0)
+    queue_size: int = setting(8, "Frames waiting to be sent at most; a full queue leaves the weak "
+                             "answer standing.", ge=1)
+    connect_timeout: float = setting(1.0, "Seconds to open a connection to the server.", gt=0)
+    read_timeout: float = setting(2.0, "Seconds to wait for the server's answer to one frame.", gt=0)
+    inference_timeout: float = setting(2.0, "Seconds one weak inference may take before the watchdog "
+                                        "reloads the model.", gt=0)
+    drain_timeout: float = setting(5.0, "Seconds to wait for in-flight frames at the end or on "
+                                    "SIGINT/SIGTERM.", gt=0)
+    log: Optional[str] = setting(None, "JSON-lines frame log (one record per frame); none: no log.")
+    log_max_bytes: int = setting(0, "Rotate the log when it would grow past this many bytes; 0: "
+                                "never.", ge=0)
+    log_backups: int = setting(3, "Rotated logs kept (LOG.1 .. LOG.N, newest first).", ge=1)
+    image_format: str = setting("png", "Encoding of offloaded frames: png (lossless) or jpeg.",
+                            choices=("png", "jpeg"))
+    jpeg_quality: int = setting(90, "JPEG quality 1..100 when image-format is jpeg.", ge=1, le=100)
+    top_k: int = setting(3, "Classes kept per answer in the log.", ge=1)
+    max_frames: Optional[int] = setting(None, "Stop after this many frames; none: until the source "
+                                          "ends.", ge=1)
+    realtime: bool = setting(False, "Pace a file source (video, images) at its frame rate; false: as "
+                                "fast as possible.")
+    threads: Optional[int] = setting(None, "CPU threads for LiteRT (default: LiteRT's choice).", ge=1)
+    summary_json: Optional[str] = setting(None, "Also write the end-of-run summary as JSON to this "
+                                            "file.")
 
     @property
     def source(self):
@@ -111,7 +132,154 @@ class RunConfig:
         return None, None
 
 
-assert [f.name for f in fields(RunConfig)] == [_attr(k) for k, _, _ in KEYS]
+SOURCE_KEYS = ("camera", "video", "images", "picamera")
+
+_TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "true/false"}
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key as declared on :class:`RunConfig` (``name`` with dashes)."""
+
+    name: str
+    attr: str
+    type: type
+    optional: bool
+    default: object
+    help: str
+    ge: object = None
+    le: object = None
+    gt: object = None
+    choices: tuple = None
+    check: object = None
+
+    def parse(self, value):
+        """``value`` (from TOML, a flag or Python) checked and converted; ``ConfigError`` if bad."""
+        if value is None and self.optional:
+            return None
+        v = _PARSERS[self.type](self, value)
+        if self.check is not None:
+            try:
+                v = self.check(v)
+            except ValueError as e:
+                raise ConfigError(f"{self.name}: {e}") from None
+        return v
+
+    @property
+    def bound(self):
+        """The allowed values as text (docs): ``>= 1``, ``1..100``, ``> 0``, ``png, jpeg``."""
+        if self.choices:
+            return ", ".join(self.choices)
+        if self.ge is not None and self.le is not None:
+            return f"{self.ge}..{self.le}"
+        if self.ge is not None:
+            return f">= {self.ge}"
+        if self.gt is not None:
+            return f"> {self.gt:g}"
+        return ""
+
+    @property
+    def default_text(self):
+        """The default as the CLI help and the docs show it (``None``: no default)."""
+        if self.default is None:
+            return None
+        return str(self.default).lower() if isinstance(self.default, bool) else str(self.default)
+
+
+def _parse_int(k, v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            v = int(v)
+        else:
+            raise ConfigError(f"{k.name}: must be an integer, got {v!r}")
+    if k.ge is not None and v < k.ge:
+        raise ConfigError(f"{k.name}: must be >= {k.ge}, got {v}")
+    if k.le is not None and v > k.le:
+        raise ConfigError(f"{k.name}: must be in {k.ge}..{k.le}, got {v}")
+    return v
+
+
+def _parse_float(k, v):
+    if isinstance(v, bool):
+        raise ConfigError(f"{k.name}: must be a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{k.name}: must be a number, got {v!r}") from None
+    if not math.isfinite(x) or (k.gt is not None and x <= k.gt):
+        raise ConfigError(f"{k.name}: must be a finite number > {k.gt:g}, got {v!r}")
+    return x
+
+
+def _parse_str(k, v):
+    if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
+        raise ConfigError(f"{k.name}: must be a non-empty string, got {v!r}")
+    v = os.fspath(v)
+    if k.choices is not None:
+        if v.lower() not in k.choices:
+            raise ConfigError(f"{k.name}: must be one of {', '.join(k.choices)}, got {v!r}")
+        return v.lower()
+    return v
+
+
+def _parse_bool(k, v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return v.lower() in ("true", "yes", "1")
+    raise ConfigError(f"{k.name}: must be true or false, got {v!r}")
+
+
+_PARSERS = {int: _parse_int, float: _parse_float, str: _parse_str, bool: _parse_bool}
+
+
+def _declared_keys():
+    hints = typing.get_type_hints(RunConfig)
+    out = []
+    for f in fields(RunConfig):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        kind = args[0] if args else hints[f.name]
+        out.append(Key(name=f.name.replace("_", "-"), attr=f.name, type=kind,
+                       optional=bool(args), default=f.default, **f.metadata))
+    return tuple(out)
+
+
+#: Every key, in declaration order (``Key`` objects, built from ``RunConfig``'s fields).
+KEYS = _declared_keys()
+_BY_NAME = {k.name: k for k in KEYS}
+
+
+def key_name(raw):
+    """The declared name of a key written with dashes or underscores; None when unknown."""
+    name = str(raw).replace("_", "-")
+    return name if name in _BY_NAME else None
+
+
+def docs_table():
+    """The Markdown table of every key (docs/device.md, Configuration), from the declaration."""
+    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for k in KEYS:
+        d = k.default_text
+        d = "—" if d is None else (f"`{d}`" if k.type is str else d)
+        kind = "choice" if k.choices else _TYPE_NAMES[k.type]
+        allowed = f"`{k.bound}`" if k.bound else ""
+        lines.append(f"| `{k.name}` | {kind} | {d} | {allowed} | {k.help} |")
+    return "\n".join(lines) + "\n"
+
+
+#: The lines around the generated table in docs/device.md.
+DOCS_BEGIN = "<!-- begin config table: generated by offload.device.config.docs_table() -->\n"
+DOCS_END = "<!-- end config table -->\n"
+
+
+def update_docs_table(path):
+    """Rewrite the generated table between ``DOCS_BEGIN`` and ``DOCS_END`` in ``path``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + DOCS_BEGIN + docs_table() + DOCS_END + tail)
 
 
 def load_toml(path):
@@ -128,52 +296,6 @@ def load_toml(path):
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: not valid TOML ({e})") from None
     return data
-
-
-def _int(key, v, lo=None, none_ok=False):
-    if v is None and none_ok:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
-            v = int(v)
-        else:
-            raise ConfigError(f"{key}: must be an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise ConfigError(f"{key}: must be >= {lo}, got {v}")
-    return v
-
-
-def _float(key, v, positive=True, none_ok=False):
-    if v is None and none_ok:
-        return None
-    if isinstance(v, bool):
-        raise ConfigError(f"{key}: must be a number, got {v!r}")
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: must be a number, got {v!r}") from None
-    if not math.isfinite(x) or (positive and x <= 0):
-        raise ConfigError(f"{key}: must be a finite number > 0, got {v!r}")
-    return x
-
-
-def _str(key, v, none_ok=True, choices=None):
-    if v is None and none_ok:
-        return None
-    if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
-        raise ConfigError(f"{key}: must be a non-empty string, got {v!r}")
-    v = os.fspath(v)
-    if choices is not None and v.lower() not in choices:
-        raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {v!r}")
-    return v.lower() if choices is not None else v
-
-
-def _bool(key, v):
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "yes", "1", "false", "no", "0"):
-        return v.lower() in ("true", "yes", "1")
-    raise ConfigError(f"{key}: must be true or false, got {v!r}")
 
 
 def make_config(file_values=None, overrides=None):
@@ -193,39 +315,17 @@ def make_config(file_values=None, overrides=None):
         An unknown key, a value of the wrong type or range, two frame
         sources, or both ``key`` and ``key-file``; the message names the key.
     """
-    merged = dict(_DEFAULTS)
+    merged = {k.name: k.default for k in KEYS}
     for origin, table in (("config file", file_values or {}), ("option", overrides or {})):
         for raw_key, value in table.items():
-            key = str(raw_key).replace("_", "-")
-            if key not in _DEFAULTS:
-                raise ConfigError(f"{raw_key}: unknown {origin} key (known: {', '.join(_DEFAULTS)})")
+            name = key_name(raw_key)
+            if name is None:
+                raise ConfigError(f"{raw_key}: unknown {origin} key (known: {', '.join(merged)})")
             if isinstance(value, dict):
                 raise ConfigError(f"{raw_key}: expected a value, got a table")
             if value is not None or origin == "config file":
-                merged[key] = value
-    v = {}
-    for k in ("camera", "picamera"):
-        v[k] = _int(k, merged[k], lo=0, none_ok=True)
-    for k in ("video", "images", "labels", "server", "key", "key-file", "policy", "model",
-              "log", "summary-json", "device"):
-        v[k] = _str(k, merged[k])
-    v["fps"] = _float("fps", merged["fps"], none_ok=True)
-    v["accelerator"] = _str("accelerator", merged["accelerator"], none_ok=False,
-                            choices=("auto", "edgetpu", "cpu"))
-    v["image-format"] = _str("image-format", merged["image-format"], none_ok=False,
-                             choices=("png", "jpeg"))
-    for k in ("slot-ms", "connect-timeout", "read-timeout", "inference-timeout", "drain-timeout"):
-        v[k] = _float(k, merged[k])
-    v["queue-size"] = _int("queue-size", merged["queue-size"], lo=1)
-    v["log-max-bytes"] = _int("log-max-bytes", merged["log-max-bytes"], lo=0)
-    v["log-backups"] = _int("log-backups", merged["log-backups"], lo=1)
-    v["jpeg-quality"] = _int("jpeg-quality", merged["jpeg-quality"], lo=1)
-    if v["jpeg-quality"] > 100:
-        raise ConfigError(f"jpeg-quality: must be in 1..100, got {v['jpeg-quality']}")
-    v["top-k"] = _int("top-k", merged["top-k"], lo=1)
-    v["max-frames"] = _int("max-frames", merged["max-frames"], lo=1, none_ok=True)
-    v["threads"] = _int("threads", merged["threads"], lo=1, none_ok=True)
-    v["realtime"] = _bool("realtime", merged["realtime"])
+                merged[name] = value
+    v = {k.name: k.parse(merged[k.name]) for k in KEYS}
     given = [k for k in SOURCE_KEYS if v[k] is not None]
     if len(given) > 1:
         raise ConfigError(f"{given[1]}: only one frame source at a time (also given: {given[0]})")
@@ -233,26 +333,7 @@ def make_config(file_values=None, overrides=None):
         raise ConfigError("key: give key or key-file, not both")
     if v["fps"] is not None and v["images"] is None:
         raise ConfigError("fps: only applies to an images folder")
-    if v["server"] is not None:
-        from urllib.parse import urlsplit
-
-        u = urlsplit(v["server"])
-        if u.scheme != "http" or not u.hostname:
-            raise ConfigError(f"server: must be an http://HOST[:PORT] URL, got {v['server']!r}"
-                              + (" (https is not supported; use a TLS-terminating proxy)"
-                                 if u.scheme == "https" else ""))
-        try:
-            u.port
-        except ValueError:
-            raise ConfigError(f"server: bad port in {v['server']!r}") from None
-    if v["device"] is not None:
-        from offload.classifier import check_device_spec
-
-        try:
-            v["device"] = check_device_spec(v["device"])
-        except ValueError as e:
-            raise ConfigError(f"device: {e}") from None
-    return RunConfig(**{_attr(k): x for k, x in v.items()})
+    return RunConfig(**{_BY_NAME[name].attr: x for name, x in v.items()})
 
 
 def read_key(cfg):

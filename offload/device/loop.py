@@ -7,37 +7,29 @@ Python API (what ``offload-run`` and the ``--demo`` call)::
                                  "key": "secret", "labels": "labels.csv", "log": "frames.jsonl"})
     summary = run(cfg)          # -> dict, see offload.device.status
 
-Per frame (docs/device.md has the details):
+Per frame (docs/device.md has the details), in :meth:`FrameLoop.run`:
 
 1. the source gives ``(frame_id, t, image, label)``;
 2. the weak classifier runs under the watchdog (``--inference-timeout``);
 3. entropy of the calibrated softmax, metric from the blob's table, standardised;
-4. the frame is put in a time slot and the policy decides with the bucket;
+4. the frame is put in a time slot (:class:`offload.device.slotter.Slotter`)
+   and the policy decides with the bucket;
 5. an offload goes on the sender's queue (never waiting for the network);
    its record is written when the answer or the failure comes back, every
    other frame's record at once.
 
-Slotting rule: with slot length ``S`` (``--slot-ms``) and ``t_0`` the first
-decided frame's time stamp, frame ``k`` is in slot
-``s_k = max(s_{k-1} + 1, round((t_k - t_0) / S))`` and its inter-arrival is
-``i[k-1] = s_k - s_{k-1}`` slots (at least 1, as SPEC 1 needs). Rounding the
-time since the first frame (not each gap) keeps slots from drifting away from
-the clock; frames closer than one slot are pushed to the next slot, which
-over-counts time, so choose ``--slot-ms`` no longer than the frame period.
+Everything the run holds (source, watchdog, log, status line, sender, signal
+handlers) is opened on one ``contextlib.ExitStack`` and released by it, in
+reverse order, however the run ends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import queue
-import signal
 import sys
-import threading
 import time
 import warnings
-
-import numpy as np
 
 from offload import artifacts
 from offload.blob import read_blob
@@ -45,17 +37,18 @@ from offload.device.capture import open_source
 from offload.device.config import ConfigError, RunConfig, make_config, read_key
 from offload.device.framelog import FrameLog
 from offload.device.policy import FrameMetric, Policy
+from offload.device.record import FrameRecord, Outcome
 from offload.device.sender import Sender
+from offload.device.slotter import Slotter
 from offload.device.status import Stats, StatusLine, format_summary
+from offload.device.stopwatch import Stopwatch
 from offload.device.weak import AcceleratorWarning, Watchdog, open_weak
+from offload.stopsignal import StopOnSignal
 
-__all__ = ["run", "slot_of", "resolve_paths", "format_summary"]
+__all__ = ["run", "FrameLoop", "PARTS", "resolve_paths", "format_summary"]
 
-
-def slot_of(t, t0, slot_s, prev_slot):
-    """Slot index of a frame at time ``t`` (s): ``max(prev + 1, round((t - t0) / slot_s))``."""
-    s = int(math.floor((t - t0) / slot_s + 0.5))
-    return s if prev_slot is None else max(prev_slot + 1, s)
+#: The loop's parts, timed for the summary's ``overhead_us`` (µs per frame).
+PARTS = ("capture", "weak", "metric", "policy", "record", "send", "stats", "log", "other")
 
 
 def resolve_paths(cfg):
@@ -71,13 +64,194 @@ def resolve_paths(cfg):
     return policy, model
 
 
-def _top(p, k):
-    idx = np.argsort(-p, kind="stable")[:k]
-    return [[int(i), round(float(p[i]), 5)] for i in idx]
+class FrameLoop:
+    """One run's frame loop over opened parts; :meth:`run` is the loop itself.
+
+    ``log`` and ``sender`` may be None (no log; local-only). Records of
+    offloaded frames wait in ``pending`` (frame id -> record) for their result.
+    """
+
+    def __init__(self, cfg, blob, *, source, watchdog, log, sender, stats, status):
+        self.cfg, self.P = cfg, blob.P
+        self.source, self.watchdog, self.log, self.sender = source, watchdog, log, sender
+        self.stats, self.status = stats, status
+        self.metric_of, self.policy = FrameMetric(blob), Policy(blob)
+        self.slotter = Slotter(cfg.slot_ms / 1000.0)
+        self.watch = Stopwatch(PARTS)
+        self.pending = {}
+        self.in_hand = None        # the record of the frame being handled
+        self.frames_seen = 0
+        self.t_start = time.monotonic()
+
+    def run(self, stop):
+        """Handle frames until the source ends, ``max-frames`` or ``stop`` (an Event) is set."""
+        self.t_start = time.monotonic()
+        for frame in self.capture(stop):
+            rec = self.in_hand = FrameRecord.of(frame)
+            out = self.classify(frame, rec)
+            if out is not None:
+                self.decide(frame, out, rec)
+                self.dispatch(frame, rec)
+            self.in_hand = None
+            if rec.done:
+                self.finish(rec)
+            self.between_frames()
+
+    # ------------------------------------------------------------------ the parts
+
+    def capture(self, stop):
+        """Frames from the source, paced with ``realtime``; stops on ``stop`` or ``max-frames``."""
+        it = iter(self.source)
+        pace = self.cfg.realtime and getattr(self.source, "replayable", False)
+        while not stop.is_set():
+            if self.cfg.max_frames is not None and self.frames_seen >= self.cfg.max_frames:
+                return
+            with self.watch.part("capture"):
+                frame = next(it, None)
+            if frame is None:
+                return
+            self.frames_seen += 1
+            if stop.is_set():
+                # captured after the stop: still logged, so nothing is lost silently
+                rec = FrameRecord.of(frame)
+                rec.end(Outcome.CANCELLED, "captured after the stop signal")
+                self.finish(rec)
+                return
+            if pace:
+                wait = self.t_start + frame.t - time.monotonic()
+                if wait > 0:
+                    stop.wait(wait)   # a stop during the wait: this frame is still handled
+            yield frame
+
+    def classify(self, frame, rec):
+        """The weak classifier's output under the watchdog; None when the inference failed."""
+        with self.watch.part("weak") as lap:
+            out, event = self.watchdog.classify(frame.image)
+        rec.time("weak", lap.seconds)
+        if event:
+            rec.event = event
+        if out is None:
+            rec.end(Outcome.WEAK_FAILED)
+        return out
+
+    def decide(self, frame, out, rec):
+        """Metric, slot and the policy's decision with the bucket, into ``rec``."""
+        with self.watch.part("metric") as lap:
+            p, h, raw, m = self.metric_of(out.logits)
+        rec.time("metric", lap.seconds)
+        with self.watch.part("policy") as lap:
+            slot, slots = self.slotter.place(frame.t)
+            a, n0, n1 = self.policy.decide(m, slots)
+        rec.time("policy", lap.seconds)
+        with self.watch.part("record"):
+            rec.decided(slot=slot, slots=slots, probs=p, entropy=h, metric=raw, metric_std=m,
+                        n_before=n0, n_after=n1, P=self.P, offload=a, k=self.cfg.top_k)
+
+    def dispatch(self, frame, rec):
+        """Keep the weak answer, or put the frame on the sender's queue (never waiting)."""
+        if not rec.offload:
+            rec.end(Outcome.NOT_OFFLOADED)
+        elif self.sender is None:
+            rec.end(Outcome.LOCAL_ONLY)
+        else:
+            with self.watch.part("send"):
+                queued = self.sender.submit(frame.frame_id, frame.image)
+            if queued:
+                self.pending[frame.frame_id] = rec
+            else:
+                rec.end(Outcome.QUEUE_FULL,
+                        f"send queue full ({self.cfg.queue_size} frames waiting)")
+
+    def finish(self, rec):
+        """Count a finished record and write it to the log."""
+        with self.watch.part("stats"):
+            self.stats.add(rec)
+        if self.log is not None:
+            with self.watch.part("log"):
+                self.log.write(rec.as_dict())
+
+    def between_frames(self):
+        """Finish the offloads whose result came back; redraw the status line."""
+        with self.watch.part("other"):
+            self.drain()
+            self.status.update()
+
+    def drain(self):
+        """Finish every offloaded frame whose result is on the sender's queue now."""
+        if self.sender is None:
+            return
+        while True:
+            try:
+                res = self.sender.results.get_nowait()
+            except queue.Empty:
+                return
+            rec = self.pending.pop(res.frame_id, None)
+            if rec is not None:
+                rec.answered(res, self.cfg.top_k)
+                self.finish(rec)
+
+    def wind_down(self, exc_type, exc, tb):
+        """``ExitStack`` exit: log the frame in hand on an error, drain the sender, cancel the rest."""
+        rec = self.in_hand
+        if exc is not None and rec is not None and not rec.done and rec.id not in self.pending:
+            rec.end(Outcome.ERROR, f"{type(exc).__name__}: {exc}")   # logged too
+            self.finish(rec)
+        if self.sender is not None:
+            self.sender.close(self.cfg.drain_timeout if exc is None else 0.0)
+            self.drain()
+        for fid in list(self.pending):
+            rec = self.pending.pop(fid)
+            rec.end(Outcome.CANCELLED, "no result before the run ended")
+            self.finish(rec)
+        return False
 
 
-def _ms(t0, t1):
-    return round((t1 - t0) * 1e3, 4)
+# ---------------------------------------------------------------------- opening
+
+
+def _close_quietly(thing):
+    with contextlib.suppress(Exception):
+        thing.close()
+
+
+def _weak_factories(cfg, model_path, make_classifier, make_cpu_classifier, say):
+    """``(make, make_cpu, first)`` for the watchdog: injected, or from ``--model``/``--accelerator``."""
+    if make_classifier is not None:
+        return make_classifier, make_cpu_classifier, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AcceleratorWarning)
+        first, spec = open_weak(model_path, cfg.accelerator, cfg.device, cfg.threads)
+    for w in caught:
+        say(f"warning: {w.message}")
+    make_cpu = spec.make_cpu if spec.accelerator != "cpu" and spec.cpu_model else None
+    return spec.make, make_cpu, first
+
+
+def _open_loop(stack, cfg, blob, key, stats, *, model_path, source, make_classifier,
+               make_cpu_classifier, status_stream, say):
+    """Open the run's parts on ``stack`` (each released by it) and the loop over them."""
+    src = source if source is not None else open_source(cfg, cfg.slot_ms / 1000.0)
+    if hasattr(src, "close"):
+        stack.callback(_close_quietly, src)
+    make, make_cpu, first = _weak_factories(cfg, model_path, make_classifier,
+                                            make_cpu_classifier, say)
+    watchdog = Watchdog(make, cfg.inference_timeout, make_cpu=make_cpu, first=first)
+    stack.callback(watchdog.close)
+    log = None
+    if cfg.log:
+        log = stack.enter_context(FrameLog(cfg.log, cfg.log_max_bytes, cfg.log_backups))
+    status = StatusLine(status_stream, stats)
+    stack.callback(status.finish)
+    sender = None
+    if cfg.server:
+        sender = Sender(cfg.server, key, queue_size=cfg.queue_size,
+                        connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
+                        image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
+                        n_classes=watchdog.n_classes)
+    loop = FrameLoop(cfg, blob, source=src, watchdog=watchdog, log=log, sender=sender,
+                     stats=stats, status=status)
+    stack.push(loop.wind_down)   # first out after the signal handlers: drains while the log is open
+    return loop
 
 
 def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, stop=None,
@@ -107,9 +281,10 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
     Returns
     -------
     dict
-        The summary (``offload.device.status.Stats.summary``) plus ``warnings``
-        (messages given), ``log`` (path) and ``overhead_us`` (mean per-frame
-        time of each part of the loop, µs).
+        The summary (``offload.device.status.Stats.summary``) plus ``signal``
+        (name or None), ``warnings`` (messages given), ``log`` (path),
+        ``policy``, ``model`` (paths) and ``overhead_us`` (mean per-frame time
+        of each part of the loop, µs, keys ``PARTS``).
 
     Raises
     ------
@@ -120,231 +295,35 @@ def run(config, *, source=None, make_classifier=None, make_cpu_classifier=None, 
         log then still has one record per frame seen.
     """
     cfg = config if isinstance(config, RunConfig) else make_config(overrides=dict(config))
-    say_lines = []
+    said = []
 
     def say(msg):
-        say_lines.append(msg)
+        said.append(msg)
         (echo or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
-    slot_s = cfg.slot_ms / 1000.0
     policy_path, model_path = resolve_paths(cfg)
     blob = read_blob(policy_path)
     key = read_key(cfg)
     if cfg.server and not key:
         raise ConfigError("key: --server needs --key or --key-file")
-
-    metric_of = FrameMetric(blob)
-    policy = Policy(blob)
     stats = Stats(bucket={"N": blob.N, "P": blob.P, "M": blob.M, "kind": blob.kind},
                   slot_ms=cfg.slot_ms, local_only=not cfg.server)
-    P = blob.P
-    # Open what the run holds; if a later step refuses, release the earlier ones.
-    setup = contextlib.ExitStack()
-    with setup:
-        src = source if source is not None else open_source(cfg, slot_s)
-        if hasattr(src, "close"):
-            setup.callback(src.close)
-        if make_classifier is None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", AcceleratorWarning)
-                first, spec = open_weak(model_path, cfg.accelerator, cfg.device, cfg.threads)
-            for w in caught:
-                say(f"warning: {w.message}")
-            make = spec.make
-            make_cpu = spec.make_cpu if spec.accelerator != "cpu" and spec.cpu_model else None
-        else:
-            make, make_cpu, first = make_classifier, make_cpu_classifier, None
-        watchdog = Watchdog(make, cfg.inference_timeout, make_cpu=make_cpu, first=first)
-        setup.callback(watchdog.close)
-        log = FrameLog(cfg.log, cfg.log_max_bytes, cfg.log_backups) if cfg.log else None
-        if log is not None:
-            setup.callback(log.close)
-        sender = None
-        if cfg.server:
-            sender = Sender(cfg.server, key, queue_size=cfg.queue_size,
-                            connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
-                            image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
-                            n_classes=watchdog.n_classes)
-        setup.pop_all()   # all opened: the loop's own finally releases them from here on
-    if not cfg.server:
-        say("local-only: no --server given, no frame will be offloaded "
-            "(the policy still decides and spends tokens; the weak answer stands)")
-    status = StatusLine(status_stream, stats)
-    stop = stop or threading.Event()
-    signalled = []
-    old_handlers = {}
-    if install_signals and threading.current_thread() is threading.main_thread():
-        def on_signal(signum, _frame):
-            signalled.append(signum)
-            stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old_handlers[sig] = signal.signal(sig, on_signal)
-
-    pending = {}       # frame id -> record waiting for the sender's result
-    # Per-part time of the loop (s, summed over frames) for the summary's overhead_us.
-    cost = dict.fromkeys(("capture", "weak", "metric", "policy", "record", "send", "stats", "log",
-                          "other"), 0.0)
-    frames_seen = 0
-    top_k = cfg.top_k
-
-    def finish(rec):
-        t0 = time.perf_counter()
-        stats.add(rec)
-        t1 = time.perf_counter()
-        if log is not None:
-            log.write(rec)
-        cost["stats"] += t1 - t0
-        cost["log"] += time.perf_counter() - t1
-
-    def complete(res):
-        rec = pending.pop(res.frame_id, None)
-        if rec is None:
-            return
-        rec["outcome"] = res.outcome
-        ms = rec["ms"]
-        ms["queue"] = None if res.queue_ms is None else round(res.queue_ms, 4)
-        if res.transmission_ms is not None:
-            ms["transmission"] = round(res.transmission_ms, 4)
-        if res.answer is not None:
-            a = res.answer
-            rec["strong_top"] = [[c, round(s, 5)] for c, s in zip(a.classes[:top_k], a.scores[:top_k])]
-            rec["strong_batch"] = a.batch_size
-            ms["strong"] = round(a.inference_ms, 4)
-            rec["final"], rec["final_source"] = a.top1, "strong"
-        if res.error:
-            rec["error"] = res.error
-        finish(rec)
-
-    def drain_results():
-        if sender is None:
-            return
-        while True:
-            try:
-                res = sender.results.get_nowait()
-            except queue.Empty:
-                return
-            complete(res)
-
-    t_wall0 = time.monotonic()
-    t_first = prev_slot = None
-    error = current = None
-    try:
-        it = iter(src)
-        while not stop.is_set():
-            if cfg.max_frames is not None and frames_seen >= cfg.max_frames:
-                break
-            c0 = time.perf_counter()
-            frame = next(it, None)
-            c1 = time.perf_counter()
-            cost["capture"] += c1 - c0
-            if frame is None or stop.is_set():
-                if frame is not None:
-                    # captured after the stop: still logged, so nothing is lost silently
-                    finish({"id": frame.frame_id, "t": round(frame.t, 6), "label": frame.label,
-                            "offload": False, "outcome": "cancelled",
-                            "error": "captured after the stop signal", "final": None,
-                            "final_source": None, "ms": {}})
-                    frames_seen += 1
-                break
-            frames_seen += 1
-            if cfg.realtime and getattr(src, "replayable", False):
-                wait = t_wall0 + frame.t - time.monotonic()
-                if wait > 0 and stop.wait(wait):
-                    pass  # stopping: this frame is still handled, the next is not read
-            rec = current = {"id": frame.frame_id, "t": round(frame.t, 6), "label": frame.label}
-            w0 = time.perf_counter()
-            out, event = watchdog.classify(frame.image)
-            w1 = time.perf_counter()
-            cost["weak"] += w1 - w0
-            ms = {"weak": _ms(w0, w1)}
-            rec["ms"] = ms
-            if event:
-                rec["event"] = event
-            if out is None:
-                rec.update(offload=False, outcome="weak-failed", final=None, final_source=None)
-                current = None
-                finish(rec)
-                continue
-            p, h, raw, m = metric_of(out.logits)
-            w2 = time.perf_counter()
-            cost["metric"] += w2 - w1
-            if t_first is None:
-                t_first = frame.t
-            slot = slot_of(frame.t, t_first, slot_s, prev_slot)
-            slots = 0 if prev_slot is None else slot - prev_slot
-            prev_slot = slot
-            a, n0, n1 = policy.decide(m, slots)
-            w3 = time.perf_counter()
-            cost["policy"] += w3 - w2
-            ms["metric"], ms["policy"] = _ms(w1, w2), _ms(w2, w3)
-            weak_top = _top(p, top_k)
-            rec.update(slot=slot, slots=slots, weak_top=weak_top, entropy=round(h, 6),
-                       metric=round(raw, 6), metric_std=float(m), n_before=int(n0),
-                       n_after=int(n1), tokens_before=n0 / P, tokens_after=n1 / P,
-                       offload=bool(a), final=weak_top[0][0], final_source="weak")
-            w4 = time.perf_counter()
-            cost["record"] += w4 - w3
-            if not a:
-                rec["outcome"] = "not-offloaded"
-            elif sender is None:
-                rec["outcome"] = "local-only"
-            else:
-                s0 = time.perf_counter()
-                queued = sender.submit(frame.frame_id, frame.image)
-                cost["send"] += time.perf_counter() - s0
-                if queued:
-                    pending[frame.frame_id] = rec
-                else:
-                    rec["outcome"] = "queue-full"
-                    rec["error"] = f"send queue full ({cfg.queue_size} frames waiting)"
-            current = None
-            if "outcome" in rec:
-                finish(rec)
-            o0, booked = time.perf_counter(), cost["stats"] + cost["log"]
-            drain_results()
-            status.update()
-            # answers that came back are finished here too: their stats/log time is booked there
-            cost["other"] += time.perf_counter() - o0 - (cost["stats"] + cost["log"] - booked)
-    except BaseException as e:
-        error = e
-        if current is not None and "outcome" not in current and current["id"] not in pending:
-            # the frame in hand when the run failed is logged too
-            current.update(outcome="error", error=f"{type(e).__name__}: {e}")
-            current.setdefault("offload", False)
-            current.setdefault("final", None)
-            current.setdefault("final_source", None)
-            finish(current)
-        raise
-    finally:
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
-        if sender is not None:
-            sender.close(cfg.drain_timeout if error is None else 0.0)
-            drain_results()
-        for fid in list(pending):
-            rec = pending.pop(fid)
-            rec["outcome"] = "cancelled"
-            rec["error"] = "no result before the run ended"
-            finish(rec)
-        watchdog.close()
-        if log is not None:
-            log.close()
-        status.finish()
-        if hasattr(src, "close"):
-            with contextlib.suppress(Exception):
-                src.close()
-    summary = stats.summary(duration_s=time.monotonic() - t_wall0, interrupted=bool(signalled)
-                            or stop.is_set())
-    summary["signal"] = signal.Signals(signalled[0]).name if signalled else None
-    summary["warnings"] = say_lines
-    summary["log"] = cfg.log
-    summary["policy"] = policy_path
-    summary["model"] = model_path
-    n = max(1, stats.frames)
-    summary["overhead_us"] = {k: round(v / n * 1e6, 2) for k, v in cost.items()}
+    with contextlib.ExitStack() as stack:
+        loop = _open_loop(stack, cfg, blob, key, stats, model_path=model_path, source=source,
+                          make_classifier=make_classifier,
+                          make_cpu_classifier=make_cpu_classifier,
+                          status_stream=status_stream, say=say)
+        if not cfg.server:
+            say("local-only: no --server given, no frame will be offloaded "
+                "(the policy still decides and spends tokens; the weak answer stands)")
+        stopper = stack.enter_context(StopOnSignal(stop, install=install_signals))
+        loop.run(stopper.event)
+    summary = stats.summary(duration_s=time.monotonic() - loop.t_start,
+                            interrupted=stopper.is_set())
+    summary.update(signal=stopper.signal, warnings=said, log=cfg.log, policy=policy_path,
+                   model=model_path, overhead_us=loop.watch.per_frame_us(stats.frames))
     if cfg.summary_json:
         from offload.atomic import atomic_write_json
 
         atomic_write_json(cfg.summary_json, summary)
     return summary
-

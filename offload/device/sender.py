@@ -8,30 +8,33 @@ exactly once as a :class:`Result` on ``results`` (a ``queue.Queue`` the loop
 drains): an answer, or the reason there is none. A failure never raises into
 the loop; the frame keeps its weak answer.
 
-Outcomes (``Result.outcome``):
+Outcomes (``Result.outcome``, an :class:`offload.device.record.Outcome`):
 
-``sent``        the server answered 200 with a valid answer
-``timeout``     no connection within ``connect_timeout`` or no answer within ``read_timeout``
-``refused``     the connection was refused (no server listening)
-``disconnected`` the server closed the connection without an answer
-``net-error``   any other network error (message in ``Result.error``)
-``http-<code>`` the server answered with that status (401, 429, 500, ...)
-``held-off``    not sent: the server asked to wait (``Retry-After`` on a 429 or 503)
-``bad-answer``  a 200 answer that does not follow the wire format
-``cancelled``   still queued or in flight when the run ended (``close``)
+``SENT``         the server answered 200 with a valid answer
+``TIMEOUT``      no connection within ``connect_timeout`` or no answer within ``read_timeout``
+``REFUSED``      the connection was refused (no server listening)
+``DISCONNECTED`` the server closed the connection without an answer
+``NET_ERROR``    any other network error (message in ``Result.error``)
+``HTTP``         the server answered with status ``Result.http_status`` (401, 429, 500, ...)
+``HELD_OFF``     not sent: the server asked to wait (``Retry-After`` on a 429 or 503)
+``BAD_ANSWER``   a 200 answer that does not follow the wire format
+``BAD_FRAME``    the frame could not be encoded
+``CANCELLED``    still queued or in flight when the run ended (``close``)
 
-(``queue-full`` is decided by the caller when ``submit`` returns False.)
+(``QUEUE_FULL`` is decided by the caller when ``submit`` returns False.)
 
 A 429 or 503 answer with ``Retry-After`` (seconds or an HTTP date, RFC 9110)
 holds the sender off: frames taken from the queue before that time come back
 ``held-off`` at once instead of being sent, so a device whose bucket has
 drifted from the server's does not spend network on requests the server has
-said it will refuse. The hold is capped at ``MAX_HOLD_S``.
+said it will refuse. The hold is capped at ``MAX_HOLD_S`` and measured on the
+sender's ``clock`` (``time.monotonic`` unless a test injects another).
 """
 
 from __future__ import annotations
 
 import http.client
+import math
 import queue
 import socket
 import threading
@@ -41,6 +44,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from offload import wire
+from offload.device.record import Outcome
 
 __all__ = ["Sender", "Result", "retry_after_seconds", "MAX_HOLD_S"]
 
@@ -80,14 +84,20 @@ class Result:
     """
 
     frame_id: int
-    outcome: str
+    outcome: Outcome
     answer: wire.Answer | None = None
     error: str | None = None
     queue_ms: float | None = None
     encode_ms: float | None = None
     transmission_ms: float | None = None
     request_bytes: int | None = None
+    http_status: int | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self):
+        """The outcome as logged (``"sent"``, ``"http-429"``, ...)."""
+        return self.outcome.label(self.http_status)
 
 
 class Sender:
@@ -106,10 +116,12 @@ class Sender:
     image_format : ``"png"`` or ``"jpeg"``; ``jpeg_quality`` 1..100.
     n_classes : int, optional
         When given, answers with a class outside ``0..n_classes-1`` are ``bad-answer``.
+    clock : callable () -> float
+        Monotonic seconds for the ``Retry-After`` hold (tests pass a fake one).
     """
 
     def __init__(self, server, key, *, queue_size=8, connect_timeout=1.0, read_timeout=2.0,
-                 image_format="png", jpeg_quality=90, n_classes=None):
+                 image_format="png", jpeg_quality=90, n_classes=None, clock=time.monotonic):
         u = urlsplit(server)
         self.host, self.port = u.hostname, u.port or 80
         self.path = u.path.rstrip("/") + wire.CLASSIFY_PATH
@@ -117,13 +129,14 @@ class Sender:
         self.connect_timeout, self.read_timeout = float(connect_timeout), float(read_timeout)
         self.image_format, self.jpeg_quality = image_format, int(jpeg_quality)
         self.n_classes = n_classes
+        self.clock = clock
         self.results = queue.Queue()
         self._jobs = queue.Queue(maxsize=int(queue_size))
         self._conn = None
         self._conn_lock = threading.Lock()
         self._stopping = threading.Event()
         self._pending = 0          # submitted and not yet on ``results``
-        self._hold_until = 0.0     # time.monotonic() before which nothing is sent (Retry-After)
+        self._hold_until = -math.inf  # clock() before which nothing is sent (Retry-After)
         self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="offload-sender", daemon=True)
         self._thread.start()
@@ -166,7 +179,7 @@ class Sender:
                 fid, _, t_in = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            self._finish(Result(fid, "cancelled", error="run ended before it was sent",
+            self._finish(Result(fid, Outcome.CANCELLED, error="run ended before it was sent",
                                 queue_ms=(time.perf_counter() - t_in) * 1e3))
         self._jobs.put(None)  # wake the thread if it waits for work
         with self._conn_lock:
@@ -192,21 +205,21 @@ class Sender:
                 break
             fid, image, t_in = job
             if self._stopping.is_set():
-                self._finish(Result(fid, "cancelled", error="run ended before it was sent",
+                self._finish(Result(fid, Outcome.CANCELLED, error="run ended before it was sent",
                                     queue_ms=(time.perf_counter() - t_in) * 1e3))
                 continue
             t0 = time.perf_counter()
-            hold = self._hold_until - time.monotonic()
+            hold = self._hold_until - self.clock()
             if hold > 0:
-                self._finish(Result(fid, "held-off", queue_ms=(t0 - t_in) * 1e3,
+                self._finish(Result(fid, Outcome.HELD_OFF, queue_ms=(t0 - t_in) * 1e3,
                                     error=f"not sent: the server asked to wait {hold:.1f} s more "
                                           "(Retry-After)"))
                 continue
             res = self._send(fid, image)
             res.queue_ms = (t0 - t_in) * 1e3
-            if self._stopping.is_set() and res.outcome != "sent":
-                res.error = f"run ended while in flight ({res.outcome}: {res.error})"
-                res.outcome = "cancelled"
+            if self._stopping.is_set() and res.outcome is not Outcome.SENT:
+                res.error = f"run ended while in flight ({res.label}: {res.error})"
+                res.outcome, res.http_status = Outcome.CANCELLED, None
             self._finish(res)
         self._close_conn()
 
@@ -237,7 +250,7 @@ class Sender:
         try:
             body, ctype = wire.encode_image(image, self.image_format, quality=self.jpeg_quality)
         except wire.WireError as e:
-            return Result(fid, "bad-frame", error=str(e))
+            return Result(fid, Outcome.BAD_FRAME, error=str(e))
         encode_ms = (time.perf_counter() - t0) * 1e3
         headers = {"Content-Type": ctype, "Authorization": f"Bearer {self.key}",
                    wire.FRAME_ID_HEADER: str(fid)}
@@ -258,37 +271,38 @@ class Sender:
                     self._close_conn()
             except (socket.timeout, TimeoutError) as e:
                 self._close_conn()
-                return Result(fid, "timeout", error=f"{e or 'timed out'}", encode_ms=encode_ms,
+                return Result(fid, Outcome.TIMEOUT, error=f"{e or 'timed out'}", encode_ms=encode_ms,
                               request_bytes=len(body))
             except ConnectionRefusedError as e:
                 self._close_conn()
-                return Result(fid, "refused", error=str(e), encode_ms=encode_ms,
+                return Result(fid, Outcome.REFUSED, error=str(e), encode_ms=encode_ms,
                               request_bytes=len(body))
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     http.client.IncompleteRead) as e:
                 self._close_conn()
                 if reused and attempt == 0 and not self._stopping.is_set():
                     continue
-                return Result(fid, "disconnected", error=f"{type(e).__name__}: {e}",
+                return Result(fid, Outcome.DISCONNECTED, error=f"{type(e).__name__}: {e}",
                               encode_ms=encode_ms, request_bytes=len(body))
             except (OSError, http.client.HTTPException) as e:
                 self._close_conn()
-                return Result(fid, "net-error", error=f"{type(e).__name__}: {e}",
+                return Result(fid, Outcome.NET_ERROR, error=f"{type(e).__name__}: {e}",
                               encode_ms=encode_ms, request_bytes=len(body))
             rtt_ms = (time.perf_counter() - t1) * 1e3
             if status != 200:
                 wait = retry_after_seconds(retry_after) if status in (429, 503) else None
                 if wait:
-                    self._hold_until = max(self._hold_until, time.monotonic() + wait)
-                return Result(fid, f"http-{status}", error=data[:200].decode("utf-8", "replace"),
+                    self._hold_until = max(self._hold_until, self.clock() + wait)
+                return Result(fid, Outcome.HTTP, http_status=status,
+                              error=data[:200].decode("utf-8", "replace"),
                               encode_ms=encode_ms, transmission_ms=rtt_ms,
                               request_bytes=len(body))
             try:
                 ans = wire.parse_answer(data, self.n_classes)
             except wire.WireError as e:
-                return Result(fid, "bad-answer", error=str(e), encode_ms=encode_ms,
+                return Result(fid, Outcome.BAD_ANSWER, error=str(e), encode_ms=encode_ms,
                               transmission_ms=rtt_ms, request_bytes=len(body))
-            return Result(fid, "sent", answer=ans, encode_ms=encode_ms,
+            return Result(fid, Outcome.SENT, answer=ans, encode_ms=encode_ms,
                           transmission_ms=max(0.0, rtt_ms - ans.inference_ms),
                           request_bytes=len(body))
         raise AssertionError("unreachable")  # pragma: no cover

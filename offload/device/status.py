@@ -1,7 +1,7 @@
 """Run statistics: a live one-line status (TTY only) and the end-of-run summary.
 
-``Stats.add(record)`` takes every finished frame record (the same dict the
-frame log gets). ``Stats.summary()`` returns a plain dict (JSON-ready):
+``Stats.add(record)`` takes every finished :class:`offload.device.record.FrameRecord`
+(the record the frame log gets). ``Stats.summary()`` returns a plain dict (JSON-ready):
 
 * ``stages_ms``: per stage mean, std (population) and count, in ms, of the
   paper's Table I rows: ``weak`` (weak inference), ``policy`` (the decision:
@@ -28,6 +28,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+
+from offload.device.record import Outcome
 
 __all__ = ["Stats", "StatusLine", "format_summary", "STAGES"]
 
@@ -66,7 +68,8 @@ class Stats:
         self.bucket, self.slot_ms, self.local_only = bucket, slot_ms, local_only
         self.frames = 0
         self.offload_decisions = 0
-        self.outcomes = Counter()
+        self.outcomes = Counter()      # outcome label -> frames
+        self.failures = Counter()      # the same, failures only (Outcome.is_failure)
         self.stages = {s: _Moments() for s in STAGES}
         self.events = Counter()
         self.labelled = 0
@@ -80,24 +83,27 @@ class Stats:
         self.t_start = time.monotonic()
 
     def add(self, rec):
+        """Count one finished ``FrameRecord``."""
         self.frames += 1
-        self.offload_decisions += bool(rec.get("offload"))
-        self.outcomes[rec["outcome"]] += 1
-        for s, v in (rec.get("ms") or {}).items():
+        self.offload_decisions += bool(rec.offload)
+        self.outcomes[rec.outcome_label] += 1
+        if rec.outcome.is_failure:
+            self.failures[rec.outcome_label] += 1
+        for s, v in rec.ms.items():
             if v is not None and s in self.stages:
                 self.stages[s].add(float(v))
-        if rec.get("event"):
-            self.events[rec["event"].split(":")[0]] += 1
-        if rec.get("tokens_after") is not None:
-            self.tokens = rec["tokens_after"]
-        label = rec.get("label")
-        weak = rec.get("weak_top")
+        if rec.event:
+            self.events[rec.event.split(":")[0]] += 1
+        if rec.tokens_after is not None:
+            self.tokens = rec.tokens_after
+        label = rec.label
+        weak = rec.weak_top
         if label is not None:
             self.labelled += 1
             w1 = weak[0][0] if weak else None
             self.weak_err += w1 != label
-            self.final_err += rec.get("final") != label
-            strong = rec.get("strong_top")
+            self.final_err += rec.final != label
+            strong = rec.strong_top
             if strong:
                 self.answered_labelled += 1
                 self.strong_err_answered += strong[0][0] != label
@@ -107,8 +113,6 @@ class Stats:
         """The end-of-run summary as a JSON-ready dict."""
         dur = time.monotonic() - self.t_start if duration_s is None else duration_s
         n = self.frames
-        fails = {k: v for k, v in self.outcomes.items()
-                 if k not in ("sent", "not-offloaded", "local-only")}
         out = {
             "frames": n,
             "duration_s": round(dur, 3),
@@ -121,9 +125,9 @@ class Stats:
             "shares": {"offloaded": round(self.offload_decisions / n, 4) if n else None,
                        "not_offloaded": round(1 - self.offload_decisions / n, 4) if n else None},
             "offload_decisions": self.offload_decisions,
-            "answered": self.outcomes.get("sent", 0),
+            "answered": self.outcomes.get(Outcome.SENT.value, 0),
             "outcomes": dict(sorted(self.outcomes.items())),
-            "failures": dict(sorted(fails.items())),
+            "failures": dict(sorted(self.failures.items())),
             "weak_events": dict(self.events),
             "tokens_final": self.tokens,
         }
@@ -151,9 +155,9 @@ class Stats:
         def ms(s):
             return f"{st[s].mean:.2f}" if st[s].n else "-"
         tok = "-" if self.tokens is None else f"{self.tokens:.2f}"
-        fails = sum(v for k, v in self.outcomes.items()
-                    if k not in ("sent", "not-offloaded", "local-only"))
-        return (f"{n} frames {fps:.1f}/s | offload {rate:.1%} sent {self.outcomes.get('sent', 0)}"
+        fails = sum(self.failures.values())
+        sent = self.outcomes.get(Outcome.SENT.value, 0)
+        return (f"{n} frames {fps:.1f}/s | offload {rate:.1%} sent {sent}"
                 f" failed {fails} | tokens {tok} | ms weak {ms('weak')} policy {ms('policy')}"
                 f" tx {ms('transmission')} strong {ms('strong')}")
 
