@@ -19,7 +19,7 @@ from offload import mlp
 from offload.bucket import TokenBucket
 from offload.ring import HistoryRing
 
-from conftest import dqn_inputs
+from helpers import dqn_inputs
 
 H = 96
 

@@ -27,7 +27,7 @@ import pytest
 from offload import mlp, sequences, simulate
 from offload.simulate import Streams
 
-from conftest import dqn_inputs, random_network
+from helpers import dqn_inputs, random_network
 
 N, P, M = 1, 10, 40
 H = 96

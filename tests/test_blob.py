@@ -9,7 +9,7 @@ import pytest
 from offload import blob, mlp
 from offload.blob import BlobError, Policy, from_bytes, read_blob, to_bytes, write_blob
 
-from conftest import dqn_inputs
+from helpers import dqn_inputs
 
 
 def _lut():
