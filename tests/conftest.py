@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from offload import artifacts, mlp
+from offload import mlp
 
-from helpers import dqn_inputs, random_network
+from helpers import dqn_inputs, load_strong_model, random_network
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
                           deadline=None, max_examples=100)
@@ -60,10 +60,4 @@ def paper_net(rng):
 @pytest.fixture(scope="module")
 def strong_model():
     """The committed strong ONNX model on one CPU thread (skips without onnxruntime or the file)."""
-    pytest.importorskip("onnxruntime")
-    from offload.server.model import StrongModel
-
-    path = artifacts.find("strong.onnx")
-    if path is None:
-        pytest.skip("artifacts/strong.onnx not found")
-    return StrongModel(path, threads=1)
+    return load_strong_model()

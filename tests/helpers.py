@@ -7,8 +7,9 @@ stay in conftest.py.
 """
 
 import numpy as np
+import pytest
 
-from offload import mlp
+from offload import artifacts, mlp
 
 
 def dqn_inputs(rng, count, H=96, interarrival=True):
@@ -24,3 +25,14 @@ def random_network(rng, din, dout, hidden=(64,) * 5):
     """He-uniform MLP with small random biases (list of (weight, bias))."""
     layers = mlp.he_uniform([din, *hidden, dout], rng)
     return [(w, rng.normal(scale=0.1, size=b.shape).astype(np.float32)) for w, b in layers]
+
+
+def load_strong_model():
+    """The committed strong ONNX model on one CPU thread; skips without onnxruntime or the file."""
+    pytest.importorskip("onnxruntime")
+    from offload.server.model import StrongModel
+
+    path = artifacts.find("strong.onnx")
+    if path is None:
+        pytest.skip("artifacts/strong.onnx not found")
+    return StrongModel(path, threads=1)
