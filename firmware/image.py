@@ -16,7 +16,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from firmware.tools import FirmwareError, _env, _which, require, run
+from firmware.tools import FirmwareError, require, run, tool_env, which
 
 __all__ = ["Partition", "ImageInfo", "read_table", "inspect", "FAT_TYPES", "LINUX_TYPE",
            "OLD_RELEASES"]
@@ -84,8 +84,8 @@ def read_table(path):
     path = os.fspath(path)
     size = _check_file(path)
     require("sfdisk")
-    proc = subprocess.run([_which("sfdisk"), "--json", path], capture_output=True, text=True,
-                          env=_env(), timeout=60)
+    proc = subprocess.run([which("sfdisk"), "--json", path], capture_output=True, text=True,
+                          env=tool_env(), timeout=60)
     if proc.returncode != 0 or not proc.stdout.strip():
         raise FirmwareError(f"{path}: no partition table found (corrupt, or not a disk image)")
     try:
@@ -119,8 +119,8 @@ def read_table(path):
 def _debugfs(path, part, request):
     """stdout of one read-only debugfs request on ``part``; ``None`` when the path is not there."""
     require("debugfs")
-    proc = subprocess.run([_which("debugfs"), "-R", request, f"{path}?offset={part.offset}"],
-                          capture_output=True, env=_env(), timeout=120)
+    proc = subprocess.run([which("debugfs"), "-R", request, f"{path}?offset={part.offset}"],
+                          capture_output=True, env=tool_env(), timeout=120)
     err = proc.stderr.decode("utf-8", "replace")
     # debugfs exits 0 even when it cannot open the file system; its stderr says so.
     if "while trying to open" in err or "Bad magic number" in err or "Couldn't find valid filesystem" in err:

@@ -29,7 +29,7 @@ from firmware.build import data_path
 from firmware.tools import FirmwareError
 from offload.atomic import atomic_path
 
-__all__ = ["provision", "camera_dropin"]
+__all__ = ["provision", "camera_dropin", "wipe"]
 
 
 def _ids(user):
@@ -50,7 +50,7 @@ def _write(path, data, mode, uid=None, gid=None):
             f.write(data)
 
 
-def _wipe(path):
+def wipe(path):
     """Overwrite ``path`` with zeros, then delete it.
 
     Deleting a file on FAT only frees its clusters; the key would stay
@@ -141,7 +141,7 @@ def provision(boot, *, root="/", user=USER, echo=print):
     with open(data_path("70-offload-coral.rules"), "rb") as f:
         _write(os.path.join(rules_dir, "70-offload-coral.rules"), f.read(), 0o644, 0, 0)
     if key_path == key_src:
-        _wipe(key_src)
+        wipe(key_src)
         echo(f"provision: moved the API key to {ETC}/{settings.KEY_NAME} (mode 0600) and removed it "
              "from the boot partition")
     os.sync()

@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 
-__all__ = ["FirmwareError", "PACKAGES", "missing", "require", "run"]
+__all__ = ["FirmwareError", "PACKAGES", "missing", "require", "run", "tool_env", "which"]
 
 
 class FirmwareError(ValueError):
@@ -31,7 +31,8 @@ PACKAGES = {
 _EXTRA_PATH = ("/usr/sbin", "/sbin")
 
 
-def _which(tool):
+def which(tool):
+    """The path of the command-line ``tool``, also looking in the sbin folders; None when absent."""
     found = shutil.which(tool)
     if found:
         return found
@@ -41,7 +42,7 @@ def _which(tool):
 
 def missing(*tools):
     """The tools among ``tools`` that cannot be found."""
-    return [t for t in tools if _which(t) is None]
+    return [t for t in tools if which(t) is None]
 
 
 def require(*tools):
@@ -53,7 +54,8 @@ def require(*tools):
                             f"(apt-get install {' '.join(pkgs)})")
 
 
-def _env():
+def tool_env():
+    """The environment the tools run in: this one, with mtools and the locale pinned."""
     env = dict(os.environ)
     # Never read a user's ~/.mtoolsrc (a drive letter mapping there could
     # redirect writes), and skip mtools' check of the BIOS geometry, which
@@ -71,10 +73,10 @@ def run(cmd, what, *, input=None, binary=False):
     stderr line is appended, since it usually names the problem.
     """
     require(cmd[0])
-    exe = _which(cmd[0])
+    exe = which(cmd[0])
     try:
         proc = subprocess.run([exe, *cmd[1:]], input=input, capture_output=True,
-                              env=_env(), text=not binary, timeout=600)
+                              env=tool_env(), text=not binary, timeout=600)
     except subprocess.TimeoutExpired:
         raise FirmwareError(f"{what}: {cmd[0]} did not finish in 600 s") from None
     if proc.returncode != 0:

@@ -34,6 +34,10 @@ __all__ = [
     "markov_mean_interarrival",
     "markov_check",
     "MAX_MEAN_INTERARRIVAL",
+    # the sampler's memory plan and its reference twin, for tests
+    "BLOCK_ENTRIES",
+    "plan_blocks",
+    "sojourn_table",
 ]
 
 # markov_arrivals refuses parameters whose long-run mean inter-arrival time
@@ -41,8 +45,9 @@ __all__ = [
 MAX_MEAN_INTERARRIVAL = 1_000
 # Intervals (slots) beyond this are refused: slot counts are int64.
 _MAX_INTERVAL = 2**62
-# Sojourns drawn at once by markov_arrivals (rows x columns of one block).
-_BLOCK_ENTRIES = 1 << 20
+# Sojourns drawn at once by markov_arrivals (rows x columns of one block):
+# its memory bound; public so a test can shrink it to force chunking.
+BLOCK_ENTRIES = 1 << 20
 
 
 # --------------------------------------------------------------------------- validation
@@ -267,18 +272,18 @@ def markov_check(i1, i2, tprob1, tprob2):
     return mean
 
 
-def _plan(n_seq, need, mean_per_sojourn):
+def plan_blocks(n_seq, need, mean_per_sojourn):
     """``(rows, block)``: sequences per chunk and sojourn columns drawn per block.
 
     A block holds enough sojourns for ``need`` arrivals with a good margin, so
-    one block is normally enough; it never holds more than ``_BLOCK_ENTRIES``
+    one block is normally enough; it never holds more than ``BLOCK_ENTRIES``
     entries (rows x columns), so memory stays bounded whatever the parameters.
     """
     ratio = need / mean_per_sojourn  # mean_per_sojourn may be inf: ratio 0
-    block = _BLOCK_ENTRIES if ratio > _BLOCK_ENTRIES else int(
+    block = BLOCK_ENTRIES if ratio > BLOCK_ENTRIES else int(
         math.ceil(1.2 * ratio + 6.0 * math.sqrt(ratio) + 2))
-    block = min(block + block % 2, _BLOCK_ENTRIES)
-    return max(1, min(n_seq, _BLOCK_ENTRIES // block)), block
+    block = min(block + block % 2, BLOCK_ENTRIES)
+    return max(1, min(n_seq, BLOCK_ENTRIES // block)), block
 
 
 def _sojourn_blocks(rng, first, need, intervals, tprobs, block):
@@ -310,20 +315,21 @@ def _first_states(rng, n_seq, tprobs):
     return (rng.random(n_seq) >= pi1).astype(np.int8)
 
 
-def _sojourns(rng, n_seq, need, intervals, tprobs):
+def sojourn_table(rng, n_seq, need, intervals, tprobs):
     """The whole sojourn table ``(lengths, states, counts)``, one row per sequence.
 
-    For tests: with the same ``rng`` it holds exactly the sojourns
-    ``markov_arrivals`` draws when the request fits in one chunk (see
-    ``_plan``); ``markov_arrivals`` itself consumes them block by block.
+    The reference twin for tests: with the same ``rng`` it holds exactly the
+    sojourns ``markov_arrivals`` draws when the request fits in one chunk (see
+    ``plan_blocks``); ``markov_arrivals`` itself consumes them block by block.
+    ``lengths`` and ``states`` (0 = state 1) per sojourn, ``counts`` arrivals in each.
     """
     intervals = np.asarray(intervals, dtype=np.int64)
     tprobs = np.asarray(tprobs, dtype=np.float64)
     per = [_per_sojourn_scaled(int(i), float(p)) / float(p) for i, p in zip(intervals, tprobs)]
     first = _first_states(rng, n_seq, tprobs)
-    rows, block = _plan(n_seq, need, (per[0] + per[1]) / 2)
+    rows, block = plan_blocks(n_seq, need, (per[0] + per[1]) / 2)
     if rows < n_seq:
-        raise ValueError("request spans several chunks; _sojourns is for small tests")
+        raise ValueError("request spans several chunks; sojourn_table is for small tests")
     blocks = list(_sojourn_blocks(rng, first, need, intervals, tprobs, block))
     if not blocks:
         empty = np.zeros((n_seq, 0), dtype=np.int64)
@@ -400,7 +406,7 @@ def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=F
     a few sojourns per value for ordinary parameters, at most 1,000 at the
     cap (about 50 ns per sojourn on a desktop x86 core, so at most about
     50 us per value). Memory is a few times the output plus at most
-    ``_BLOCK_ENTRIES`` (about a million) sojourns at a time: sojourns are
+    ``BLOCK_ENTRIES`` (about a million) sojourns at a time: sojourns are
     drawn in blocks, for a chunk of sequences at a time.
 
     Parameters
@@ -448,7 +454,7 @@ def markov_arrivals(length, n_seq, i1, i2, tprob1, tprob2, seed, return_states=F
     states = np.empty((n_seq, length), dtype=np.int8) if return_states else None
     starts = np.empty((n_seq, length), dtype=np.int8) if arrival_states else None
     first = _first_states(rng, n_seq, tprobs)
-    rows, block = _plan(n_seq, need, per_sojourn)
+    rows, block = plan_blocks(n_seq, need, per_sojourn)
     for r0 in range(0, n_seq, rows):
         r1 = min(n_seq, r0 + rows)
         times, where = _arrival_times(rng, first[r0:r1], need, intervals, tprobs, block)

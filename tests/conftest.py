@@ -1,4 +1,6 @@
-"""Shared fixtures (small random networks, DQN-like inputs, the strong model) and hypothesis profiles.
+"""Shared fixtures (a seeded generator, the paper-size network, the strong model) and hypothesis profiles.
+
+Helper functions the tests import by name live in ``helpers.py``.
 
 Hypothesis profiles, chosen by the environment variable ``HYPOTHESIS_PROFILE``:
 
@@ -21,7 +23,9 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from offload import artifacts, mlp
+from offload import mlp
+
+from helpers import dqn_inputs, load_strong_model, random_network
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
                           deadline=None, max_examples=100)
@@ -37,21 +41,6 @@ def _profile():
 
 
 settings.load_profile(_profile())
-
-
-def dqn_inputs(rng, count, H=96, interarrival=True):
-    """Standardised metrics ~ N(0,1) and inter-arrival slots in 1..9, newest first."""
-    x = np.empty((count, 2 * H if interarrival else H), np.float32)
-    x[:, :H] = rng.normal(size=(count, H))
-    if interarrival:
-        x[:, H:] = rng.integers(1, 10, size=(count, H))
-    return x
-
-
-def random_network(rng, din, dout, hidden=(64,) * 5):
-    """He-uniform MLP with small random biases (list of (weight, bias))."""
-    layers = mlp.he_uniform([din, *hidden, dout], rng)
-    return [(w, rng.normal(scale=0.1, size=b.shape).astype(np.float32)) for w, b in layers]
 
 
 @pytest.fixture
@@ -71,10 +60,4 @@ def paper_net(rng):
 @pytest.fixture(scope="module")
 def strong_model():
     """The committed strong ONNX model on one CPU thread (skips without onnxruntime or the file)."""
-    pytest.importorskip("onnxruntime")
-    from offload.server.model import StrongModel
-
-    path = artifacts.find("strong.onnx")
-    if path is None:
-        pytest.skip("artifacts/strong.onnx not found")
-    return StrongModel(path, threads=1)
+    return load_strong_model()

@@ -9,7 +9,7 @@ import pytest
 from offload import blob, mlp
 from offload.blob import BlobError, Policy, from_bytes, read_blob, to_bytes, write_blob
 
-from conftest import dqn_inputs
+from helpers import dqn_inputs
 
 
 def _lut():
@@ -144,13 +144,18 @@ def test_header_layout_is_documented_offsets(threshold_policy):
     assert struct.unpack_from("<ddd", data, 32) == (0.0, 1.0, 0.75)  # mean, std, tinv
 
 
+# docs/blob.md's header, magic .. tinv, restated here: the test reads the format, not blob.py
+HEAD = "<8sHHIIIIIddd"
+
+
 def _as_version_1(data, policy):
     """The same blob in format version 1: no separate float bias after each layer."""
     body = bytearray(data[:-4])
     struct.pack_into("<H", body, 8, 1)
     lx = np.asarray(policy.lut_x)
-    meta_len = struct.unpack_from("<I", body, blob._HEAD.size)[0]
-    pos = blob._HEAD.size + 4 + meta_len + 4 + 2 * 4 * len(lx) + 4
+    head = struct.calcsize(HEAD)
+    meta_len = struct.unpack_from("<I", body, head)[0]
+    pos = head + 4 + meta_len + 4 + 2 * 4 * len(lx) + 4
     out = bytearray(body[:pos])
     for lay in policy.qmlp.layers:
         dout, din = lay.w_int8.shape

@@ -9,7 +9,7 @@ from offload.bucket import TokenBucket
 from offload.decider import Decider, decide_sequence_reference, from_policy
 from offload.ring import HistoryRing
 
-from conftest import random_network
+from helpers import random_network
 
 
 @pytest.mark.parametrize("use_ia", [True, False])

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import random_network  # noqa: E402
+from helpers import random_network  # noqa: E402
 from offload import blob, mlp, simulate  # noqa: E402
 from offload.bucket import scale  # noqa: E402
 from offload.profile import TEST, TRAIN, VALIDATION, Profile  # noqa: E402

@@ -614,7 +614,7 @@ def test_settings_are_validated_by_the_device_config():
 def test_missing_tools_are_named_with_their_package(monkeypatch):
     from firmware import tools
 
-    monkeypatch.setattr(tools, "_which", lambda t: None)
+    monkeypatch.setattr(tools, "which", lambda t: None)
     with pytest.raises(FirmwareError, match=r"sfdisk, mcopy not found: install fdisk mtools"):
         tools.require("sfdisk", "mcopy")
     assert json.dumps(tools.PACKAGES)       # every tool maps to a Debian package name
@@ -623,11 +623,11 @@ def test_missing_tools_are_named_with_their_package(monkeypatch):
 def test_the_key_on_the_card_is_overwritten_before_it_is_deleted(tmp_path):
     # A hard link sees the same bytes as the file: after the wipe they are zeros,
     # so no copy of the key is left in the FAT partition's freed clusters.
-    from firmware.provision import _wipe
+    from firmware.provision import wipe
 
     key = tmp_path / "device.key"
     key.write_text(KEY + "\n")
     os.link(key, tmp_path / "same-inode")
-    _wipe(str(key))
+    wipe(str(key))
     assert not key.exists()
     assert (tmp_path / "same-inode").read_bytes() == b"\0" * (len(KEY) + 1)

@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from offload import mlp
 from offload.mlp import Int8MLP, decide
 
-from conftest import dqn_inputs, random_network
+from helpers import dqn_inputs, random_network
 
 
 @settings(max_examples=25, deadline=None)

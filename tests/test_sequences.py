@@ -187,7 +187,7 @@ def test_markov_matches_loop_reference(i1, i2, p1, p2, length, n_seq, seed):
     assume(_supported(i1, i2, p1, p2))
     gaps, states = S.markov_arrivals(length, n_seq, i1, i2, p1, p2, seed, return_states=True)
     rng = np.random.default_rng(seed)
-    lengths, sojourn_states, _ = S._sojourns(rng, n_seq, length + 1, [i1, i2], [p1, p2])
+    lengths, sojourn_states, _ = S.sojourn_table(rng, n_seq, length + 1, [i1, i2], [p1, p2])
     np.testing.assert_array_equal(gaps, _reference_gaps(lengths, sojourn_states, [i1, i2], length + 1))
     assert gaps.min() >= 1
     assert set(np.unique(states)) <= {1, 2}
@@ -234,7 +234,7 @@ def test_markov_closed_forms():
 def test_markov_sojourns_slot_occupancy():
     rng = np.random.default_rng(12)
     intervals, tprobs = np.array([1, 3]), np.array([0.05, 0.02])
-    lengths, states, counts = S._sojourns(rng, 4000, 50, intervals, tprobs)
+    lengths, states, counts = S.sojourn_table(rng, 4000, 50, intervals, tprobs)
     pi1, _ = S.markov_stationary(0.05, 0.02)
     assert abs((states[:, 0] == 0).mean() - pi1) < 0.03
     assert abs(lengths[states == 0].mean() - 20) < 0.5
@@ -424,8 +424,8 @@ def test_markov_memory_is_chunked(monkeypatch):
     # several blocks per row, and gives exactly what one big block gives.
     args = (400, 30, 2, 3, 0.4, 0.3, 5)
     whole = S.markov_arrivals(*args, return_states=True)
-    monkeypatch.setattr(S, "_BLOCK_ENTRIES", 64)
-    rows, block = S._plan(30, 401, (S.markov_arrivals_per_sojourn(2, 0.4)
+    monkeypatch.setattr(S, "BLOCK_ENTRIES", 64)
+    rows, block = S.plan_blocks(30, 401, (S.markov_arrivals_per_sojourn(2, 0.4)
                                     + S.markov_arrivals_per_sojourn(3, 0.3)) / 2)
     assert rows == 1 and block == 64
     small = S.markov_arrivals(*args, return_states=True)

@@ -7,6 +7,7 @@ is made observable by holding the model call until requests have queued.
 """
 
 import asyncio
+import copy
 import math
 import os
 import re
@@ -219,17 +220,17 @@ def test_batched_results_equal_single(strong_model, frames):
 def test_http_requests_really_share_model_calls(strong_model, frames):
     """16 concurrent HTTP requests over loopback: the model is held on the first call
     until the other 15 have queued, so the second call must batch them."""
-    with serve_in_thread(strong_model, api_key=KEY, max_batch=32, batch_window_ms=0.0) as srv:
+    gate, entered = threading.Event(), threading.Event()
+
+    def held_run(batch):
+        entered.set()
+        gate.wait(30)
+        return strong_model.run(batch)
+
+    held = copy.copy(strong_model)  # the same ONNX session, its model calls held at the gate
+    held.run = held_run
+    with serve_in_thread(held, api_key=KEY, max_batch=32, batch_window_ms=0.0) as srv:
         batcher = srv.app.state.service.batcher
-        gate, entered = threading.Event(), threading.Event()
-        real_run = batcher._run
-
-        def held_run(batch):
-            entered.set()
-            gate.wait(30)
-            return real_run(batch)
-
-        batcher._run = held_run
         results = [None] * len(frames)
 
         def post(i):

@@ -14,7 +14,7 @@ from offload.synthetic import synthetic_profile
 from offload.profile import TEST, TRAIN
 from offload_native import window_block
 
-from conftest import random_network
+from helpers import random_network
 
 
 # ----------------------------------------------------------------------------- helpers

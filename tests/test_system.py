@@ -1,6 +1,6 @@
 """The deployed system end to end: real `offload-serve` and `offload-run` processes over loopback.
 
-Runs the issue's commands as written (on a free port instead of 8080) and
+Runs the issue's commands as written (on port 0, the one the server reports, instead of 8080) and
 the embedded `offload-run --demo`, each from a scratch directory, and checks
 what does not depend on timing: one log record per frame, the bucket never
 violated (replayed from the log), every offload decision with an outcome,
@@ -10,7 +10,6 @@ offloaded frames answered by the real strong model.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,20 +34,32 @@ def _exe(name):
     return path
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _listening_url(proc, err_path, timeout=60):
+    """The URL ``offload-serve --port 0`` reports on stderr once it has bound its socket.
+
+    The server binds port 0 itself and says which port it got, so no port is
+    picked here, closed and hoped to be still free when the server binds it.
+    stderr goes to a file, not a pipe, so the server never blocks on a full pipe.
+    """
+    deadline = time.monotonic() + timeout  # a guard against a hang only
+    while time.monotonic() < deadline:
+        text = err_path.read_text()
+        for line in text.splitlines():
+            if "listening on http://" in line:
+                return line.rsplit("listening on ", 1)[1].strip()
+        assert proc.poll() is None, text
+        time.sleep(0.05)
+    raise AssertionError("offload-serve did not report its address")
 
 
-def _wait_healthy(port, proc, timeout=60):
+def _wait_healthy(url, proc, err_path, timeout=60):
     import http.client
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, err_path.read_text()
         try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c = http.client.HTTPConnection(url.removeprefix("http://"), timeout=1)
             c.request("GET", "/healthz")
             if c.getresponse().status == 200:
                 return
@@ -66,14 +77,16 @@ def test_the_issue_commands_as_written(tmp_path):
     key = add.stdout.strip().splitlines()[-1]
     assert len(key) >= 32 and key not in (tmp_path / "keys.toml").read_text()  # hashed
     (tmp_path / "cam1.key").write_text(key + "\n")
-    port = _free_port()
-    server = subprocess.Popen([_exe("offload-serve"), "--keys", "keys.toml", "--port", str(port)],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+    err = tmp_path / "serve.err"
+    with open(err, "w") as err_file:
+        server = subprocess.Popen([_exe("offload-serve"), "--keys", "keys.toml", "--port", "0"],
+                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file,
+                                  text=True)
     try:
-        _wait_healthy(port, server)
+        url = _listening_url(server, err)
+        _wait_healthy(url, server, err)
         run = subprocess.run([_exe("offload-run"), "--video", "clip.avi", "--server",
-                              f"http://127.0.0.1:{port}", "--key-file", "cam1.key", "--policy",
+                              url, "--key-file", "cam1.key", "--policy",
                               "policy.bin", "--log", "frames.jsonl"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
     finally:

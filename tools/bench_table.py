@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into the markdown tables of docs/benchmarks.md.
 
-    pytest tests/test_bench_decision.py --benchmark-enable --benchmark-json=bench.json
+    pytest benchmarks/test_bench_decision.py --benchmark-enable --benchmark-json=bench.json
     python tools/bench_table.py bench.json
 
 One table per benchmark group: min / median / mean in microseconds and each

@@ -11,26 +11,34 @@
   numpy token walk: ``_run_dqn_previous`` below, the same operations); and the
   float32 numpy forward (float layers).
 
+The contenders of a group agree: the two threshold loops and the three int8
+runs give the same rewards and token histograms; the float run's decisions are
+SPEC section 2's rule on the float network's Q-values at the token counts it
+traced, and those counts are the token bucket's walk of its decisions.
+
 Run the comparison with
-``pytest tests/test_bench_simulate.py --benchmark-enable --benchmark-group-by=group``;
+``pytest benchmarks/test_bench_simulate.py --benchmark-enable --benchmark-group-by=group``;
 decisions per second = ``extra_info["decisions"]`` / mean time (``--benchmark-json``
 keeps both). numpy's BLAS may use several threads for the float forward; on
 a small shared machine pin it with ``OPENBLAS_NUM_THREADS=1`` (thread
 hand-offs on busy cores can cost more than the 64 x 192 matmuls themselves).
-In the normal test run each contender executes once, as a test
-that it works.
+Without ``--benchmark-enable`` each contender executes once, with its checks.
 """
 
 import numpy as np
 import pytest
 
+from numpy.lib.stride_tricks import sliding_window_view
+
 from offload import mlp, sequences, simulate
+from offload.bucket import step_reference
 from offload.simulate import Streams
 
-from conftest import dqn_inputs, random_network
+from helpers import dqn_inputs, random_network
 
 N, P, M = 1, 10, 40
 H = 96
+BLOCK_ROWS = 1 << 15  # rows per network call of the previous path
 
 
 def _streams(rng, S, L):
@@ -55,10 +63,27 @@ def dqn():
     return _streams(rng, 64, 2000), layers, q
 
 
+@pytest.fixture(scope="module")
+def thr_reference(thr):
+    st, theta = thr
+    return simulate.run_thresholds(theta, st, N, P, M)
+
+
+@pytest.fixture(scope="module")
+def dqn_reference(dqn):
+    st, _, q = dqn
+    return _run_dqn_previous(q.native(), st)
+
+
 def _check(res, st, benchmark):
     benchmark.extra_info["decisions"] = int(st.metric.size)
     assert res.token_hist.sum() == st.metric.size
     assert 0 < res.offload_rate < 1
+
+
+def _same(res, ref):
+    np.testing.assert_array_equal(res.stream_reward, ref.stream_reward)
+    np.testing.assert_array_equal(res.token_hist, ref.token_hist)
 
 
 @pytest.mark.benchmark(group="sim-thresholds")
@@ -66,26 +91,39 @@ def test_sim_thresholds_native(benchmark, thr):
     st, theta = thr
     res = benchmark(simulate.run_thresholds, theta, st, N, P, M)
     _check(res, st, benchmark)
+    _same(res, simulate.run_thresholds_numpy(theta, st, N, P, M))
 
 
 @pytest.mark.benchmark(group="sim-thresholds")
-def test_sim_thresholds_numpy(benchmark, thr):
+def test_sim_thresholds_numpy(benchmark, thr, thr_reference):
     st, theta = thr
     res = benchmark.pedantic(simulate.run_thresholds_numpy, (theta, st, N, P, M),
                              rounds=3, iterations=1)
     _check(res, st, benchmark)
+    _same(res, thr_reference)
+
+
+def _windows_numpy(st, k0, k1):
+    """SPEC section 6 inputs of positions ``k0..k1-1``, (S, k1-k0, 2H), by numpy strides.
+
+    ``m[k], ..., m[k-H+1]`` then ``i[k-1], ..., i[k-H]``, zeros before the start.
+    """
+    S = st.shape[0]
+    pm = np.concatenate([np.zeros((S, H - 1), np.float32), st.metric], axis=1)
+    pi = np.concatenate([np.zeros((S, H), np.float32), st.interarrival.astype(np.float32)], axis=1)
+    return np.concatenate([sliding_window_view(pm, H, axis=1)[:, k0:k1, ::-1],
+                           sliding_window_view(pi, H, axis=1)[:, k0:k1, ::-1]], axis=2)
 
 
 def _run_dqn_previous(nat, st):
     """``run_dqn`` before the tiled, threaded forward and the native walk and windows."""
     S, L = st.shape
-    rm, ri = simulate._windows(st, H, True)
     n = np.full(S, M, np.int64)
     total, count, hist = np.zeros(S), np.zeros(S, np.int64), np.zeros(M + 1, np.int64)
-    step = max(1, simulate._BLOCK_ROWS // S)
+    step = max(1, BLOCK_ROWS // S)
     for k0 in range(0, L, step):
         k1 = min(L, k0 + step)
-        x = simulate._block_numpy(rm, ri, H, k0, k1).reshape(-1, 2 * H)
+        x = np.ascontiguousarray(_windows_numpy(st, k0, k1)).reshape(-1, 2 * H)
         q = nat.forward_rowwise(x).reshape(S, k1 - k0, -1)
         send = q[:, :, M - N + 1:] >= q[:, :, P - N:M - N + 1]
         simulate.walk_block_numpy(send, st.reward, st.interarrival, k0, n, total, count, hist,
@@ -95,15 +133,12 @@ def _run_dqn_previous(nat, st):
 
 @pytest.mark.benchmark(group="sim-dqn")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sim_dqn_int8_native(benchmark, dqn, threads):
+def test_sim_dqn_int8_native(benchmark, dqn, dqn_reference, threads):
     st, _, q = dqn
     res = benchmark.pedantic(simulate.run_dqn, (q, st, N, P, M, H, True),
                              {"threads": threads}, rounds=3, iterations=1)
     _check(res, st, benchmark)
-    # The same decisions as the path it replaced, in the normal test run too.
-    prev = _run_dqn_previous(q.native(), st)
-    np.testing.assert_array_equal(res.stream_reward, prev.stream_reward)
-    np.testing.assert_array_equal(res.token_hist, prev.token_hist)
+    _same(res, dqn_reference)  # the same decisions as the path it replaced
 
 
 @pytest.mark.benchmark(group="sim-dqn")
@@ -111,6 +146,7 @@ def test_sim_dqn_int8_previous_path(benchmark, dqn):
     st, _, q = dqn
     res = benchmark.pedantic(_run_dqn_previous, (q.native(), st), rounds=3, iterations=1)
     _check(res, st, benchmark)
+    _same(res, simulate.run_dqn(q, st, N, P, M, H, True, threads=1))
 
 
 @pytest.mark.benchmark(group="sim-dqn")
@@ -119,3 +155,29 @@ def test_sim_dqn_float_numpy(benchmark, dqn):
     res = benchmark.pedantic(simulate.run_dqn, (layers, st, N, P, M, H, True), rounds=3,
                              iterations=1)
     _check(res, st, benchmark)
+    tr = simulate.run_dqn(layers, st, N, P, M, H, True, trace=True)
+    _same(tr, res)
+    _check_float_trace(tr, st, layers)
+
+
+def _check_float_trace(tr, st, layers):
+    """The traced decisions are the rule on the float Q-values at the traced token
+    counts (where the two Q-values are not within float rounding of each other),
+    and the traced counts are the bucket's walk of those decisions."""
+    S, L = st.shape
+    x = np.ascontiguousarray(_windows_numpy(st, 0, L)).reshape(S * L, 2 * H)
+    q = mlp.forward_float(layers, x).reshape(S, L, -1)
+    n = tr.tokens.astype(np.int64)
+    j = np.clip(n - P, 0, M - P)[..., None]
+    keep = np.take_along_axis(q[:, :, P - N:M - N + 1], j, 2)[..., 0]
+    send = np.take_along_axis(q[:, :, M - N + 1:], j, 2)[..., 0]
+    want = (n >= P) & (send >= keep)
+    clear = (n < P) | (np.abs(send - keep) > 1e-4)
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(tr.decisions.astype(bool)[clear], want[clear])
+    for s in range(0, S, 16):
+        walk = [M]
+        for k in range(L - 1):
+            walk.append(step_reference(walk[-1], bool(tr.decisions[s, k]),
+                                       int(st.interarrival[s, k]), N, P, M))
+        np.testing.assert_array_equal(n[s], walk)

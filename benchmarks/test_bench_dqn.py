@@ -10,10 +10,18 @@ targets; the two
 contenders split the same iteration into its parts (sampling and targets,
 the Adam steps) to show where the time goes.
 
+Each also checks its result: a whole iteration is exactly its parts (the
+same loss and weights as freezing the target, ``sample_targets`` and ``fit``
+on a copy of the same trainer), the sampled targets are mean-shifted, and the
+Adam steps lower the error on the tuples they fit.
+
 Run with
-``pytest tests/test_bench_dqn.py --benchmark-enable --benchmark-group-by=group``.
-In the normal test run each executes once, as a test that it works.
+``pytest benchmarks/test_bench_dqn.py --benchmark-enable --benchmark-group-by=group``.
+Without ``--benchmark-enable`` each executes once, with its checks.
 """
+
+import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -53,6 +61,26 @@ def _trainer(targets):
     return dqn.Trainer(dqn.prepare_data(prof), sc, cfg, dqn.profile_fingerprint(prof))
 
 
+def _whole_is_parts(trainer):
+    """``iterate`` on one copy and its three parts on another: the same loss and weights.
+
+    The copies take 8 Adam steps, not 128: the same code, a sixteenth of the time.
+    """
+    whole, parts = copy.deepcopy(trainer), copy.deepcopy(trainer)
+    whole.cfg = parts.cfg = dataclasses.replace(trainer.cfg, steps=8)
+    loss = whole.iterate()
+    parts.target.load_state_dict(parts.net.state_dict())
+    x, t = parts.sample_targets(parts.cfg.steps * parts.cfg.batch)
+    assert parts.fit(x, t) == loss
+    for a, b in zip(whole.net.state_dict().values(), parts.net.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def _mse(trainer, x, t):
+    with torch.no_grad():
+        return float(torch.mean((trainer.net(x) - t) ** 2))
+
+
 @pytest.mark.benchmark(group="dqn-iteration")
 def test_bench_q_iteration(benchmark, trainer):
     """The whole Q-iteration: the number compared with the 1.0-1.3 s anchor."""
@@ -60,6 +88,7 @@ def test_bench_q_iteration(benchmark, trainer):
     benchmark.extra_info["tuples"] = trainer.cfg.steps * trainer.cfg.batch
     benchmark.extra_info["torch_threads"] = torch.get_num_threads()
     assert np.isfinite(loss)
+    _whole_is_parts(trainer)
 
 
 @pytest.mark.benchmark(group="dqn-iteration")
@@ -67,6 +96,7 @@ def test_bench_ceiling_iteration(benchmark, ceiling_trainer):
     """The same iteration with the quick preset's ceiling targets (no target network)."""
     loss = benchmark.pedantic(ceiling_trainer.iterate, rounds=10, iterations=1, warmup_rounds=2)
     assert np.isfinite(loss)
+    _whole_is_parts(ceiling_trainer)
 
 
 @pytest.mark.benchmark(group="dqn-iteration-parts")
@@ -75,13 +105,16 @@ def test_bench_sample_and_targets(benchmark, trainer):
     x, t = benchmark.pedantic(trainer.sample_targets, (B,), rounds=10, iterations=1,
                               warmup_rounds=1)
     assert x.shape == (B, trainer.din) and t.shape == (B, 2 * (M + 1) - N - P)
+    assert trainer.cfg.shift == "batch" and abs(float(t.mean())) < 1e-4 * float(t.abs().mean())
 
 
 @pytest.mark.benchmark(group="dqn-iteration-parts")
 def test_bench_adam_steps(benchmark, trainer):
     cfg = trainer.cfg
-    x = torch.randn(cfg.steps * cfg.batch, trainer.din)
-    t = torch.randn(cfg.steps * cfg.batch, trainer.dout)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(cfg.steps * cfg.batch, trainer.din, generator=gen)
+    t = torch.randn(cfg.steps * cfg.batch, trainer.dout, generator=gen)
 
+    before = _mse(trainer, x, t)
     loss = benchmark.pedantic(trainer.fit, (x, t), rounds=10, iterations=1, warmup_rounds=1)
-    assert np.isfinite(loss)
+    assert np.isfinite(loss) and _mse(trainer, x, t) < before

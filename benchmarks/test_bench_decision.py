@@ -7,9 +7,15 @@ the decision rule and the bucket; they differ only in the forward pass, and all
 run the same weights (the paper's 5x64 network, 96 metrics + 96 inter-arrival
 times, bucket (1, 10, 40)).
 
+Each contender also makes the same decisions as its reference over a fixed
+sequence of frames: the int8 ones as the native int8 forward with the native
+decision rule, the float ones as the numpy float32 forward (whose Q-margins on
+that sequence are checked to be far above float rounding, so the comparison
+can be exact).
+
 Run the comparison with
-``pytest tests/test_bench_decision.py --benchmark-enable --benchmark-group-by=group``;
-in the normal test run each contender executes once, as a test that it works.
+``pytest benchmarks/test_bench_decision.py --benchmark-enable --benchmark-group-by=group``;
+without ``--benchmark-enable`` each contender executes once, with its check.
 """
 
 import numpy as np
@@ -19,9 +25,11 @@ from offload import mlp
 from offload.bucket import TokenBucket
 from offload.ring import HistoryRing
 
-from conftest import dqn_inputs
+from helpers import dqn_inputs
 
 H = 96
+STEPS = 1000       # decisions compared with the reference
+MIN_MARGIN = 1e-3  # |Q(n,1) - Q(n,0)| of the float reference: far above float32 rounding
 
 
 @pytest.fixture(scope="module")
@@ -56,29 +64,72 @@ def _decision_loop(forward, decide_fn, setup):
     return one
 
 
-@pytest.mark.benchmark(group="decision")
-def test_decision_native_int8(benchmark, setup):
-    nat = setup[2].native()
+def _decisions(one):
+    """The first STEPS decisions of a fresh decision closure."""
+    return [bool(one()) for _ in range(STEPS)]
+
+
+def _native_forward(nat):
     out = np.empty(nat.output_size, np.float32)
 
     def forward(x):
         nat.forward1(x, out)
         return out
 
+    return forward
+
+
+@pytest.fixture(scope="module")
+def int8_reference(setup):
+    """Decisions of the native int8 forward with the native decision rule."""
+    return _decisions(_decision_loop(_native_forward(setup[2].native()), mlp.decide, setup))
+
+
+@pytest.fixture(scope="module")
+def float_reference(setup):
+    """Decisions of the numpy float32 forward, after checking none of them is a near-tie."""
+    (N, P, M), layers = setup[0], setup[1]
+    margins = []
+
+    def decide(q, n, N, P, M):
+        if n >= P:
+            margins.append(abs(q[mlp.q_index(n, 1, N, P, M)] - q[mlp.q_index(n, 0, N, P, M)]))
+        return mlp.decide_reference(q, n, N, P, M)
+
+    ref = _decisions(_decision_loop(lambda x: mlp.forward_float(layers, x), decide, setup))
+    assert any(ref) and not all(ref)
+    assert min(margins) > MIN_MARGIN
+    return ref
+
+
+@pytest.mark.benchmark(group="decision")
+def test_decision_native_int8(benchmark, setup, int8_reference):
+    forward = _native_forward(setup[2].native())
     benchmark(_decision_loop(forward, mlp.decide, setup))
+    # the native rule agrees with the numpy one on the same int8 Q-vectors
+    assert _decisions(_decision_loop(forward, mlp.decide_reference, setup)) == int8_reference
 
 
 @pytest.mark.benchmark(group="decision")
 @pytest.mark.parametrize("act_bits", [8, 16])
-def test_decision_native_fused(benchmark, setup, act_bits):
+def test_decision_native_fused(benchmark, setup, int8_reference, act_bits):
     """The same steps in one native call (what the device loop runs), with int8 or
-    16-bit activation codes (the trainer's default: docs/blob.md)."""
-    from offload.decider import Decider
-
+    16-bit activation codes (the trainer's default: docs/blob.md); the same
+    decisions as the unfused steps on the same network."""
     (N, P, M), layers, q, metrics, gaps = setup
+    ref = int8_reference
     if act_bits == 16:
         q = mlp.quantize(layers, dqn_inputs(np.random.default_rng(8), 4000), segments=(0, H),
                          act_bits=16)
+        ref = _decisions(_decision_loop(_native_forward(q.native()), mlp.decide, setup))
+    benchmark(_fused(q, setup))
+    assert _decisions(_fused(q, setup)) == ref
+
+
+def _fused(q, setup):
+    from offload.decider import Decider
+
+    (N, P, M), _, _, metrics, gaps = setup
     d = Decider(q.native(), HistoryRing(H, True), TokenBucket(N, P, M))
     ms, gs = metrics.tolist(), gaps.tolist()
     state = {"k": 0}
@@ -87,17 +138,20 @@ def test_decision_native_fused(benchmark, setup, act_bits):
         k = state["k"] = (state["k"] + 1) & 4095
         return d.step(ms[k], gs[k - 1])
 
-    benchmark(one)
+    return one
 
 
 @pytest.mark.benchmark(group="decision")
-def test_decision_numpy_float32(benchmark, setup):
+def test_decision_numpy_float32(benchmark, setup, float_reference):
     layers = setup[1]
     benchmark(_decision_loop(lambda x: mlp.forward_float(layers, x), mlp.decide_reference, setup))
+    # and the numpy rule agrees with the native one on float Q-vectors
+    assert _decisions(_decision_loop(lambda x: mlp.forward_float(layers, x), mlp.decide,
+                                     setup)) == float_reference
 
 
 @pytest.mark.benchmark(group="decision")
-def test_decision_torch_float32(benchmark, setup):
+def test_decision_torch_float32(benchmark, setup, float_reference):
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     mods = []
@@ -116,26 +170,15 @@ def test_decision_torch_float32(benchmark, setup):
             return net(torch.from_numpy(x)).numpy()
 
     benchmark(_decision_loop(forward, mlp.decide_reference, setup))
+    assert _decisions(_decision_loop(forward, mlp.decide_reference, setup)) == float_reference
 
 
 @pytest.mark.benchmark(group="decision")
-def test_decision_litert_float32(benchmark, setup):
+def test_decision_litert_float32(benchmark, setup, float_reference):
     pytest.importorskip("ai_edge_litert")
     from offload.litert_mlp import LiteRTMLP
 
     lite = LiteRTMLP(setup[1])
     benchmark(_decision_loop(lite, mlp.decide_reference, setup))
+    assert _decisions(_decision_loop(lite, mlp.decide_reference, setup)) == float_reference
 
-
-def test_contenders_agree(setup):
-    """The float contenders compute the same Q-values; int8 stays close."""
-    _, layers, q, _, _ = setup
-    x = dqn_inputs(np.random.default_rng(3), 1)[0]
-    ref = mlp.forward_float(layers, x)
-    qi = q.native().forward(x)[0]
-    assert np.abs(qi - ref).max() < 0.05 * np.ptp(ref)
-    try:
-        from offload.litert_mlp import LiteRTMLP
-    except ImportError:
-        return
-    np.testing.assert_allclose(LiteRTMLP(layers)(x), ref, rtol=1e-4, atol=1e-4)
