@@ -40,10 +40,13 @@ def _run(tmp_path, server_url, source=None, **kw):
     return s, recs
 
 
+@contextlib.contextmanager
 def _closed_port():
+    """A loopback port bound but not listening for the whole block: connections are refused,
+    and no other process can take the port meanwhile (binding, closing and reusing would race)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 def test_answers_come_back_and_replace_the_weak_answer(tmp_path, server):
@@ -89,7 +92,8 @@ def test_server_faults_leave_the_weak_answer(tmp_path, mode, outcome):
 
 
 def test_no_server_listening_is_refused(tmp_path):
-    s, recs = _run(tmp_path, f"http://127.0.0.1:{_closed_port()}", video=CLIP, max_frames=60)
+    with _closed_port() as port:
+        s, recs = _run(tmp_path, f"http://127.0.0.1:{port}", video=CLIP, max_frames=60)
     assert {r["outcome"] for r in recs if r["offload"]} == {"refused"}
 
 
