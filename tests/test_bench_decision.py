@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from offload import mlp
-from offload.bucket import TokenBucket
+from offload.bucket import Bucket, TokenBucket
 from offload.ring import HistoryRing
 
 from conftest import dqn_inputs
@@ -28,7 +28,7 @@ H = 96
 def setup():
     rng = np.random.default_rng(7)
     N, P, M = 1, 10, 40
-    layers = mlp.he_uniform([2 * H, 64, 64, 64, 64, 64, mlp.q_length(N, P, M)], rng)
+    layers = mlp.he_uniform([2 * H, 64, 64, 64, 64, 64, Bucket(N, P, M).q_length], rng)
     q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, H))
     metrics = rng.normal(size=4096).astype(np.float32)
     gaps = rng.integers(1, 4, size=4096)
@@ -49,7 +49,8 @@ def _decision_loop(forward, decide_fn, setup):
         ring.push(metrics[k], gaps[k - 1])
         ring.write(x)
         q = forward(x)
-        a = decide_fn(q, bucket.tokens, N, P, M)
+        a = (decide_fn(q, bucket.tokens, N, P, M) if decide_fn is mlp.decide
+             else decide_fn(q, bucket.tokens, Bucket(N, P, M)))
         bucket.step(a, gaps[k])
         return a
 

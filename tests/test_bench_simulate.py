@@ -25,11 +25,13 @@ import numpy as np
 import pytest
 
 from offload import mlp, sequences, simulate
+from offload.bucket import Bucket
 from offload.simulate import Streams
 
 from conftest import dqn_inputs, random_network
 
-N, P, M = 1, 10, 40
+BUCKET = Bucket(1, 10, 40)
+N, P, M = BUCKET
 H = 96
 
 
@@ -50,7 +52,7 @@ def thr():
 @pytest.fixture(scope="module")
 def dqn():
     rng = np.random.default_rng(2)
-    layers = random_network(rng, 2 * H, mlp.q_length(N, P, M))
+    layers = random_network(rng, 2 * H, Bucket(N, P, M).q_length)
     q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, H))
     return _streams(rng, 64, 2000), layers, q
 
@@ -64,14 +66,14 @@ def _check(res, st, benchmark):
 @pytest.mark.benchmark(group="sim-thresholds")
 def test_sim_thresholds_native(benchmark, thr):
     st, theta = thr
-    res = benchmark(simulate.run_thresholds, theta, st, N, P, M)
+    res = benchmark(simulate.run_thresholds, theta, st, BUCKET)
     _check(res, st, benchmark)
 
 
 @pytest.mark.benchmark(group="sim-thresholds")
 def test_sim_thresholds_numpy(benchmark, thr):
     st, theta = thr
-    res = benchmark.pedantic(simulate.run_thresholds_numpy, (theta, st, N, P, M),
+    res = benchmark.pedantic(simulate.run_thresholds_numpy, (theta, st, BUCKET),
                              rounds=3, iterations=1)
     _check(res, st, benchmark)
 
@@ -97,8 +99,8 @@ def _run_dqn_previous(nat, st):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sim_dqn_int8_native(benchmark, dqn, threads):
     st, _, q = dqn
-    res = benchmark.pedantic(simulate.run_dqn, (q, st, N, P, M, H, True),
-                             {"threads": threads}, rounds=3, iterations=1)
+    res = benchmark.pedantic(simulate.run_dqn, (q, st, BUCKET),
+                             {"H": H, "threads": threads}, rounds=3, iterations=1)
     _check(res, st, benchmark)
     # The same decisions as the path it replaced, in the normal test run too.
     prev = _run_dqn_previous(q.native(), st)
@@ -116,6 +118,6 @@ def test_sim_dqn_int8_previous_path(benchmark, dqn):
 @pytest.mark.benchmark(group="sim-dqn")
 def test_sim_dqn_float_numpy(benchmark, dqn):
     st, layers, _ = dqn
-    res = benchmark.pedantic(simulate.run_dqn, (layers, st, N, P, M, H, True), rounds=3,
+    res = benchmark.pedantic(simulate.run_dqn, (layers, st, BUCKET), {"H": H}, rounds=3,
                              iterations=1)
     _check(res, st, benchmark)
