@@ -24,6 +24,8 @@ import dataclasses
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
 from offload import sequences
 from offload.bucket import Bucket
 
@@ -53,30 +55,34 @@ SETTINGS = {
 }
 _MARKOV = ("I1", "I2", "tprob1", "tprob2")
 
-#: Every random stream drawn for a scenario, by name. Each name's seed is
-#: derived from the scenario's seed by ``named_seed``.
-SEED_NAMES = ("test", "training", "validation", "mdp-arrivals", "ceiling", "training-ceiling",
-              "replay", "calibration", "holdout")
+#: Every random stream drawn for a scenario, by name, with its stable id (never
+#: renumber one: the id is part of the seed). ``named_seed`` derives each seed.
+SEED_NAMES = {
+    "test": 1,              # test sequences: offload-sim, offload-train's report, the sweep
+    "training": 2,          # the DQN's training sequences (replay)
+    "validation": 3,        # the DQN's validation sequences
+    "mdp-arrivals": 4,      # the MDP's sample of inter-arrival times (offload-sim, trace)
+    "ceiling": 5,           # the arrival law of the test images' ceiling
+    "training-ceiling": 6,  # the arrival law of the training images' ceiling (targets="ceiling")
+    "replay": 7,            # the trainer's sampling of training positions
+    "calibration": 8,       # int8 calibration states
+    "holdout": 9,           # validation images held out of training (no validation split)
+}
+#: Sub-streams of one sequence purpose: its image choice and its arrivals.
+_IMAGES, _ARRIVALS = 0, 1
 
-# Step (a) of issue 17: the seeds the commands used before the scenario had a
-# home, reproduced exactly (offsets that agreed between commands by coincidence).
-_LEGACY_OFFSET = {"test": 0, "training": 101, "validation": 202, "mdp-arrivals": 2,
-                  "ceiling": 3, "training-ceiling": 505}
-_LEGACY_KEY = {"replay": 303, "calibration": 404, "holdout": 7}
 
+def named_seed(seed, name, *sub):
+    """The ``numpy.random.SeedSequence`` of stream ``name`` of scenario seed ``seed``.
 
-def named_seed(seed, name):
-    """The seed (for ``numpy.random.default_rng``) of stream ``name`` of scenario seed ``seed``."""
+    ``SeedSequence(entropy=[seed, id(name), *sub])``: distinct for every name
+    (and sub-stream), stable across versions and independent of the order
+    in which streams are drawn, so every command that draws stream ``name``
+    of a scenario draws the same numbers.
+    """
     if name not in SEED_NAMES:
         raise ValueError(f"unknown stream {name!r} (one of {', '.join(SEED_NAMES)})")
-    if name in _LEGACY_KEY:
-        return [seed, _LEGACY_KEY[name]]
-    return seed + _LEGACY_OFFSET[name]
-
-
-def _arrival_seed(stream_seed):
-    """Seed of the arrivals of a stream whose images use ``stream_seed``."""
-    return stream_seed + 1
+    return np.random.SeedSequence([int(seed), SEED_NAMES[name], *map(int, sub)])
 
 
 class ScenarioError(ValueError):
@@ -175,8 +181,7 @@ class Scenario:
 
     def stream_seeds(self, purpose):
         """``(images, arrivals)`` seeds of the sequences drawn for ``purpose``."""
-        s = self.seed_for(purpose)
-        return s, _arrival_seed(s)
+        return (named_seed(self.seed, purpose, _IMAGES), named_seed(self.seed, purpose, _ARRIVALS))
 
     # ------------------------------------------------------------------ streams
 

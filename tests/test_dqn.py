@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from conftest import random_network  # noqa: E402
 from offload import blob, mlp, simulate  # noqa: E402
-from offload.bucket import Bucket, scale  # noqa: E402
+from offload.bucket import Bucket  # noqa: E402
 from offload.profile import TEST, TRAIN, VALIDATION, Profile  # noqa: E402
 from offload.ring import window_reference  # noqa: E402
 from offload.scenario import Scenario  # noqa: E402
