@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from offload import mlp
-from offload.bucket import TokenBucket
+from offload.bucket import Bucket, TokenBucket
 from offload.ring import HistoryRing
 
 from helpers import dqn_inputs
@@ -36,7 +36,7 @@ MIN_MARGIN = 1e-3  # |Q(n,1) - Q(n,0)| of the float reference: far above float32
 def setup():
     rng = np.random.default_rng(7)
     N, P, M = 1, 10, 40
-    layers = mlp.he_uniform([2 * H, 64, 64, 64, 64, 64, mlp.q_length(N, P, M)], rng)
+    layers = mlp.he_uniform([2 * H, 64, 64, 64, 64, 64, Bucket(N, P, M).q_length], rng)
     q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, H))
     metrics = rng.normal(size=4096).astype(np.float32)
     gaps = rng.integers(1, 4, size=4096)
@@ -57,7 +57,8 @@ def _decision_loop(forward, decide_fn, setup):
         ring.push(metrics[k], gaps[k - 1])
         ring.write(x)
         q = forward(x)
-        a = decide_fn(q, bucket.tokens, N, P, M)
+        a = (decide_fn(q, bucket.tokens, N, P, M) if decide_fn is mlp.decide
+             else decide_fn(q, bucket.tokens, Bucket(N, P, M)))
         bucket.step(a, gaps[k])
         return a
 
@@ -88,13 +89,13 @@ def int8_reference(setup):
 @pytest.fixture(scope="module")
 def float_reference(setup):
     """Decisions of the numpy float32 forward, after checking none of them is a near-tie."""
-    (N, P, M), layers = setup[0], setup[1]
+    layers = setup[1]
     margins = []
 
-    def decide(q, n, N, P, M):
-        if n >= P:
-            margins.append(abs(q[mlp.q_index(n, 1, N, P, M)] - q[mlp.q_index(n, 0, N, P, M)]))
-        return mlp.decide_reference(q, n, N, P, M)
+    def decide(q, n, bucket):
+        if bucket.can_send(n):
+            margins.append(abs(q[bucket.q_index(n, 1)] - q[bucket.q_index(n, 0)]))
+        return mlp.decide_reference(q, n, bucket)
 
     ref = _decisions(_decision_loop(lambda x: mlp.forward_float(layers, x), decide, setup))
     assert any(ref) and not all(ref)

@@ -28,6 +28,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from offload.scenario import Scenario  # noqa: E402
 from training import dqn  # noqa: E402
 
 N, P, M = 1, 10, 40
@@ -54,7 +55,7 @@ def _trainer(targets):
 
     prof = Profile(weak_loss=weak, strong_loss=strong, split=split, metric=metric,
                    metric_mean=0.0, metric_std=1.0)
-    sc = dqn.Scenario(0.1, 4, N, P, M, "location-reset", 0.1, 0.01, "markov", (1, 3, 0.01, 0.01))
+    sc = Scenario(0.1, 4, "location-reset", 0.1, 0.01, "markov", (1, 3, 0.01, 0.01))
     cfg = dqn.DQNConfig(T=97, interarrival=True, steps=128, batch=128, train_streams=4,
                         train_length=50_000, val_streams=2, val_length=1000, threads=0,
                         device="cpu", targets=targets)

@@ -31,12 +31,13 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from offload import mlp, sequences, simulate
-from offload.bucket import step_reference
+from offload.bucket import Bucket, step_reference
 from offload.simulate import Streams
 
 from helpers import dqn_inputs, random_network
 
-N, P, M = 1, 10, 40
+BUCKET = Bucket(1, 10, 40)
+N, P, M = BUCKET
 H = 96
 BLOCK_ROWS = 1 << 15  # rows per network call of the previous path
 
@@ -58,7 +59,7 @@ def thr():
 @pytest.fixture(scope="module")
 def dqn():
     rng = np.random.default_rng(2)
-    layers = random_network(rng, 2 * H, mlp.q_length(N, P, M))
+    layers = random_network(rng, 2 * H, Bucket(N, P, M).q_length)
     q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, H))
     return _streams(rng, 64, 2000), layers, q
 
@@ -66,7 +67,7 @@ def dqn():
 @pytest.fixture(scope="module")
 def thr_reference(thr):
     st, theta = thr
-    return simulate.run_thresholds(theta, st, N, P, M)
+    return simulate.run_thresholds(theta, st, BUCKET)
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +90,15 @@ def _same(res, ref):
 @pytest.mark.benchmark(group="sim-thresholds")
 def test_sim_thresholds_native(benchmark, thr):
     st, theta = thr
-    res = benchmark(simulate.run_thresholds, theta, st, N, P, M)
+    res = benchmark(simulate.run_thresholds, theta, st, BUCKET)
     _check(res, st, benchmark)
-    _same(res, simulate.run_thresholds_numpy(theta, st, N, P, M))
+    _same(res, simulate.run_thresholds_numpy(theta, st, BUCKET))
 
 
 @pytest.mark.benchmark(group="sim-thresholds")
 def test_sim_thresholds_numpy(benchmark, thr, thr_reference):
     st, theta = thr
-    res = benchmark.pedantic(simulate.run_thresholds_numpy, (theta, st, N, P, M),
+    res = benchmark.pedantic(simulate.run_thresholds_numpy, (theta, st, BUCKET),
                              rounds=3, iterations=1)
     _check(res, st, benchmark)
     _same(res, thr_reference)
@@ -125,7 +126,7 @@ def _run_dqn_previous(nat, st):
         k1 = min(L, k0 + step)
         x = np.ascontiguousarray(_windows_numpy(st, k0, k1)).reshape(-1, 2 * H)
         q = nat.forward_rowwise(x).reshape(S, k1 - k0, -1)
-        send = q[:, :, M - N + 1:] >= q[:, :, P - N:M - N + 1]
+        send = BUCKET.prefers_send(q)
         simulate.walk_block_numpy(send, st.reward, st.interarrival, k0, n, total, count, hist,
                                   N, P, M)
     return simulate.SimResult.from_totals("previous", st, total, count, token_hist=hist)
@@ -135,8 +136,8 @@ def _run_dqn_previous(nat, st):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_sim_dqn_int8_native(benchmark, dqn, dqn_reference, threads):
     st, _, q = dqn
-    res = benchmark.pedantic(simulate.run_dqn, (q, st, N, P, M, H, True),
-                             {"threads": threads}, rounds=3, iterations=1)
+    res = benchmark.pedantic(simulate.run_dqn, (q, st, BUCKET),
+                             {"H": H, "threads": threads}, rounds=3, iterations=1)
     _check(res, st, benchmark)
     _same(res, dqn_reference)  # the same decisions as the path it replaced
 
@@ -146,16 +147,16 @@ def test_sim_dqn_int8_previous_path(benchmark, dqn):
     st, _, q = dqn
     res = benchmark.pedantic(_run_dqn_previous, (q.native(), st), rounds=3, iterations=1)
     _check(res, st, benchmark)
-    _same(res, simulate.run_dqn(q, st, N, P, M, H, True, threads=1))
+    _same(res, simulate.run_dqn(q, st, BUCKET, H=H, threads=1))
 
 
 @pytest.mark.benchmark(group="sim-dqn")
 def test_sim_dqn_float_numpy(benchmark, dqn):
     st, layers, _ = dqn
-    res = benchmark.pedantic(simulate.run_dqn, (layers, st, N, P, M, H, True), rounds=3,
+    res = benchmark.pedantic(simulate.run_dqn, (layers, st, BUCKET), {"H": H}, rounds=3,
                              iterations=1)
     _check(res, st, benchmark)
-    tr = simulate.run_dqn(layers, st, N, P, M, H, True, trace=True)
+    tr = simulate.run_dqn(layers, st, BUCKET, H=H, trace=True)
     _same(tr, res)
     _check_float_trace(tr, st, layers)
 
@@ -169,8 +170,8 @@ def _check_float_trace(tr, st, layers):
     q = mlp.forward_float(layers, x).reshape(S, L, -1)
     n = tr.tokens.astype(np.int64)
     j = np.clip(n - P, 0, M - P)[..., None]
-    keep = np.take_along_axis(q[:, :, P - N:M - N + 1], j, 2)[..., 0]
-    send = np.take_along_axis(q[:, :, M - N + 1:], j, 2)[..., 0]
+    keep = np.take_along_axis(q[:, :, BUCKET.q_keep_sendable], j, 2)[..., 0]
+    send = np.take_along_axis(q[:, :, BUCKET.q_send], j, 2)[..., 0]
     want = (n >= P) & (send >= keep)
     clear = (n < P) | (np.abs(send - keep) > 1e-4)
     assert clear.mean() > 0.99

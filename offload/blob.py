@@ -21,7 +21,8 @@ import numpy as np
 
 from offload.atomic import atomic_write_bytes
 from offload.metric import MetricMap
-from offload.mlp import QuantLayer, QuantMLP, q_length
+from offload.bucket import Bucket
+from offload.mlp import QuantLayer, QuantMLP
 from offload_native._mlp import CODE_RANGE, MAX_IN_16
 from offload.ring import input_size
 
@@ -73,6 +74,11 @@ class Policy:
     meta: dict = field(default_factory=dict)
 
     @property
+    def bucket(self):
+        """The blob's bucket as an ``offload.bucket.Bucket`` (``ValueError`` if invalid)."""
+        return Bucket(self.N, self.P, self.M)
+
+    @property
     def H(self):
         """Number of past values of each kind in the DQN input (``T - 1``)."""
         return self.T - 1
@@ -113,7 +119,7 @@ class Policy:
             if self.qmlp is None or not self.qmlp.layers:
                 raise ValueError("a DQN policy needs its network")
             want_in = input_size(self.H, self.interarrival)
-            want_out = q_length(self.N, self.P, self.M)
+            want_out = self.bucket.q_length
             if self.qmlp.input_size != want_in:
                 raise ValueError(f"network takes {self.qmlp.input_size} inputs, T={self.T} "
                                  f"{'with' if self.interarrival else 'without'} inter-arrival "

@@ -6,10 +6,13 @@ works in *scaled tokens*: one real token is ``P`` scaled tokens, it refills
 """
 
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 from offload_native import TokenBucket
 
-__all__ = ["scale", "TokenBucket", "step_reference", "slot_index"]
+__all__ = ["scale", "Bucket", "TokenBucket", "step_reference", "refill", "slot_index"]
 
 
 def scale(rate, depth, max_denominator=100):
@@ -66,6 +69,14 @@ def scale(rate, depth, max_denominator=100):
     return N, P, M
 
 
+def refill(n, slots, N, M):
+    """Scaled tokens ``n`` after ``slots`` time slots of refill: ``min(M, n + N * slots)``.
+
+    The one refill rule: ``step_reference`` and the server's per-key bucket use it.
+    """
+    return min(M, n + N * slots)
+
+
 def step_reference(n, offload, slots, N, P, M):
     """Plain-Python bucket update (SPEC section 1), the model the native one is tested against.
 
@@ -74,7 +85,100 @@ def step_reference(n, offload, slots, N, P, M):
     """
     if offload and n < P:
         raise ValueError(f"cannot offload with {n} < P={P}")
-    return min(M, n - P * int(bool(offload)) + N * slots)
+    return refill(n - P * int(bool(offload)), slots, N, M)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A token bucket in scaled tokens: refill ``N`` per slot, ``P`` per offload, at most ``M``.
+
+    The one value type for ``(N, P, M)`` (SPEC section 1; ``0 < N < P <= M``).
+    It also owns the two layouts that follow from it:
+
+    * token states: a count ``n`` in ``N..M`` (``states`` of them) before a
+      decision; a send is allowed iff ``n >= P`` (``send_states = M - P + 1``
+      counts ``n = P..M``, the entries of a threshold vector);
+    * the Q-vector (SPEC section 2): ``Q(n, 0)`` for ``n = N..M``, then
+      ``Q(n, 1)`` for ``n = P..M`` (``q_length`` values).
+
+    Unpacks as ``N, P, M = bucket`` for the native functions, which keep
+    their integer arguments.
+    """
+
+    N: int
+    P: int
+    M: int
+
+    def __post_init__(self):
+        for name in ("N", "P", "M"):
+            x = getattr(self, name)
+            if not isinstance(x, (int, np.integer)) or isinstance(x, bool):
+                raise ValueError(f"{name}={x!r} must be an integer (scaled tokens)")
+            object.__setattr__(self, name, int(x))
+        if not 0 < self.N < self.P <= self.M:
+            raise ValueError(f"invalid bucket (N={self.N}, P={self.P}, M={self.M}): "
+                             "need 0 < N < P <= M")
+
+    @classmethod
+    def from_rate(cls, rate, depth, max_denominator=100):
+        """The bucket of real ``rate`` (tokens/slot) and ``depth`` (tokens), via ``scale``."""
+        return cls(*scale(rate, depth, max_denominator))
+
+    def __iter__(self):
+        return iter((self.N, self.P, self.M))
+
+    def __str__(self):
+        return f"(N, P, M) = ({self.N}, {self.P}, {self.M})"
+
+    # ------------------------------------------------------------ token states
+
+    @property
+    def states(self):
+        """Token states ``n = N..M`` a decision can see: ``M - N + 1``."""
+        return self.M - self.N + 1
+
+    @property
+    def send_states(self):
+        """Token states that allow a send, ``n = P..M``: ``M - P + 1``."""
+        return self.M - self.P + 1
+
+    def can_send(self, n):
+        """The send mask: ``n >= P`` (scaled tokens; scalars or arrays)."""
+        return n >= self.P
+
+    def step(self, n, offload, slots):
+        """``step_reference`` for this bucket: the count ``slots`` after a decision at ``n``."""
+        return step_reference(n, offload, slots, self.N, self.P, self.M)
+
+    # ------------------------------------------------------------ Q-vector layout
+
+    @property
+    def q_length(self):
+        """Length of the Q-vector: ``M-N+1`` values ``Q(n,0)`` then ``M-P+1`` values ``Q(n,1)``."""
+        return self.states + self.send_states
+
+    def q_index(self, n, a):
+        """Position of ``Q(n, a)`` in the Q-vector (``n`` scaled tokens; scalars or arrays)."""
+        return (n - self.N) if a == 0 else (self.states + n - self.P)
+
+    @property
+    def q_keep(self):
+        """Slice of the Q-vector holding ``Q(n, 0)``, ``n = N..M``."""
+        return slice(0, self.states)
+
+    @property
+    def q_send(self):
+        """Slice of the Q-vector holding ``Q(n, 1)``, ``n = P..M``."""
+        return slice(self.states, self.q_length)
+
+    @property
+    def q_keep_sendable(self):
+        """Slice of the Q-vector holding ``Q(n, 0)`` for the states that can send, ``n = P..M``."""
+        return slice(self.P - self.N, self.states)
+
+    def prefers_send(self, q):
+        """``Q(n, 1) >= Q(n, 0)`` for ``n = P..M`` of Q-vectors ``q`` (..., q_length) -> bool (..., M-P+1)."""
+        return q[..., self.q_send] >= q[..., self.q_keep_sendable]
 
 
 def slot_index(t, t0, slot_s):

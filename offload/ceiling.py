@@ -143,9 +143,8 @@ def _excess(raw_c, n, starts, width, theta):
     return (total / width).reshape(shape)
 
 
-def ceiling_policy(raw_metric, N, P, M, choice="iid", spread=0.1, rprob=0.1,
-                   arrivals="periodic", markov=(1, 10, 0.1, 0.1), *, metric=None, bins=512,
-                   discount=0.9999, max_sweeps=20_000, seed=12345):
+def ceiling_policy(raw_metric, scenario, *, metric=None, bins=512, discount=0.9999,
+                   max_sweeps=20_000, seed_name="ceiling"):
     """Solve the structure-aware ceiling MDP for images with expected rewards ``raw_metric``.
 
     Parameters
@@ -156,10 +155,9 @@ def ceiling_policy(raw_metric, N, P, M, choice="iid", spread=0.1, rprob=0.1,
     metric : (n,) float, optional
         The metric ``make_streams`` sorts those images by (standardised),
         when ``raw_metric`` is not it; both must order the images alike.
-    N, P, M : int
-        Bucket, scaled tokens.
-    choice, spread, rprob, arrivals, markov :
-        The generators, as in ``offload.simulate.make_streams``.
+    scenario : offload.scenario.Scenario
+        The bucket (scaled tokens) and the generators, as ``offload.simulate.make_streams``
+        draws them.
     bins : int
         Location bins (exact when ``>= n``).
     discount : float
@@ -167,8 +165,10 @@ def ceiling_policy(raw_metric, N, P, M, choice="iid", spread=0.1, rprob=0.1,
     max_sweeps : int
         Stop after this many sweeps; stops earlier when no threshold moves by
         more than ``1e-6 * max|f|`` (SPEC section 5's rule).
-    seed : int
-        Seed of the long arrival draw that ``arrival_law`` counts.
+    seed_name : str
+        Which of the scenario's named seeds (``Scenario.seed_for``) the long
+        arrival draw that ``arrival_law`` counts uses: ``"ceiling"`` for the
+        ceiling of the test images, ``"training-ceiling"`` for the trainer's.
 
     Returns
     -------
@@ -190,22 +190,21 @@ def ceiling_policy(raw_metric, N, P, M, choice="iid", spread=0.1, rprob=0.1,
     raw = raw[order]
     if np.any(np.diff(raw) < 0):
         raise ValueError("ceiling_policy: metric and raw_metric order the images differently")
-    if not 0 < N < P <= M:
-        raise ValueError(f"bucket needs 0 < N < P <= M, got N={N}, P={P}, M={M}")
-    starts, width, G = _windows(n, choice, spread, bins)
-    gaps, law = arrival_law(arrivals, markov, seed)
+    N, P, M = scenario.bucket
+    starts, width, G = _windows(n, scenario.choice, scenario.spread, bins)
+    gaps, law = arrival_law(scenario.arrivals, scenario.markov, scenario.seed_for(seed_name))
     S = law.shape[0]
     if G * S * (M + 1) > MAX_STATES:
         raise ValueError(f"ceiling table of {G} location bins x {S} arrival states x {M + 1} "
                          f"token states exceeds {MAX_STATES:,}; use fewer bins")
-    rho = rprob if choice == "location-reset" else 0.0
+    rho = scenario.rprob if scenario.choice == "location-reset" else 0.0
     raw_c = (np.concatenate([[0.0], np.cumsum(raw)]), raw)
     tokens = np.arange(M + 1)
     nxt = np.minimum(M, tokens[:, None] + N * gaps[None, :])  # (m, gap) -> n'
     V = np.zeros((G, S, M + 1))
     theta = np.full((G, S, M + 1), np.inf)
     tol = 1e-6 * max(float(np.abs(raw).max()), 1e-12)
-    sendable = tokens >= P
+    sendable = scenario.bucket.can_send(tokens)
     converged = False
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
@@ -227,7 +226,7 @@ def ceiling_policy(raw_metric, N, P, M, choice="iid", spread=0.1, rprob=0.1,
     return Ceiling(theta, n, G, sweeps, converged, W, discount)
 
 
-def run_ceiling(ceiling, streams, N, P, M, name="ceiling"):
+def run_ceiling(ceiling, streams, bucket, *, name="ceiling"):
     """Score a ceiling on streams made with ``make_streams(..., hidden=True)`` (true rewards)."""
     if streams.location is None or streams.arrival_state is None:
         raise ValueError("run_ceiling needs streams with their hidden state "
@@ -237,6 +236,7 @@ def run_ceiling(ceiling, streams, N, P, M, name="ceiling"):
     s = streams.arrival_state.astype(np.int64)
     if g.size and (g.min() < 0 or g.max() >= ceiling.bins or s.max() >= ceiling.theta.shape[1]):
         raise ValueError("streams do not match the ceiling (other split size or arrivals)")
+    N, P, M = bucket
     n = np.full(S, M, np.int64)
     total, count = np.zeros(S), np.zeros(S, np.int64)
     hist = np.zeros(M + 1, np.int64)

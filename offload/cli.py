@@ -18,10 +18,10 @@ import warnings
 import click
 import numpy as np
 
-from offload import blob, policies, sequences, simulate
+from offload import blob, policies, simulate
 from offload.atomic import atomic_write_text
-from offload.bucket import scale
 from offload.profile import TRAIN, TEST, read_profile
+from offload.scenario import SETTINGS, Scenario, ScenarioError
 
 BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
 #: Policies run only when asked for by name.
@@ -59,80 +59,71 @@ def user_errors(what):
                                    "(--streams, --length)") from None
 
 
-def training_arrivals(arrivals, markov, seed):
-    """A long training sample of inter-arrival slots for the MDP (None = periodic)."""
-    if arrivals == "periodic":
-        return None
-    i1, i2, t1, t2 = markov
-    return sequences.markov_arrivals(100_000, 1, i1, i2, t1, t2, seed + 2)[0]
-
-
-def threshold_policy_blob(prof, theta, N, P, M, name, meta):
+def threshold_policy_blob(prof, theta, bucket, name, meta):
     """A thresholds ``blob.Policy`` carrying the profile's metric pipeline."""
     if prof.lut_x is None:
         raise click.ClickException(
             "the profile has no entropy->metric table (imported metrics only): "
             "the device could not compute metrics, so no blob is written")
-    return blob.Policy("thresholds", N, P, M, float(prof.metric_mean), float(prof.metric_std),
+    return blob.Policy("thresholds", *bucket, float(prof.metric_mean), float(prof.metric_std),
                        prof.lut_x, prof.lut_y, tinv=float(prof.tinv or 1.0),
-                       theta=policies.threshold_vector(theta, N, P, M),
+                       theta=policies.threshold_vector(theta, bucket),
                        meta={"name": name, **meta})
 
 
 def scenario_options(command):
-    """The options every simulation command shares: profile, bucket, image choice, arrivals, seed."""
+    """The options every simulation command shares: profile, bucket, image choice, arrivals, seed.
+
+    Defaults from ``offload.scenario.SETTINGS``, the one place they are declared.
+    """
+    d = {k: v[0] for k, v in SETTINGS.items()}
     opts = [
         click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
                      help="Profile .npz: this project's (offload.profile) or either published layout (MDP or DQN paper), told apart by its keys; default: a synthetic profile."),
         click.option("--synthetic", default=20000, type=click.IntRange(20),
                      help="Images in the synthetic profile when no --profile is given."),
-        click.option("--rate", default=0.1, type=float, help="Token rate r (tokens per slot)."),
-        click.option("--depth", default=4.0, type=float, help="Bucket depth b (tokens)."),
+        click.option("--rate", default=d["rate"], type=float, help="Token rate r (tokens per slot)."),
+        click.option("--depth", default=d["depth"], type=float, help="Bucket depth b (tokens)."),
         click.option("--choice", type=click.Choice(["iid", "location-reset"]),
-                     default="location-reset", help="Image choice process."),
-        click.option("--sp", "spread", default=0.1, type=click.FloatRange(0, 1),
+                     default=d["choice"], help="Image choice process."),
+        click.option("--sp", "spread", default=d["sp"], type=click.FloatRange(0, 1),
                      help="Location-reset spread (fraction of the dataset)."),
-        click.option("--rprob", default=0.01, type=click.FloatRange(0, 1),
-                     help="Location-reset jump probability per image."),
-        click.option("--arrivals", type=click.Choice(["periodic", "markov"]), default="periodic"),
+        click.option("--rprob", default=d["rprob"], type=click.FloatRange(0, 1),
+                     help="Location-reset jump probability per image (the paper: 0.01 in "
+                          "Figs. 7 and 10, 0.1 in Fig. 6)."),
+        click.option("--arrivals", type=click.Choice(["periodic", "markov"]),
+                     default=d["arrivals"]),
         click.option("--markov", nargs=4, type=(int, int, float, float),
-                     default=(1, 10, 0.1, 0.1), help="Markov-modulated arrivals: I1 I2 tprob1 tprob2."),
-        click.option("--seed", default=0, type=int, help="Seed for profile, streams and arrivals."),
+                     default=tuple(d[k] for k in ("I1", "I2", "tprob1", "tprob2")),
+                     help="Markov-modulated arrivals: I1 I2 tprob1 tprob2."),
+        click.option("--seed", default=d["seed"], type=int,
+                     help="Seed for profile, streams and arrivals."),
     ]
     for opt in reversed(opts):
         command = opt(command)
     return command
 
 
-def load_scenario(profile_path, synthetic, rate, depth, arrivals, markov, seed):
-    """Check the shared options and load the profile.
+def load_scenario(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov,
+                  seed):
+    """Check the shared options (one ``Scenario``) and load the profile.
 
-    Returns ``(N, P, M)``, the profile, its standardised metrics (float32) and
-    the train and test indices; every problem becomes a ``click.ClickException``.
+    Returns the ``offload.scenario.Scenario``, the profile, its standardised
+    metrics (float32) and the train and test indices; every problem becomes a
+    ``click.ClickException``.
     """
     try:
-        N, P, M = scale(rate, depth)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    if M - N + 1 > policies.MAX_DP_STATES:
-        raise click.ClickException(
-            f"--rate {rate} --depth {depth}: bucket (N, P, M) = ({N}, {P}, {M}) has "
-            f"{M - N + 1:,} token states, above the supported {policies.MAX_DP_STATES:,}; "
-            "use a smaller --depth")
-    if arrivals == "markov":
-        i1, i2, t1, t2 = markov
-        if i1 < 1 or i2 < 1 or not (0 < t1 <= 1 and 0 < t2 <= 1):
-            raise click.ClickException(f"--markov {markov}: need I1, I2 >= 1 and tprobs in (0, 1]")
-        try:
-            sequences.markov_check(*markov)
-        except ValueError as e:
-            raise click.ClickException(f"--markov {' '.join(map(str, markov))}: {e}") from None
+        sc = Scenario(rate, depth, choice, spread, rprob, arrivals, tuple(markov), seed)
+    except ScenarioError as e:
+        option = {"bucket": f"--rate {rate} --depth {depth}",
+                  "markov": f"--markov {' '.join(map(str, markov))}"}.get(e.field, f"--{e.field}")
+        raise click.ClickException(f"{option}: {e}") from None
     prof = _load_profile(profile_path, synthetic, seed)
     tr, te = prof.indices(TRAIN), prof.indices(TEST)
     if len(tr) < 2 or len(te) < 1:
         raise click.ClickException(f"profile needs training and test images "
                                    f"(has {len(tr)} train, {len(te)} test)")
-    return (N, P, M), prof, prof.standardized_metric().astype(np.float32), tr, te
+    return sc, prof, prof.standardized_metric().astype(np.float32), tr, te
 
 
 def _fmt(v):
@@ -163,14 +154,15 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
             raise click.ClickException(f"--policy {name!r}: neither one of "
                                        f"{', '.join(BUILTIN + OPTIONAL)} "
                                        "nor an existing policy blob file")
-    (N, P, M), prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, arrivals,
-                                               markov, seed)
+    sc, prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, choice, spread,
+                                        rprob, arrivals, markov, seed)
+    bucket = sc.bucket
+    N, P, M = bucket
     with user_errors("test streams"):
-        st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, streams,
-                                   seed, choice, spread, rprob, arrivals, markov,
-                                   raw_metric=prof.metric[te], hidden="ceiling" in names)
+        st = sc.streams(m[te], prof.reward[te], prof.weak_loss[te], length=length, n_seq=streams,
+                        raw_metric=prof.metric[te], hidden="ceiling" in names)
     tau = st.mean_interarrival
-    click.echo(f"bucket r={rate} b={depth} -> (N, P, M) = ({N}, {P}, {M}); {streams} streams x "
+    click.echo(f"bucket r={rate} b={depth} -> {bucket}; {streams} streams x "
                f"{length} images, {choice}, {arrivals} arrivals (mean {tau:.3f} slots)", err=True)
 
     want_mdp = "mdp" in names or any(k == "mdp" for k, _ in write_blob)
@@ -180,8 +172,7 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
         with user_errors("mdp"), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
             theta_mdp = policies.mdp_thresholds(
-                m[tr], prof.reward[tr], N, P, M,
-                interarrival=training_arrivals(arrivals, markov, seed))
+                m[tr], prof.reward[tr], bucket, interarrival=sc.training_arrivals())
         for w in caught:
             click.echo(f"mdp: warning: {w.message}", err=True)
     with user_errors("baseline"):
@@ -193,28 +184,27 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
             if name == "lower-bound":
                 results[name] = simulate.run_lower_bound(m[tr], st, rate)
             elif name == "baseline":
-                results[name] = simulate.run_thresholds(theta_base, st, N, P, M, name="baseline")
+                results[name] = simulate.run_thresholds(theta_base, st, bucket, name="baseline")
             elif name == "mdp":
-                results[name] = simulate.run_thresholds(theta_mdp, st, N, P, M, name="mdp")
+                results[name] = simulate.run_thresholds(theta_mdp, st, bucket, name="mdp")
             elif name == "ceiling":
                 from offload import ceiling
 
                 click.echo("ceiling: value iteration over (hidden state, tokens)...", err=True)
-                c = ceiling.ceiling_policy(prof.metric[te], N, P, M, choice, spread, rprob,
-                                           arrivals, markov, metric=m[te], seed=seed + 3)
+                c = ceiling.ceiling_policy(prof.metric[te], sc, metric=m[te])
                 if not c.converged:
                     click.echo(f"ceiling: warning: not converged after {c.sweeps} sweeps",
                                err=True)
-                results[name] = ceiling.run_ceiling(c, st, N, P, M)
+                results[name] = ceiling.run_ceiling(c, st, bucket)
             elif name in ("oracle", "oracle-metric"):
                 results[name] = simulate.run_oracle(
-                    st, N, P, M, metric_only=name == "oracle-metric", progress=True)
+                    st, bucket, metric_only=name == "oracle-metric", progress=True)
             else:
                 try:
                     pol = blob.read_blob(name)
                 except blob.BlobError as e:
                     raise click.ClickException(str(e)) from None
-                if (pol.N, pol.P, pol.M) != (N, P, M):
+                if pol.bucket != bucket:
                     raise click.ClickException(
                         f"{name}: policy was made for bucket (N, P, M) = "
                         f"({pol.N}, {pol.P}, {pol.M}), this run uses ({N}, {P}, {M}) "
@@ -256,7 +246,7 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
         atomic_write_text(csv_path, buf.getvalue())
     for kind, path in write_blob:
         theta = theta_mdp if kind == "mdp" else theta_base
-        blob.write_blob(path, threshold_policy_blob(prof, theta, N, P, M, kind, meta))
+        blob.write_blob(path, threshold_policy_blob(prof, theta, bucket, kind, meta))
         click.echo(f"wrote {kind} policy blob {path}", err=True)
 
 

@@ -7,7 +7,7 @@ over a whole sequence.
 
 import numpy as np
 
-from offload.bucket import TokenBucket, step_reference
+from offload.bucket import TokenBucket
 from offload.mlp import decide_reference, forward_int8
 from offload.ring import HistoryRing, window_reference
 from offload_native import Decider
@@ -20,22 +20,23 @@ def from_policy(policy):
     if policy.kind != "dqn":
         raise ValueError(f"a Decider runs DQN policies, this one is {policy.kind!r}")
     return Decider(policy.qmlp.native(), HistoryRing(policy.H, policy.interarrival),
-                   TokenBucket(policy.N, policy.P, policy.M))
+                   TokenBucket(*policy.bucket))
 
 
-def decide_sequence_reference(qmlp, metrics, interarrival, N, P, M, H, use_interarrival=True):
+def decide_sequence_reference(qmlp, metrics, interarrival, bucket, *, H, use_interarrival=True):
     """Numpy reference: decisions (bool) and token states for one sequence.
 
     ``metrics[k]`` standardised metric of image ``k``; ``interarrival[k]`` slots
-    from image ``k`` to ``k+1``. Bucket starts full, history empty.
+    from image ``k`` to ``k+1``; ``bucket`` an ``offload.bucket.Bucket``. Bucket
+    starts full, history empty.
     """
-    n = M
+    n = bucket.M
     decisions, states = [], []
     for k in range(len(metrics)):
         x = window_reference(metrics, interarrival, k, H, use_interarrival)
         q = forward_int8(qmlp, x)[0]
-        a = decide_reference(q, n, N, P, M)
+        a = decide_reference(q, n, bucket)
         decisions.append(a)
         states.append(n)
-        n = step_reference(n, a, int(interarrival[k]), N, P, M)
+        n = bucket.step(n, a, int(interarrival[k]))
     return np.array(decisions), np.array(states)

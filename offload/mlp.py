@@ -27,7 +27,7 @@ from offload_native import Int8MLP, decide
 from offload_native._mlp import CODE_RANGE, MAX_IN_16
 
 __all__ = [
-    "LEAKY_SLOPE", "q_length", "q_index", "decide", "decide_reference", "decide_batch",
+    "LEAKY_SLOPE", "decide", "decide_reference", "decide_batch",
     "forward_float", "he_uniform", "QuantLayer", "QuantMLP", "equalize", "quantize", "correct_bias", "forward_int8",
     "Int8MLP", "MAX_IN_16", "weight_grid",
 ]
@@ -35,31 +35,24 @@ __all__ = [
 LEAKY_SLOPE = np.float32(0.2)
 
 
-def q_length(N, P, M):
-    """Length of the Q-vector: ``M-N+1`` values ``Q(n,0)`` then ``M-P+1`` values ``Q(n,1)``."""
-    return 2 * (M + 1) - N - P
+def decide_reference(q, n, bucket):
+    """Numpy twin of the native ``decide``: offload iff ``n >= P`` and ``Q(n,1) >= Q(n,0)``.
 
-
-def q_index(n, a, N, P, M):
-    """Position of ``Q(n, a)`` in the Q-vector (``n`` in scaled tokens)."""
-    return (n - N) if a == 0 else (M - N + 1 + n - P)
-
-
-def decide_reference(q, n, N, P, M):
-    """Numpy twin of the native ``decide``: offload iff ``n >= P`` and ``Q(n,1) >= Q(n,0)``."""
-    if n < P:
+    ``q`` one Q-vector in ``bucket``'s layout (``offload.bucket.Bucket``), ``n`` scaled tokens.
+    """
+    if not bucket.can_send(n):
         return False
-    return bool(q[q_index(n, 1, N, P, M)] >= q[q_index(n, 0, N, P, M)])
+    return bool(q[bucket.q_index(n, 1)] >= q[bucket.q_index(n, 0)])
 
 
-def decide_batch(q, n, N, P, M):
+def decide_batch(q, n, bucket):
     """Decisions for a batch: ``q`` (B, L) Q-vectors, ``n`` (B,) token states -> bool (B,)."""
     q = np.asarray(q)
     n = np.asarray(n, dtype=np.int64)
     rows = np.arange(q.shape[0])
-    ok = n >= P
-    i1 = np.where(ok, M - N + 1 + n - P, 0)
-    return ok & (q[rows, i1] >= q[rows, n - N])
+    ok = bucket.can_send(n)
+    i1 = bucket.q_index(np.where(ok, n, bucket.P), 1)
+    return ok & (q[rows, i1] >= q[rows, bucket.q_index(n, 0)])
 
 
 def he_uniform(sizes, rng):

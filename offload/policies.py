@@ -1,6 +1,6 @@
 """Policies compared in the paper (SPEC section 5): lower bound, Baseline, MDP, Oracle.
 
-Units: token counts ``n`` and the bucket ``(N, P, M)`` are in *scaled tokens*
+Units: token counts ``n`` and the bucket (``offload.bucket.Bucket``: ``N, P, M``) are in *scaled tokens*
 (SPEC section 1: ``N`` refilled per time slot, ``P`` per offload, ``M`` at
 most); ``rate`` is real tokens per slot; inter-arrival times are *slots*
 (integers ``>= 1``; ``interarrival[k]`` is the number of slots from image ``k``
@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from offload.bucket import Bucket
 from offload_native import oracle_dp, simulate_thresholds as _simulate_native, upper_hull
 
 __all__ = [
@@ -39,17 +40,14 @@ MAX_THRESHOLD_STATES = 1 << 24
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_bucket(N, P, M):
-    for name, x in (("N", N), ("P", P), ("M", M)):
-        if not isinstance(x, (int, np.integer)) or isinstance(x, bool):
-            raise ValueError(f"{name}={x!r} must be an integer (scaled tokens)")
-    if not 0 < N < P <= M:
-        raise ValueError(f"invalid bucket (N={N}, P={P}, M={M}): need 0 < N < P <= M")
-    return int(N), int(P), int(M)
+def _check_bucket(bucket):
+    if not isinstance(bucket, Bucket):
+        raise ValueError(f"bucket={bucket!r} must be an offload.bucket.Bucket")
+    return bucket.N, bucket.P, bucket.M
 
 
-def _check_dp_bucket(N, P, M, what):
-    N, P, M = _check_bucket(N, P, M)
+def _check_dp_bucket(bucket, what):
+    N, P, M = _check_bucket(bucket)
     if M - N + 1 > MAX_DP_STATES:
         raise ValueError(
             f"{what}: bucket (N={N}, P={P}, M={M}) has {M - N + 1:,} token states, above the "
@@ -155,7 +153,7 @@ def _threshold_candidates(metrics, rewards):
     return m, ends, c[ends]
 
 
-def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOUNT,
+def mdp_thresholds(metrics, rewards, bucket, *, interarrival=None, discount=DISCOUNT,
                    max_sweeps=MAX_SWEEPS, rtol=1e-6):
     """Token-dependent thresholds of the MDP policy by value iteration (SPEC section 5).
 
@@ -197,8 +195,8 @@ def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOU
     ----------
     metrics, rewards : arrays (K,)
         Training metrics and rewards.
-    N, P, M : int
-        Bucket (scaled tokens).
+    bucket : offload.bucket.Bucket
+        ``N, P, M`` (scaled tokens).
     interarrival : array of int, optional
         Sample of inter-arrival slots whose empirical distribution is used;
         ``None`` for periodic arrivals (``I = 1``).
@@ -214,7 +212,7 @@ def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOU
     theta : float64 array (M-P+1,)
         ``theta[n-P]`` for ``n = P..M``, each a training metric value.
     """
-    N, P, M = _check_dp_bucket(N, P, M, "MDP")
+    N, P, M = _check_dp_bucket(bucket, "MDP")
     metrics = _vector(metrics, "metrics")
     rewards = _vector(rewards, "rewards")
     _same_length(metrics=metrics, rewards=rewards)
@@ -267,8 +265,8 @@ def mdp_thresholds(metrics, rewards, N, P, M, interarrival=None, discount=DISCOU
 
 # ----------------------------------------------------------------------------- oracle
 
-def _oracle_inputs(values, interarrival, N, P, M, name):
-    N, P, M = _check_dp_bucket(N, P, M, "oracle")
+def _oracle_inputs(values, interarrival, bucket, name):
+    N, P, M = _check_dp_bucket(bucket, "oracle")
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {values.shape}")
@@ -279,7 +277,7 @@ def _oracle_inputs(values, interarrival, N, P, M, name):
     return values, ia, N, P, M
 
 
-def oracle(rewards, interarrival, N, P, M):
+def oracle(rewards, interarrival, bucket):
     """Best offload set for one finite sequence knowing every future reward and arrival.
 
     Exact dynamic programming over (image, scaled tokens) with the bucket
@@ -294,8 +292,8 @@ def oracle(rewards, interarrival, N, P, M):
         True reward of offloading each image.
     interarrival : int array (L,)
         Slots (``>= 1``) from image ``k`` to ``k+1`` (the last is not used).
-    N, P, M : int
-        Bucket (scaled tokens).
+    bucket : offload.bucket.Bucket
+        ``N, P, M`` (scaled tokens).
 
     Returns
     -------
@@ -303,12 +301,12 @@ def oracle(rewards, interarrival, N, P, M):
         The maximum total reward and one feasible mask achieving it. Where
         offloading and not are equally good the image is not offloaded.
     """
-    rewards, ia, N, P, M = _oracle_inputs(rewards, interarrival, N, P, M, "rewards")
+    rewards, ia, N, P, M = _oracle_inputs(rewards, interarrival, bucket, "rewards")
     total, mask = oracle_dp(rewards, ia, N, P, M)
     return total, mask.astype(bool)
 
 
-def oracle_metric(metrics, rewards, interarrival, N, P, M):
+def oracle_metric(metrics, rewards, interarrival, bucket):
     """Metric-only oracle: maximise the sum of the metrics sent, score on true rewards.
 
     Knows the whole future of metrics and arrivals, but not the rewards: the
@@ -320,7 +318,7 @@ def oracle_metric(metrics, rewards, interarrival, N, P, M):
     (total_reward, offload_mask) : (float, bool array (L,))
         The true total reward of the chosen offload set, and that set.
     """
-    metrics, ia, N, P, M = _oracle_inputs(metrics, interarrival, N, P, M, "metrics")
+    metrics, ia, N, P, M = _oracle_inputs(metrics, interarrival, bucket, "metrics")
     rewards = np.asarray(rewards, dtype=np.float64)
     if rewards.shape != metrics.shape:
         raise ValueError(f"mismatched shapes: metrics {metrics.shape}, rewards {rewards.shape}")
@@ -331,9 +329,9 @@ def oracle_metric(metrics, rewards, interarrival, N, P, M):
 
 # ----------------------------------------------------------------------------- simulation
 
-def threshold_vector(theta, N, P, M):
-    """Thresholds for ``n = P..M`` as float32: a scalar (Baseline) is repeated."""
-    N, P, M = _check_bucket(N, P, M)
+def threshold_vector(theta, bucket):
+    """Thresholds for ``n = P..M`` of ``bucket`` as float32: a scalar (Baseline) is repeated."""
+    N, P, M = _check_bucket(bucket)
     if M - P + 1 > MAX_THRESHOLD_STATES:
         raise ValueError(f"threshold policy: bucket (N={N}, P={P}, M={M}) has {M - P + 1:,} "
                          f"token states that can offload, above the supported "
@@ -347,7 +345,7 @@ def threshold_vector(theta, N, P, M):
     return t
 
 
-def simulate_thresholds(metric, reward, interarrival, theta, N, P, M, trace=False):
+def simulate_thresholds(metric, reward, interarrival, theta, bucket, *, trace=False):
     """Run a threshold policy on one stream (1-D inputs) or ``S`` streams (2-D inputs).
 
     Each stream starts with a full bucket. ``theta`` is a scalar (Baseline) or
@@ -358,12 +356,12 @@ def simulate_thresholds(metric, reward, interarrival, theta, N, P, M, trace=Fals
     before each decision) shaped like the inputs. For 1-D inputs ``S = 1`` and
     the per-image arrays are 1-D.
     """
-    N, P, M = _check_bucket(N, P, M)
+    N, P, M = _check_bucket(bucket)
     m = np.asarray(metric)
     one = m.ndim == 1
     as2 = (lambda x: np.asarray(x)[None, :]) if one else np.asarray
     out = _simulate_native(as2(metric), as2(reward), as2(interarrival),
-                           threshold_vector(theta, N, P, M), N, P, M, trace)
+                           threshold_vector(theta, bucket), N, P, M, trace)
     if trace and one:
         out = out[:3] + (out[3][0], out[4][0])
     return out

@@ -101,19 +101,20 @@ class SimResult:
                 "offload_rate": self.offload_rate, "feasible": self.feasible, **self.extra}
 
 
-def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", spread=0.1,
-                 rprob=0.1, arrivals="periodic", markov=(1, 10, 0.1, 0.1), raw_metric=None,
-                 hidden=False):
-    """Test streams from one split's per-image arrays (SPEC section 4).
+def make_streams(metric, reward, weak_loss, scenario, *, length, n_seq, raw_metric=None,
+                 purpose="test", hidden=False):
+    """Streams of ``scenario``'s generators from one split's per-image arrays (SPEC section 4).
 
     The images are first sorted by metric so that an index range is a metric
     range (``metric`` standardised, ``raw_metric`` the expected reward it came
-    from, used by the metric-only oracle); ``choice`` is ``"iid"`` or ``"location-reset"`` (with ``spread``,
-    ``rprob``), ``arrivals`` is ``"periodic"`` or ``"markov"`` with
-    ``markov = (I1, I2, tprob1, tprob2)`` (slots, slots, per-slot probabilities).
-    ``hidden=True`` also keeps the generators' hidden state (``location``:
-    the run's location, 0 for i.i.d.; ``arrival_state``: 0 or 1, 0 for
-    periodic) for ``offload.ceiling``; the streams are the same either way.
+    from, used by the metric-only oracle). ``scenario`` (``offload.scenario.Scenario``)
+    gives the image choice (``iid`` or ``location-reset`` with ``spread``,
+    ``rprob``), the arrivals (``periodic`` or ``markov``) and, for ``purpose``
+    (``"test"``, ``"training"``, ``"validation"``), the seeds. ``n_seq``
+    sequences of ``length`` images. ``hidden=True`` also keeps the generators'
+    hidden state (``location``: the run's location, 0 for i.i.d.;
+    ``arrival_state``: 0 or 1, 0 for periodic) for ``offload.ceiling``; the
+    streams are the same either way.
     """
     metric = np.asarray(metric, np.float32)
     order = np.argsort(metric, kind="stable")
@@ -123,47 +124,52 @@ def make_streams(metric, reward, weak_loss, length, n_seq, seed, choice="iid", s
     n = len(metric)
     if n == 0:
         raise ValueError("no images to build streams from")
+    image_seed, arrival_seed = scenario.stream_seeds(purpose)
     loc = state = None
-    if choice == "iid":
-        idx = sequences.iid(n, length, n_seq, seed)
+    if scenario.choice == "iid":
+        idx = sequences.iid(n, length, n_seq, image_seed)
         loc = np.zeros_like(idx) if hidden else None
-    elif choice == "location-reset":
-        idx = sequences.location_reset(n, length, n_seq, spread, rprob, seed,
-                                       return_locations=hidden)
+    elif scenario.choice == "location-reset":
+        idx = sequences.location_reset(n, length, n_seq, scenario.spread, scenario.rprob,
+                                       image_seed, return_locations=hidden)
         if hidden:
             idx, loc = idx
     else:
-        raise ValueError(f"unknown image choice {choice!r} (iid, location-reset)")
-    if arrivals == "periodic":
+        raise ValueError(f"unknown image choice {scenario.choice!r} (iid, location-reset)")
+    if scenario.arrivals == "periodic":
         ia = sequences.periodic(length, n_seq)
         state = np.zeros(ia.shape, np.int8) if hidden else None
-    elif arrivals == "markov":
-        i1, i2, t1, t2 = markov
-        ia = sequences.markov_arrivals(length, n_seq, i1, i2, t1, t2, seed + 1,
+    elif scenario.arrivals == "markov":
+        i1, i2, t1, t2 = scenario.markov
+        ia = sequences.markov_arrivals(length, n_seq, i1, i2, t1, t2, arrival_seed,
                                        arrival_states=hidden)
         if hidden:
             ia, state = ia[0], (ia[1] - 1).astype(np.int8)
     else:
-        raise ValueError(f"unknown arrival process {arrivals!r} (periodic, markov)")
+        raise ValueError(f"unknown arrival process {scenario.arrivals!r} (periodic, markov)")
     return Streams(metric[idx], reward[idx], weak_loss[idx], ia, raw[idx], loc, state)
 
 
-def run_thresholds(theta, streams, N, P, M, trace=False, name="thresholds"):
-    """A threshold policy (scalar = Baseline, or ``M-P+1`` values) in the native loop."""
+def run_thresholds(theta, streams, bucket, *, trace=False, name="thresholds"):
+    """A threshold policy (scalar = Baseline, or ``M-P+1`` values) in the native loop.
+
+    ``bucket``: an ``offload.bucket.Bucket`` (scaled tokens).
+    """
     out = policies.simulate_thresholds(streams.metric, streams.reward, streams.interarrival,
-                                       theta, N, P, M, trace=trace)
+                                       theta, bucket, trace=trace)
     res = SimResult.from_totals(name, streams, out[0], out[1], token_hist=out[2])
     if trace:
         res.decisions, res.tokens = out[3], out[4]
     return res
 
 
-def run_thresholds_numpy(theta, streams, N, P, M, name="thresholds"):
+def run_thresholds_numpy(theta, streams, bucket, *, name="thresholds"):
     """The same as ``run_thresholds``, vectorised across streams in numpy (a loop over images).
 
     The straightforward alternative the native loop is benchmarked against.
     """
-    theta = policies.threshold_vector(theta, N, P, M)
+    theta = policies.threshold_vector(theta, bucket)
+    N, P, M = bucket
     S, L = streams.shape
     n = np.full(S, M, np.int64)
     total = np.zeros(S)
@@ -263,7 +269,7 @@ def _forward_fn(network, H, use_interarrival, threads=1):
 _BLOCK_ROWS = 1 << 15
 
 
-def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, name="dqn",
+def run_dqn(network, streams, bucket, *, H, use_interarrival=True, trace=False, name="dqn",
             progress=False, threads=None, native_walk=True):
     """A DQN policy batched across streams and positions.
 
@@ -272,7 +278,7 @@ def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, na
     float32 numpy reference), or any callable mapping float32 inputs
     ``(B, din)`` to Q-vectors ``(B, out)``. The input at image ``k`` is SPEC
     section 6's window of ``H`` metrics and, optionally, ``H`` inter-arrival
-    times (slots).
+    times (slots). ``bucket``: an ``offload.bucket.Bucket`` (scaled tokens).
 
     Since the inputs do not depend on the decisions, the Q-vectors of a block
     of positions of every stream are computed in one network call; only the
@@ -283,6 +289,7 @@ def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, na
     """
     threads = (os.cpu_count() or 1) if threads is None else int(threads)
     forward, din = _forward_fn(network, H, use_interarrival, threads)
+    N, P, M = bucket
     S, L = streams.shape
     n = np.full(S, M, np.int64)
     total = np.zeros(S)
@@ -297,7 +304,7 @@ def run_dqn(network, streams, N, P, M, H, use_interarrival=True, trace=False, na
     for k0, k1, x in input_blocks(streams, H, use_interarrival):
         q = np.asarray(forward(x), np.float32).reshape(S, k1 - k0, -1)
         # Q(n, 1) >= Q(n, 0) for every token state at once: (S, K, M-P+1).
-        send = q[:, :, M - N + 1:] >= q[:, :, P - N:M - N + 1]
+        send = bucket.prefers_send(q)
         walk(send, streams.reward, streams.interarrival, k0, n, total, count, hist, N, P, M,
              dec, tok)
         bar.update(S * (k1 - k0))
@@ -322,17 +329,18 @@ def walk_block_numpy(send, reward, interarrival, k0, n, total, count, hist, N, P
         n[:] = np.minimum(M, n - P * a + N * interarrival[:, k])
 
 
-def run_policy(policy, streams, trace=False, name=None, int8=True, progress=False, threads=None):
+def run_policy(policy, streams, *, trace=False, name=None, int8=True, progress=False,
+               threads=None):
     """Run a policy blob (``offload.blob.Policy``): thresholds natively, DQN int8 or float."""
     name = name or policy.meta.get("name", policy.kind)
     if policy.kind == "thresholds":
-        return run_thresholds(policy.theta, streams, policy.N, policy.P, policy.M, trace, name)
+        return run_thresholds(policy.theta, streams, policy.bucket, trace=trace, name=name)
     net = policy.qmlp if int8 else policy.qmlp.float_layers
-    return run_dqn(net, streams, policy.N, policy.P, policy.M, policy.H, policy.interarrival,
-                   trace, name, progress, threads)
+    return run_dqn(net, streams, policy.bucket, H=policy.H, use_interarrival=policy.interarrival,
+                   trace=trace, name=name, progress=progress, threads=threads)
 
 
-def run_oracle(streams, N, P, M, metric_only=False, progress=False):
+def run_oracle(streams, bucket, *, metric_only=False, progress=False):
     """Oracle per stream (SPEC section 5): true rewards, or metrics only (then scored on rewards).
 
     The metric-only form maximises the sum of ``raw_metric`` (expected rewards)
@@ -345,9 +353,9 @@ def run_oracle(streams, N, P, M, metric_only=False, progress=False):
                   disable=None if progress else True, leave=False):
         if metric_only:
             t, mask = policies.oracle_metric(streams.raw_metric[s], streams.reward[s],
-                                             streams.interarrival[s], N, P, M)
+                                             streams.interarrival[s], bucket)
         else:
-            t, mask = policies.oracle(streams.reward[s], streams.interarrival[s], N, P, M)
+            t, mask = policies.oracle(streams.reward[s], streams.interarrival[s], bucket)
         total[s], count[s] = t, mask.sum()
     return SimResult.from_totals("oracle-metric" if metric_only else "oracle", streams, total,
                                  count)

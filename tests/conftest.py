@@ -24,6 +24,7 @@ import pytest
 from hypothesis import settings
 
 from offload import mlp
+from offload.bucket import Bucket
 
 from helpers import dqn_inputs, load_strong_model, random_network
 
@@ -52,7 +53,7 @@ def rng():
 def paper_net(rng):
     """The paper's 5x64 network for bucket (1, 10, 40), 96 metrics + 96 inter-arrivals."""
     N, P, M = 1, 10, 40
-    layers = random_network(rng, 192, mlp.q_length(N, P, M))
+    layers = random_network(rng, 192, Bucket(N, P, M).q_length)
     q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, 96))
     return (N, P, M), layers, q
 

@@ -2,10 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from offload.bucket import TokenBucket, scale, step_reference
+from offload.bucket import Bucket, TokenBucket, scale, step_reference
 
 
 @pytest.mark.parametrize("rate, depth, expected", [
@@ -119,3 +120,29 @@ def test_greedy_rate_and_burst_limits(params, gaps):
         for j in range(i, min(len(sent), i + 60)):
             burst = prefix[j + 1] - prefix[i]
             assert burst <= (M + N * (times[j] - times[i])) // P
+
+
+@pytest.mark.parametrize("triple", [(1, 10, 40), (2, 5, 13), (1, 2, 3), (3, 4, 9)])
+def test_bucket_value_owns_the_layouts(triple):
+    """Q-vector layout: Q(n, 0) for n = N..M, then Q(n, 1) for n = P..M (SPEC section 2)."""
+    N, P, M = triple
+    b = Bucket(N, P, M)
+    assert tuple(b) == triple and b.states == M - N + 1 and b.send_states == M - P + 1
+    assert b.q_length == 2 * (M + 1) - N - P
+    pos = [b.q_index(n, 0) for n in range(N, M + 1)] + [b.q_index(n, 1) for n in range(P, M + 1)]
+    assert pos == list(range(b.q_length))
+    q = np.arange(b.q_length, dtype=float)[::-1].copy()
+    np.testing.assert_array_equal(q[b.q_keep], [q[b.q_index(n, 0)] for n in range(N, M + 1)])
+    np.testing.assert_array_equal(q[b.q_send], [q[b.q_index(n, 1)] for n in range(P, M + 1)])
+    np.testing.assert_array_equal(b.prefers_send(q), [q[b.q_index(n, 1)] >= q[b.q_index(n, 0)]
+                                                      for n in range(P, M + 1)])
+    assert b.can_send(P) and not b.can_send(P - 1)
+    assert b.step(M, True, 1) == step_reference(M, True, 1, N, P, M)
+
+
+def test_bucket_refuses_what_is_not_a_bucket():
+    assert Bucket.from_rate(0.1, 4) == Bucket(1, 10, 40)
+    for bad, match in (((2, 2, 4), "0 < N < P <= M"), ((1.0, 2, 4), "integer"),
+                       ((1, 4, 3), "0 < N < P <= M")):
+        with pytest.raises(ValueError, match=match):
+            Bucket(*bad)

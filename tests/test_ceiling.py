@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from offload import ceiling, policies, sequences, simulate
+from offload.bucket import Bucket
+from offload.scenario import Scenario
 from offload.synthetic import synthetic_profile
 from offload.profile import TEST, TRAIN
 
@@ -46,16 +48,23 @@ def test_value_iteration_equals_loop_twin(choice, arrivals):
     N, P, M = 1, 3, 5
     markov = (1, 2, 0.2, 0.3)
     sweeps = 25
-    c = ceiling.ceiling_policy(raw, N, P, M, choice, spread=0.3, rprob=0.2, arrivals=arrivals,
-                               markov=markov, bins=100, max_sweeps=sweeps, seed=4,
-                               discount=0.95)
+    sc = _scenario(Bucket(N, P, M), choice=choice, spread=0.3, rprob=0.2, arrivals=arrivals,
+                   markov=markov, seed=1)
+    c = ceiling.ceiling_policy(raw, sc, bins=100, max_sweeps=sweeps, discount=0.95)
     assert 2 <= c.sweeps <= sweeps  # the twin runs as many sweeps as it did
     starts, width, G = ceiling._windows(len(raw), choice, 0.3, 100)
-    gaps, law = ceiling.arrival_law(arrivals, markov, seed=4)
+    gaps, law = ceiling.arrival_law(arrivals, markov, seed=sc.seed_for("ceiling"))
     want = _brute_theta(raw, N, P, M, starts, width, 0.2 if choice != "iid" else 0.0, gaps, law,
                         0.95, c.sweeps)
     assert G == (7 if choice != "iid" else 1) and c.theta.shape == want.shape
     np.testing.assert_allclose(c.theta, want, rtol=1e-9, atol=1e-12)
+
+
+def _scenario(bucket, **kw):
+    """A scenario whose (rate, depth) scale to ``bucket``."""
+    sc = Scenario(bucket.N / bucket.P, bucket.M / bucket.P, **kw)
+    assert sc.bucket == bucket
+    return sc
 
 
 def test_arrival_law():
@@ -71,18 +80,14 @@ def test_arrival_law():
 def _hidden_streams(prof, choice, arrivals, length, n_seq, seed, markov=(1, 3, 0.01, 0.02)):
     te = prof.split == TEST
     m = prof.standardized_metric().astype(np.float32)
-    return simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, n_seq, seed,
-                                 choice, 0.1, 0.01, arrivals, markov, raw_metric=prof.metric[te],
-                                 hidden=True), m, te
+    return simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], Scenario(choice=choice, spread=0.1, rprob=0.01, arrivals=arrivals, markov=markov, seed=seed), length=length, n_seq=n_seq, raw_metric=prof.metric[te], hidden=True), m, te
 
 
 def test_hidden_state_does_not_change_the_streams():
     prof = synthetic_profile(3000, seed=2)
     for choice, arrivals in (("location-reset", "markov"), ("iid", "periodic")):
         st, m, te = _hidden_streams(prof, choice, arrivals, 400, 3, 5)
-        plain = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], 400, 3, 5,
-                                      choice, 0.1, 0.01, arrivals, (1, 3, 0.01, 0.02),
-                                      raw_metric=prof.metric[te])
+        plain = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], Scenario(choice=choice, spread=0.1, rprob=0.01, arrivals=arrivals, markov=(1, 3, 0.01, 0.02), seed=5), length=400, n_seq=3, raw_metric=prof.metric[te])
         np.testing.assert_array_equal(st.metric, plain.metric)
         np.testing.assert_array_equal(st.interarrival, plain.interarrival)
         assert plain.location is None and st.location.shape == st.metric.shape
@@ -98,40 +103,40 @@ def test_ceiling_sits_between_mdp_and_the_metric_oracle(choice, arrivals):
     prof = synthetic_profile(20000, seed=1)
     N, P, M = 1, 10, 40
     st, m, te = _hidden_streams(prof, choice, arrivals, 20000, 8, 11)
-    c = ceiling.ceiling_policy(prof.metric[te], N, P, M, choice, 0.1, 0.01, arrivals,
-                               (1, 3, 0.01, 0.02), metric=m[te], seed=7)
+    sc = _scenario(Bucket(N, P, M), choice=choice, spread=0.1, rprob=0.01, arrivals=arrivals,
+                   markov=(1, 3, 0.01, 0.02), seed=4)
+    c = ceiling.ceiling_policy(prof.metric[te], sc, metric=m[te])
     assert c.converged
-    res = ceiling.run_ceiling(c, st, N, P, M)
+    res = ceiling.run_ceiling(c, st, Bucket(N, P, M))
     tr = prof.split == TRAIN
     ia = None if arrivals == "periodic" else st.interarrival.ravel()[:100_000]
-    mdp = simulate.run_thresholds(policies.mdp_thresholds(m[tr], prof.reward[tr], N, P, M,
-                                                          interarrival=ia), st, N, P, M)
-    base = simulate.run_thresholds(policies.baseline_threshold(m[tr], 0.1, st.mean_interarrival),
-                                   st, N, P, M)
+    mdp = simulate.run_thresholds(policies.mdp_thresholds(m[tr], prof.reward[tr], Bucket(N, P, M), interarrival=ia), st, Bucket(N, P, M))
+    base = simulate.run_thresholds(policies.baseline_threshold(m[tr], 0.1, st.mean_interarrival), st, Bucket(N, P, M))
     assert res.mean_reward > mdp.mean_reward > base.mean_reward
     # The same runs valued by metrics: the metric oracle bounds every causal policy.
     by_metric = simulate.Streams(st.metric, st.raw_metric, st.weak_loss, st.interarrival,
                                  st.raw_metric, st.location, st.arrival_state)
-    oracle = simulate.run_oracle(by_metric, N, P, M, metric_only=True)
-    assert ceiling.run_ceiling(c, by_metric, N, P, M).mean_reward <= oracle.mean_reward + 1e-12
+    oracle = simulate.run_oracle(by_metric, Bucket(N, P, M), metric_only=True)
+    assert ceiling.run_ceiling(c, by_metric, Bucket(N, P, M)).mean_reward <= oracle.mean_reward + 1e-12
     assert res.token_hist.sum() == st.metric.size
 
 
 def test_errors():
     raw = np.linspace(0, 1, 50)
+    sc = Scenario(choice="iid")
     with pytest.raises(ValueError, match="no images"):
-        ceiling.ceiling_policy([], 1, 10, 40)
+        ceiling.ceiling_policy([], sc)
     with pytest.raises(ValueError, match="image choice"):
-        ceiling.ceiling_policy(raw, 1, 10, 40, choice="bursty")
+        ceiling._windows(50, "bursty", 0.1, 10)
     with pytest.raises(ValueError, match="arrival process"):
-        ceiling.ceiling_policy(raw, 1, 10, 40, arrivals="poisson")
+        ceiling.arrival_law("poisson")
     with pytest.raises(ValueError, match="order the images differently"):
-        ceiling.ceiling_policy(raw, 1, 10, 40, metric=-raw)
+        ceiling.ceiling_policy(raw, sc, metric=-raw)
     with pytest.raises(ValueError, match="fewer bins"):
-        ceiling.ceiling_policy(np.linspace(0, 1, 200_000), 1, 10, 4000, "location-reset",
+        ceiling.ceiling_policy(np.linspace(0, 1, 200_000), Scenario(depth=400),
                                bins=100_000)
-    c = ceiling.ceiling_policy(raw, 1, 10, 40)
+    c = ceiling.ceiling_policy(raw, sc)
     st = simulate.Streams(np.zeros((1, 5)), np.zeros((1, 5)), np.zeros((1, 5)),
                           np.ones((1, 5), np.int64))
     with pytest.raises(ValueError, match="hidden state"):
-        ceiling.run_ceiling(c, st, 1, 10, 40)
+        ceiling.run_ceiling(c, st, Bucket(1, 10, 40))

@@ -269,10 +269,11 @@ def test_invalid_bucket(rate, depth, needle):
     failed(run(*SMALL, "--rate", rate, "--depth", depth), needle)
 
 
-@pytest.mark.parametrize("markov", [(0, 10, 0.1, 0.1), (1, 10, 0.0, 0.1), (1, 10, 0.1, 1.5)])
-def test_invalid_markov(markov):
-    failed(run(*SMALL, "--arrivals", "markov", "--markov", *markov), "--markov",
-           "need I1, I2 >= 1 and tprobs in (0, 1]")
+@pytest.mark.parametrize("markov, needle", [((0, 10, 0.1, 0.1), "I1=0: slots"),
+                                            ((1, 10, 0.0, 0.1), "tprob1=0.0: per-slot"),
+                                            ((1, 10, 0.1, 1.5), "tprob2=1.5: per-slot")])
+def test_invalid_markov(markov, needle):
+    failed(run(*SMALL, "--arrivals", "markov", "--markov", *markov), "--markov", needle)
 
 
 def test_bad_option_values():

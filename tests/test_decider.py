@@ -5,7 +5,7 @@ import pytest
 
 from offload import mlp
 from offload.blob import Policy
-from offload.bucket import TokenBucket
+from offload.bucket import Bucket, TokenBucket
 from offload.decider import Decider, decide_sequence_reference, from_policy
 from offload.ring import HistoryRing
 
@@ -17,14 +17,14 @@ def test_decider_matches_reference(use_ia):
     rng = np.random.default_rng(11)
     N, P, M, H = 2, 5, 13, 6
     din = 2 * H if use_ia else H
-    layers = random_network(rng, din, mlp.q_length(N, P, M), hidden=(16, 16))
+    layers = random_network(rng, din, Bucket(N, P, M).q_length, hidden=(16, 16))
     calib = rng.normal(size=(500, din)).astype(np.float32)
     if use_ia:
         calib[:, H:] = rng.integers(1, 4, size=(500, H))
     q = mlp.quantize(layers, calib, segments=(0, H) if use_ia else (0,))
     metrics = rng.normal(size=300).astype(np.float32)
     gaps = rng.integers(1, 4, size=300)
-    want, states = decide_sequence_reference(q, metrics, gaps, N, P, M, H, use_ia)
+    want, states = decide_sequence_reference(q, metrics, gaps, Bucket(N, P, M), H=H, use_interarrival=use_ia)
     d = Decider(q.native(), HistoryRing(H, use_ia), TokenBucket(N, P, M))
     got, seen = [], []
     for k in range(300):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from offload.blob import Policy as BlobPolicy, read_blob, write_blob
-from offload.bucket import step_reference
+from offload.bucket import Bucket, step_reference
 from offload.decider import decide_sequence_reference
 from offload.device import make_config, run
 from offload.device.capture import MemorySource
@@ -32,8 +32,7 @@ def _run(tmp_path, **kw):
 def _reference(recs, blob):
     m = np.array([r["metric_std"] for r in recs], np.float32)
     gaps = np.array([r["slots"] for r in recs[1:]] + [1])   # i[k] = slots from k to k+1
-    return decide_sequence_reference(blob.qmlp, m, gaps, blob.N, blob.P, blob.M, blob.H,
-                                     blob.interarrival)
+    return decide_sequence_reference(blob.qmlp, m, gaps, Bucket(blob.N, blob.P, blob.M), H=blob.H, use_interarrival=blob.interarrival)
 
 
 def test_slot_rule():
@@ -182,8 +181,7 @@ def test_policy_unit_random_metrics_and_gaps(kind):
             n = step_reference(n, a, int(gaps[k]), blob.N, blob.P, blob.M)
     else:
         blob = base
-        want, states = decide_sequence_reference(blob.qmlp, metrics, gaps, blob.N, blob.P,
-                                                 blob.M, blob.H, blob.interarrival)
+        want, states = decide_sequence_reference(blob.qmlp, metrics, gaps, Bucket(blob.N, blob.P, blob.M), H=blob.H, use_interarrival=blob.interarrival)
     pol = Policy(blob)
     got, seen = [], []
     for k in range(400):

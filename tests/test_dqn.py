@@ -15,9 +15,10 @@ torch = pytest.importorskip("torch")
 
 from helpers import random_network  # noqa: E402
 from offload import blob, mlp, simulate  # noqa: E402
-from offload.bucket import scale  # noqa: E402
+from offload.bucket import Bucket  # noqa: E402
 from offload.profile import TEST, TRAIN, VALIDATION, Profile  # noqa: E402
 from offload.ring import window_reference  # noqa: E402
+from offload.scenario import Scenario  # noqa: E402
 from offload.synthetic import synthetic_profile  # noqa: E402
 from training import dqn  # noqa: E402
 
@@ -47,25 +48,24 @@ def test_targets_hand_worked():
         # I = 5: every next state clamps at M = 3, best(3) = 3
         [1.5, 1.5, 1.5, 2.0, 2.0],
     ])
-    got = dqn.q_targets(torch.tensor(q_next), torch.tensor(R), torch.tensor(I), N, P, M, g)
+    got = dqn.q_targets(torch.tensor(q_next), torch.tensor(R), torch.tensor(I), Bucket(N, P, M), g)
     np.testing.assert_allclose(got.numpy(), want)
-    np.testing.assert_allclose(dqn.q_targets_reference(q_next, R, I, N, P, M, g), want)
+    np.testing.assert_allclose(dqn.q_targets_reference(q_next, R, I, Bucket(N, P, M), g), want)
 
 
 def test_targets_infeasible_offload_uses_only_keep_values():
     # Right after an offload from n = P the bucket holds n' = N*I < P: only a' = 0 counts,
     # however large the (infeasible) Q(n', 1) entries would be if they existed.
     N, P, M, g = 1, 3, 5, 0.9
-    L = mlp.q_length(N, P, M)
+    L = Bucket(N, P, M).q_length
     q_next = np.zeros((1, L))
     q_next[0, :M - N + 1] = [10.0, 20.0, 30.0, 40.0, 50.0]     # Q(n,0), n = 1..5
     q_next[0, M - N + 1:] = [100.0, 0.0, 0.0]                 # Q(n,1), n = 3..5
-    got = dqn.q_targets(torch.tensor(q_next), torch.tensor([1.0]), torch.tensor([1]),
-                        N, P, M, g).numpy()[0]
+    got = dqn.q_targets(torch.tensor(q_next), torch.tensor([1.0]), torch.tensor([1]), Bucket(N, P, M), g).numpy()[0]
     # offload at n = 3 -> n' = 1: best(1) = Q(1,0) = 10
-    assert got[mlp.q_index(3, 1, N, P, M)] == pytest.approx(1.0 + 0.9 * 10.0)
+    assert got[Bucket(N, P, M).q_index(3, 1)] == pytest.approx(1.0 + 0.9 * 10.0)
     # keep at n = 2 -> n' = 3: best(3) = max(30, 100) = 100
-    assert got[mlp.q_index(2, 0, N, P, M)] == pytest.approx(0.9 * 100.0)
+    assert got[Bucket(N, P, M).q_index(2, 0)] == pytest.approx(0.9 * 100.0)
 
 
 @pytest.mark.parametrize("bucket", [(1, 10, 40), (1, 4, 8), (3, 7, 20)])
@@ -73,11 +73,11 @@ def test_targets_match_reference_on_random_batches(bucket):
     N, P, M = bucket
     rng = np.random.default_rng(1)
     B = 64
-    q = rng.normal(size=(B, mlp.q_length(N, P, M)))
+    q = rng.normal(size=(B, Bucket(N, P, M).q_length))
     R = rng.integers(-1, 2, size=B).astype(float)
     I = rng.integers(1, 3 * M, size=B)
-    got = dqn.q_targets(torch.tensor(q), torch.tensor(R), torch.tensor(I), N, P, M, 0.9999)
-    np.testing.assert_allclose(got.numpy(), dqn.q_targets_reference(q, R, I, N, P, M, 0.9999),
+    got = dqn.q_targets(torch.tensor(q), torch.tensor(R), torch.tensor(I), Bucket(N, P, M), 0.9999)
+    np.testing.assert_allclose(got.numpy(), dqn.q_targets_reference(q, R, I, Bucket(N, P, M), 0.9999),
                                rtol=1e-12, atol=1e-12)
 
 
@@ -168,9 +168,8 @@ def small_profile():
 
 
 def _trainer(prof, tmp_path=None, markov=False, **over):
-    N, P, M = scale(0.1, 4)
-    sc = dqn.Scenario(0.1, 4, N, P, M, "location-reset", 0.1, 0.01,
-                      "markov" if markov else "periodic", (1, 3, 0.01, 0.01), seed=0)
+    sc = Scenario(0.1, 4, "location-reset", 0.1, 0.01, "markov" if markov else "periodic",
+                  (1, 3, 0.01, 0.01), seed=0)
     cfg = dqn.DQNConfig(**{**TINY, "interarrival": markov, **over})
     ckpt = str(tmp_path / "run.ckpt") if tmp_path else None
     return dqn.Trainer(dqn.prepare_data(prof), sc, cfg, dqn.profile_fingerprint(prof),
@@ -199,7 +198,7 @@ def test_training_reduces_the_loss_and_keeps_the_best(small_profile):
     assert tr2.stopped_by and tr2.curve
     assert tr2.best_val == max(c["dqn"] for c in tr2.curve)
     # The exported best network gives the recorded validation reward.
-    res = simulate.run_dqn(layers, tr2.val, 1, 10, 40, tr2.cfg.H, False)
+    res = simulate.run_dqn(layers, tr2.val, Bucket(1, 10, 40), H=tr2.cfg.H, use_interarrival=False)
     assert res.mean_reward == pytest.approx(tr2.best_val, abs=1e-12)
 
 
@@ -208,7 +207,7 @@ def test_stop_before_the_first_validation_still_judges_the_network(small_profile
     layers = tr.run()
     assert tr.iteration == 1 and tr.stopped_by.startswith("time limit")
     assert np.isfinite(tr.best_val) and tr.best_iteration == 1
-    res = simulate.run_dqn(layers, tr.val, 1, 10, 40, tr.cfg.H, False)
+    res = simulate.run_dqn(layers, tr.val, Bucket(1, 10, 40), H=tr.cfg.H, use_interarrival=False)
     assert res.mean_reward == pytest.approx(tr.best_val, abs=1e-12)
 
 
@@ -217,21 +216,21 @@ def test_int8_policy_agrees_with_float(small_profile):
     layers = tr.run()
     q = tr.quantize(layers)
     st, H = tr.val, tr.cfg.H
-    res = simulate.run_dqn(q, st, 1, 10, 40, H, False, trace=True)
-    agree = dqn.int8_agreement(layers, st, 1, 10, 40, H, False, res)
+    res = simulate.run_dqn(q, st, Bucket(1, 10, 40), H=H, use_interarrival=False, trace=True)
+    agree = dqn.int8_agreement(layers, st, Bucket(1, 10, 40), res, H=H, use_ia=False)
     # The same count, directly with the numpy twins along the int8 trajectory.
     S, L = st.shape
     x = simulate.dqn_inputs(st, H, False, 0, L).reshape(S * L, -1)
     n = res.tokens.reshape(-1).astype(np.int64)
-    a_f = mlp.decide_batch(mlp.forward_float(layers, x), n, 1, 10, 40)
-    a_q = mlp.decide_batch(mlp.forward_int8(q, x), n, 1, 10, 40)
+    a_f = mlp.decide_batch(mlp.forward_float(layers, x), n, Bucket(1, 10, 40))
+    a_q = mlp.decide_batch(mlp.forward_int8(q, x), n, Bucket(1, 10, 40))
     assert agree["decisions"] == S * L
     assert agree["all"] == pytest.approx(np.mean(a_f == a_q), abs=2e-4)
     assert agree["n_ge_P"] >= 0.9   # a barely trained 2 x 16 net: many near-ties
     # Equalised float layers compute the same network.
     np.testing.assert_allclose(mlp.forward_float(q.float_layers, x[:500]),
                                mlp.forward_float(layers, x[:500]), rtol=1e-4, atol=1e-4)
-    f = simulate.run_dqn(layers, st, 1, 10, 40, H, False)
+    f = simulate.run_dqn(layers, st, Bucket(1, 10, 40), H=H, use_interarrival=False)
     assert abs(res.avg_loss - f.avg_loss) <= 0.001
 
 
@@ -264,10 +263,10 @@ def test_int8_tuning_puts_the_float_policy_on_the_int8_grid(small_profile, marko
     assert t["iterations"] == 12 and len(t["curve"]) == 12 // tr.cfg.validate_every + 1
     # The kept network is the best validated one, the rounded untuned network included.
     assert t["val_best"] == max([t["val_rounded"]] + [c["dqn"] for c in t["curve"]])
-    res_f = simulate.run_dqn(layers, tr.val, 1, 10, 40, tr.cfg.H, markov)
+    res_f = simulate.run_dqn(layers, tr.val, Bucket(1, 10, 40), H=tr.cfg.H, use_interarrival=markov)
     assert res_f.mean_reward == pytest.approx(t["val_best"], abs=1e-12)
-    res_q = simulate.run_dqn(q, tr.val, 1, 10, 40, tr.cfg.H, markov, trace=True)
-    agree = dqn.int8_agreement(layers, tr.val, 1, 10, 40, tr.cfg.H, markov, res_q)
+    res_q = simulate.run_dqn(q, tr.val, Bucket(1, 10, 40), H=tr.cfg.H, use_interarrival=markov, trace=True)
+    agree = dqn.int8_agreement(layers, tr.val, Bucket(1, 10, 40), res_q, H=tr.cfg.H, use_ia=markov)
     assert agree["n_ge_P"] >= 0.995, agree
     assert abs(res_q.avg_loss - res_f.avg_loss) <= 0.001
 
@@ -291,7 +290,7 @@ def test_ema_judges_and_keeps_the_weight_average(small_profile, tmp_path):
     tr = _trainer(small_profile, tmp_path, ema=0.9, iterations=10)
     layers = tr.run()
     assert any(not torch.equal(tr.ema_state[k], v) for k, v in tr.net.state_dict().items())
-    res = simulate.run_dqn(layers, tr.val, 1, 10, 40, tr.cfg.H, False)
+    res = simulate.run_dqn(layers, tr.val, Bucket(1, 10, 40), H=tr.cfg.H, use_interarrival=False)
     assert res.mean_reward == pytest.approx(tr.best_val, abs=1e-12)
     # A resumed run goes on from the same average.
     tr2 = _trainer(small_profile, tmp_path, ema=0.9, iterations=20)
@@ -328,8 +327,7 @@ def test_checkpoint_for_another_bucket_or_layout_is_refused(small_profile, tmp_p
     other = _trainer(small_profile, None, width=8)
     with pytest.raises(dqn.CheckpointError, match="network layout"):
         other.restore(path)
-    N, P, M = scale(0.25, 2)
-    sc = dqn.Scenario(0.25, 2, N, P, M, seed=0)
+    sc = Scenario(0.25, 2, seed=0)
     cfg = dqn.DQNConfig(**TINY)
     d = dqn.prepare_data(small_profile)
     with pytest.raises(dqn.CheckpointError, match="bucket"):
@@ -341,7 +339,7 @@ def test_checkpoint_for_another_bucket_or_layout_is_refused(small_profile, tmp_p
 def test_ceiling_targets_hand_worked():
     # N, P, M = 1, 2, 3: Q(n,0) = g W[n] for n = 1..3, Q(n,1) = f + g W[n-2] for n = 2..3.
     W = torch.tensor([[0.0, 1.0, 2.0, 4.0]], dtype=torch.float64)
-    got = dqn.ceiling_targets(W, torch.tensor([0.5]), 1, 2, 3, 0.5)
+    got = dqn.ceiling_targets(W, torch.tensor([0.5]), Bucket(1, 2, 3), 0.5)
     np.testing.assert_allclose(got.numpy(), [[0.5, 1.0, 2.0, 0.5 + 0.0, 0.5 + 0.5]])
 
 
@@ -349,18 +347,18 @@ def test_ceiling_targets_hand_worked():
 def test_ceiling_targets_follow_the_ceilings_own_decisions(small_profile, markov):
     """Each training tuple's target prefers offloading exactly where the ceiling offloads."""
     tr = _trainer(small_profile, markov=markov, targets="ceiling")
-    N, P, M = tr.sc.N, tr.sc.P, tr.sc.M
+    N, P, M = tr.sc.bucket
     x, tq = tr.sample_targets(4000)
-    assert x.shape == (4000, tr.din) and tq.shape == (4000, mlp.q_length(N, P, M))
+    assert x.shape == (4000, tr.din) and tq.shape == (4000, tr.sc.bucket.q_length)
     # The same positions again, from the same generator state.
-    tr.rng = np.random.default_rng([tr.cfg.seed, 303])
+    tr.rng = np.random.default_rng(tr.sc.seed_for("replay"))
     s, k = tr.replay.positions(tr.rng, 4000)
     np.testing.assert_array_equal(x.numpy(), tr.replay.tuples(s, k)[0])
     theta = tr.ceiling.theta[tr.ceil_g[s, k], tr.ceil_s[s, k]]          # (B, M+1)
     f = tr.ceil_f[s, k].astype(np.float64)
     q = tq.numpy().astype(np.float64)
     for n in range(P, M + 1):
-        d = q[:, mlp.q_index(n, 1, N, P, M)] - q[:, mlp.q_index(n, 0, N, P, M)]
+        d = q[:, Bucket(N, P, M).q_index(n, 1)] - q[:, Bucket(N, P, M).q_index(n, 0)]
         np.testing.assert_allclose(d, f - theta[:, n], atol=2e-5)
     assert len(np.unique(tr.ceil_g)) > (1 if not markov else 0)
     if markov:
@@ -373,7 +371,7 @@ def test_training_on_ceiling_targets_reduces_the_loss_and_checkpoints(small_prof
     assert np.mean(losses[-5:]) < 0.5 * losses[0]
     tr = _trainer(small_profile, tmp_path, targets="ceiling", iterations=10)
     layers = tr.run()
-    res = simulate.run_dqn(layers, tr.val, 1, 10, 40, tr.cfg.H, False)
+    res = simulate.run_dqn(layers, tr.val, Bucket(1, 10, 40), H=tr.cfg.H, use_interarrival=False)
     assert res.mean_reward == pytest.approx(tr.best_val, abs=1e-12)
     # Its checkpoint does not resume a Q-learning run, nor the other way round.
     with pytest.raises(dqn.CheckpointError, match="network layout"):
@@ -387,12 +385,12 @@ def test_expected_reward_validation_scores_offloads_by_their_metric(small_profil
     st = true_tr.val
     assert np.array_equal(exp_tr.val.metric, st.metric)
     assert not np.array_equal(st.reward, st.raw_metric)
-    res = simulate.run_dqn(true_tr.forward_fn(), st, 1, 10, 40, true_tr.cfg.H, False, trace=True)
+    res = simulate.run_dqn(true_tr.forward_fn(), st, Bucket(1, 10, 40), H=true_tr.cfg.H, use_interarrival=False, trace=True)
     want = float((st.raw_metric * res.decisions).sum()) / st.reward.size
     assert exp_tr.validate() == pytest.approx(want, rel=1e-6)
     assert true_tr.validate() == pytest.approx(res.mean_reward, rel=1e-12)
     # MDP and Baseline are scored alike, so the progress bar compares like with like.
-    mdp = simulate.run_thresholds(true_tr.theta_mdp, st, 1, 10, 40, trace=True)
+    mdp = simulate.run_thresholds(true_tr.theta_mdp, st, Bucket(1, 10, 40), trace=True)
     assert exp_tr.val_mdp == pytest.approx(
         float((st.raw_metric * mdp.decisions).sum()) / st.reward.size, rel=1e-6)
     # A run validated one way does not resume the other (best rewards would not compare).

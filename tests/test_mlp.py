@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from offload import mlp
+from offload.bucket import Bucket
 from offload.mlp import Int8MLP, decide
 
 from helpers import dqn_inputs, random_network
@@ -30,7 +31,7 @@ def test_16_bit_activations_leave_only_the_weight_error(rng):
     """With weights exactly on their int8 grid, 16-bit codes track the float network
     about 256 times closer than 8-bit ones."""
     N, P, M = 1, 10, 40
-    layers = random_network(rng, 192, mlp.q_length(N, P, M))
+    layers = random_network(rng, 192, Bucket(N, P, M).q_length)
     # Evaluated on the calibration inputs themselves: no input is clamped.
     calib = x = dqn_inputs(rng, 4000)
     q8 = mlp.quantize(layers, calib, segments=(0, 96))
@@ -68,12 +69,12 @@ def test_int8_tracks_float_reference():
     N, P, M = 1, 10, 40
     for seed in range(5):
         rng = np.random.default_rng(seed)
-        layers = random_network(rng, 192, mlp.q_length(N, P, M))
+        layers = random_network(rng, 192, Bucket(N, P, M).q_length)
         q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, 96))
         x = dqn_inputs(rng, 4000)
         n = rng.integers(N, M + 1, size=len(x))
         qi, qf = q.native().forward(x), mlp.forward_float(layers, x)
-        agree.append(np.mean(mlp.decide_batch(qi, n, N, P, M) == mlp.decide_batch(qf, n, N, P, M)))
+        agree.append(np.mean(mlp.decide_batch(qi, n, Bucket(N, P, M)) == mlp.decide_batch(qf, n, Bucket(N, P, M))))
         rel_err.append(np.abs(qi - qf).max() / np.ptp(qf))
     assert np.mean(agree) >= 0.995, agree
     assert max(rel_err) < 0.05, rel_err
@@ -95,13 +96,13 @@ def test_forward1_matches_batch(paper_net, rng):
 
 def test_decide_layout_and_ties():
     N, P, M = 1, 4, 6
-    L = mlp.q_length(N, P, M)
+    L = Bucket(N, P, M).q_length
     assert L == (M - N + 1) + (M - P + 1) == 9
     q = np.zeros(L, np.float32)
     assert not decide(q, 3, N, P, M)            # n < P never offloads
     assert decide(q, 4, N, P, M)                 # tie offloads
-    q[mlp.q_index(5, 0, N, P, M)] = 1.0          # Q(5,0) at position 4
-    assert mlp.q_index(5, 0, N, P, M) == 4 and mlp.q_index(5, 1, N, P, M) == 7
+    q[Bucket(N, P, M).q_index(5, 0)] = 1.0          # Q(5,0) at position 4
+    assert Bucket(N, P, M).q_index(5, 0) == 4 and Bucket(N, P, M).q_index(5, 1) == 7
     assert not decide(q, 5, N, P, M)
     q[7] = 2.0
     assert decide(q, 5, N, P, M)
@@ -109,8 +110,8 @@ def test_decide_layout_and_ties():
     for _ in range(200):
         q = rng.normal(size=L).astype(np.float32)
         n = int(rng.integers(N, M + 1))
-        assert decide(q, n, N, P, M) == mlp.decide_reference(q, n, N, P, M)
-        assert decide(q, n, N, P, M) == mlp.decide_batch(q[None], [n], N, P, M)[0]
+        assert decide(q, n, N, P, M) == mlp.decide_reference(q, n, Bucket(N, P, M))
+        assert decide(q, n, N, P, M) == mlp.decide_batch(q[None], [n], Bucket(N, P, M))[0]
 
 
 def test_decide_errors():
@@ -179,7 +180,7 @@ def test_tiled_batch_forward_is_bit_identical(seed, extra, threads):
     """The tiled, threaded batch forward equals one-at-a-time and the numpy twin exactly."""
     rng = np.random.default_rng(seed)
     N, P, M = 1, 10, 40
-    layers = random_network(rng, 192, mlp.q_length(N, P, M))
+    layers = random_network(rng, 192, Bucket(N, P, M).q_length)
     q = mlp.quantize(layers, dqn_inputs(rng, 2000), segments=(0, 96))
     nat = q.native()
     # Around tile edges, and past 2 x 2048 rows so that several threads run.

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from offload.bucket import Bucket
 from offload.policies import oracle, oracle_metric
 from offload_native import oracle_dp
 
@@ -72,7 +73,7 @@ def test_oracle_matches_brute_force(seed):
             ia = np.ones(L, dtype=np.int64)
         r = (rng.integers(-1, 2, L) if seed % 2 else rng.normal(size=L)).astype(float)
         best, _ = brute(r, ia, N, P, M)
-        total, mask = oracle(r, ia, N, P, M)
+        total, mask = oracle(r, ia, Bucket(N, P, M))
         assert mask.dtype == bool and mask.shape == (L,)
         assert total == pytest.approx(best, abs=1e-9)
         assert feasible(mask, ia, N, P, M)[0]
@@ -89,12 +90,12 @@ def test_oracle_metric_matches_brute_force(seed):
         m = rng.normal(size=L)
         r = rng.integers(-1, 2, L).astype(float)
         best_m, best_set = brute(m, ia, N, P, M)
-        total, mask = oracle_metric(m, r, ia, N, P, M)
+        total, mask = oracle_metric(m, r, ia, Bucket(N, P, M))
         assert feasible(mask, ia, N, P, M)[0]
         assert m[mask].sum() == pytest.approx(best_m, abs=1e-9)
         np.testing.assert_array_equal(mask, best_set)  # continuous metrics: unique optimum
         assert total == r[mask].sum()
-        assert total <= oracle(r, ia, N, P, M)[0] + 1e-12
+        assert total <= oracle(r, ia, Bucket(N, P, M))[0] + 1e-12
 
 
 @pytest.mark.parametrize("block", [1, 2, 7, 64, None])
@@ -112,25 +113,25 @@ def test_native_blocks_match_full_table(block):
 
 def test_known_small_sequence():
     # N=1, P=2, M=2: after an offload the bucket holds 1 (< P) for one image.
-    total, mask = oracle([1.0, 2.0, 3.0], [1, 1, 1], 1, 2, 2)
+    total, mask = oracle([1.0, 2.0, 3.0], [1, 1, 1], Bucket(1, 2, 2))
     assert total == 4.0
     assert mask.tolist() == [True, False, True]
     # A long gap refills the bucket: both sends are possible.
-    total, mask = oracle([0.5, 1.0, 3.0], [1, 2, 1], 1, 2, 2)
+    total, mask = oracle([0.5, 1.0, 3.0], [1, 2, 1], Bucket(1, 2, 2))
     assert total == 4.0 and mask.tolist() == [False, True, True]
 
 
 def test_empty_and_all_negative():
-    total, mask = oracle([], [], 1, 10, 40)
+    total, mask = oracle([], [], Bucket(1, 10, 40))
     assert total == 0.0 and mask.shape == (0,)
-    total, mask = oracle([-1.0, 0.0, -0.5], [1, 5, 1], 1, 10, 40)
+    total, mask = oracle([-1.0, 0.0, -0.5], [1, 5, 1], Bucket(1, 10, 40))
     assert total == 0.0 and not mask.any()
 
 
 def test_huge_interarrival_is_capped():
     v = np.ones(5)
     ia = np.array([10 ** 15, 1, 10 ** 12, 1, 1])
-    total, mask = oracle(v, ia, 1, 2, 2)
+    total, mask = oracle(v, ia, Bucket(1, 2, 2))
     assert total == 3.0 and feasible(mask, ia, 1, 2, 2)[0]
 
 
@@ -146,14 +147,14 @@ def test_huge_interarrival_is_capped():
 ])
 def test_oracle_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
-        oracle(*args)
+        oracle(args[0], args[1], Bucket(*args[2:]))
 
 
 def test_oracle_metric_bad_inputs():
     with pytest.raises(ValueError, match="mismatched"):
-        oracle_metric([1.0, 2.0], [1.0], [1, 1], 1, 2, 2)
+        oracle_metric([1.0, 2.0], [1.0], [1, 1], Bucket(1, 2, 2))
     with pytest.raises(ValueError, match="0 < N < P <= M"):
-        oracle_metric([1.0], [1.0], [1], 3, 2, 2)
+        oracle_metric([1.0], [1.0], [1], Bucket(3, 2, 2))
     with pytest.raises(ValueError, match="same length"):
         oracle_dp(np.ones(3), np.ones(2, dtype=np.int64), 1, 2, 2)
     with pytest.raises(ValueError, match="block"):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from offload.bucket import Bucket
 from offload.policies import (
     baseline_threshold, interarrival_distribution, lower_bound, mdp_thresholds, oracle,
     oracle_metric, simulate_thresholds, threshold_vector,
@@ -131,7 +132,7 @@ def test_mdp_matches_reference(case):
         r = rng.normal(size=case["K"])
     ia = rng.choice([1, 2, 5], size=200, p=[0.6, 0.3, 0.1]) if case.get("ia") else None
     g = case.get("g", 0.9999)
-    got = mdp_thresholds(m, r, *case["bucket"], interarrival=ia, discount=g)
+    got = mdp_thresholds(m, r, Bucket(*case["bucket"]), interarrival=ia, discount=g)
     want = reference_mdp(m, r, *case["bucket"], interarrival=ia, g=g)
     N, P, M = case["bucket"]
     assert got.shape == (M - P + 1,)
@@ -152,7 +153,7 @@ def test_mdp_trajectory_matches_reference(case, sweeps):
     if case.get("continuous"):
         r = rng.normal(size=case["K"])
     ia = rng.choice([1, 2, 9], size=300, p=[0.5, 0.3, 0.2]) if case.get("ia") else None
-    got = mdp_thresholds(m, r, *case["bucket"], interarrival=ia, max_sweeps=sweeps, rtol=-1)
+    got = mdp_thresholds(m, r, Bucket(*case["bucket"]), interarrival=ia, max_sweeps=sweeps, rtol=-1)
     want = reference_mdp(m, r, *case["bucket"], interarrival=ia, max_sweeps=sweeps, rtol=-1)
     np.testing.assert_array_equal(got, want)
     if case["seed"] == 10 and sweeps == 60:
@@ -164,7 +165,7 @@ def test_mdp_thresholds_are_metrics_and_nonincreasing():
     m, r = make_data(rng, 5000)
     for bucket in [(1, 10, 40), (1, 4, 8)]:
         for ia in [None, rng.choice([1, 3], 1000)]:
-            th = mdp_thresholds(m, r, *bucket, interarrival=ia)
+            th = mdp_thresholds(m, r, Bucket(*bucket), interarrival=ia)
             assert np.all(np.isin(th, m))
             # typical, not a theorem: more tokens, lower threshold
             assert np.all(np.diff(th) <= 0)
@@ -175,7 +176,7 @@ def test_mdp_ties_offload_whole_runs():
     rng = np.random.default_rng(4)
     base, r = make_data(rng, 60)
     m = np.repeat(np.round(base[:15], 2), 4)
-    th = mdp_thresholds(m, r, 1, 4, 8)
+    th = mdp_thresholds(m, r, Bucket(1, 4, 8))
     assert np.all(np.isin(th, m))
 
 
@@ -206,8 +207,10 @@ def test_interarrival_distribution():
     (dict(metrics=[1.0, 2.0], rewards=[1.0, 0.0], N=1, P=2, M=2, max_sweeps=0), "max_sweeps"),
 ])
 def test_mdp_bad_inputs(kwargs, match):
+    kwargs = dict(kwargs)
+    triple = [kwargs.pop(k) for k in ("N", "P", "M")]
     with pytest.raises(ValueError, match=match):
-        mdp_thresholds(**kwargs)
+        mdp_thresholds(kwargs.pop("metrics"), kwargs.pop("rewards"), Bucket(*triple), **kwargs)
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -243,18 +246,18 @@ def test_simulation_wrapper_one_stream_and_scalar_theta():
     rng = np.random.default_rng(9)
     m, r = make_data(rng, 500)
     ia = np.ones(500, dtype=np.int64)
-    tot, cnt, hist, dec, tok = simulate_thresholds(m, r, ia, 0.8, 1, 10, 40, trace=True)
+    tot, cnt, hist, dec, tok = simulate_thresholds(m, r, ia, 0.8, Bucket(1, 10, 40), trace=True)
     t, c, h, d, k = reference_simulation(m.astype(np.float32), r, ia,
                                          np.full(31, np.float32(0.8)), 1, 10, 40)
     assert tot.shape == (1,) and tot[0] == t and cnt[0] == c
     assert dec.shape == (500,) and np.array_equal(dec, d) and np.array_equal(tok, k)
-    assert threshold_vector(0.8, 1, 10, 40).shape == (31,)
+    assert threshold_vector(0.8, Bucket(1, 10, 40)).shape == (31,)
 
 
 def test_huge_bucket_is_refused_before_allocating():
     m = np.zeros(5, np.float32)
     with pytest.raises(ValueError, match="smaller depth"):
-        simulate_thresholds(m, m, np.ones(5, np.int64), 0.8, 1, 2, 1 << 40)
+        simulate_thresholds(m, m, np.ones(5, np.int64), 0.8, Bucket(1, 2, 1 << 40))
 
 
 def test_policies_never_beat_the_oracles():
@@ -263,12 +266,12 @@ def test_policies_never_beat_the_oracles():
     m, r = make_data(rng, 2000)
     ia = rng.choice([1, 3], size=2000)
     N, P, M = 1, 4, 8
-    best, _ = oracle(r, ia, N, P, M)
-    by_metric, _ = oracle_metric(m, r, ia, N, P, M)
+    best, _ = oracle(r, ia, Bucket(N, P, M))
+    by_metric, _ = oracle_metric(m, r, ia, Bucket(N, P, M))
     assert by_metric <= best
     for theta in [baseline_threshold(train_m, 0.25, ia.mean()),
-                  mdp_thresholds(train_m, train_r, N, P, M, interarrival=ia)]:
-        tot, cnt, hist = simulate_thresholds(m, r, ia, theta, N, P, M)
+                  mdp_thresholds(train_m, train_r, Bucket(N, P, M), interarrival=ia)]:
+        tot, cnt, hist = simulate_thresholds(m, r, ia, theta, Bucket(N, P, M))
         assert tot[0] <= best
         assert hist[:P].sum() + hist[P:].sum() == len(m)
 
@@ -282,7 +285,7 @@ def test_policies_never_beat_the_oracles():
                              np.zeros(3), 1, 2, 4), ">= 1 slot"),
     (lambda: simulate_native(np.zeros((2, 3)), np.zeros((2, 3)), np.ones((2, 3)),
                              np.zeros(3), 2, 2, 4), "0 < N < P <= M"),
-    (lambda: simulate_thresholds(np.zeros(3), np.zeros(3), np.ones(3), np.zeros(2), 1, 2, 4),
+    (lambda: simulate_thresholds(np.zeros(3), np.zeros(3), np.ones(3), np.zeros(2), Bucket(1, 2, 4)),
      "needs a scalar"),
 ])
 def test_simulation_bad_inputs(call, match):

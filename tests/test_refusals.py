@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from offload import cli, policies, sequences
+from offload.bucket import Bucket
 from offload.cli import sim_main
 from offload.profile import Profile
 
@@ -54,10 +55,10 @@ def test_sim_refuses_markov_without_arrivals():
 
 def test_training_arrivals_refusal_is_a_click_error(monkeypatch):
     # Whatever the MDP's inputs refuse (here a stand-in) is one error line.
-    def refuse(arrivals, markov, seed):
+    def refuse(self, length=None):
         raise ValueError("no training arrivals for these parameters")
 
-    monkeypatch.setattr(cli, "training_arrivals", refuse)
+    monkeypatch.setattr(cli.Scenario, "training_arrivals", refuse)
     failed(run(*SMALL, "--arrivals", "markov"), "mdp: no training arrivals")
 
 
@@ -86,14 +87,14 @@ def test_dp_policies_refuse_huge_buckets():
     m, r = rng.normal(size=100), rng.normal(size=100)
     M = policies.MAX_DP_STATES + 10
     with pytest.raises(ValueError, match="MDP: bucket .* token states"):
-        policies.mdp_thresholds(m, r, 1, 10, M)
+        policies.mdp_thresholds(m, r, Bucket(1, 10, M))
     with pytest.raises(ValueError, match="oracle: bucket .* token states"):
-        policies.oracle(r, np.ones(100, np.int64), 1, 10, M)
+        policies.oracle(r, np.ones(100, np.int64), Bucket(1, 10, M))
     with pytest.raises(ValueError, match="oracle: bucket .* token states"):
-        policies.oracle_metric(m, r, np.ones(100, np.int64), 1, 10, M)
+        policies.oracle_metric(m, r, np.ones(100, np.int64), Bucket(1, 10, M))
     # The largest bucket still accepted runs.
     M = policies.MAX_DP_STATES
-    total, mask = policies.oracle(r[:5], np.ones(5, np.int64), 1, 10, M)
+    total, mask = policies.oracle(r[:5], np.ones(5, np.int64), Bucket(1, 10, M))
     assert mask.all() == (r[:5] > 0).all()
 
 
@@ -102,8 +103,8 @@ def test_mdp_refuses_a_huge_next_state_table():
     m, r = rng.normal(size=100), rng.normal(size=100)
     ia = np.arange(1, 2001)  # 2,000 distinct inter-arrival times
     with pytest.raises(ValueError, match=r"1,001 x 2,000 next-state table"):
-        policies.mdp_thresholds(m, r, 1, 10, 1001, interarrival=ia)
-    theta = policies.mdp_thresholds(m, r, 1, 10, 500, interarrival=ia)
+        policies.mdp_thresholds(m, r, Bucket(1, 10, 1001), interarrival=ia)
+    theta = policies.mdp_thresholds(m, r, Bucket(1, 10, 500), interarrival=ia)
     assert theta.shape == (491,)
 
 
@@ -115,15 +116,15 @@ def test_mdp_non_convergence_is_reported():
     r = np.maximum(m + 0.3 * rng.normal(size=2000), 0)
     with pytest.warns(RuntimeWarning, match=r"stopped after 5 sweep\(s\) without converging: "
                                             r"a threshold still moved by"):
-        stopped = policies.mdp_thresholds(m, r, 1, 10, 40, max_sweeps=5)
+        stopped = policies.mdp_thresholds(m, r, Bucket(1, 10, 40), max_sweeps=5)
     assert stopped.shape == (31,) and np.all(np.isfinite(stopped))
     with pytest.warns(RuntimeWarning, match="one sweep cannot show convergence"):
-        policies.mdp_thresholds(m, r, 1, 10, 40, max_sweeps=1)
+        policies.mdp_thresholds(m, r, Bucket(1, 10, 40), max_sweeps=1)
     # A negative rtol asks for exactly max_sweeps sweeps: nothing to report.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        policies.mdp_thresholds(m, r, 1, 10, 40, max_sweeps=5, rtol=-1)
-        policies.mdp_thresholds(m[:200], r[:200], 1, 10, 40)  # converges
+        policies.mdp_thresholds(m, r, Bucket(1, 10, 40), max_sweeps=5, rtol=-1)
+        policies.mdp_thresholds(m[:200], r[:200], Bucket(1, 10, 40))  # converges
 
 
 def test_sim_shows_an_mdp_warning_as_one_line(monkeypatch):

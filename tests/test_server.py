@@ -30,7 +30,7 @@ from click.testing import CliRunner  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
 from offload import artifacts, wire  # noqa: E402
-from offload.bucket import scale, step_reference  # noqa: E402
+from offload.bucket import scale, slot_index, step_reference  # noqa: E402
 from offload.server import keys as K  # noqa: E402
 from offload.server import serve_in_thread  # noqa: E402
 from offload.server.app import create_app  # noqa: E402
@@ -388,14 +388,20 @@ def test_key_file_reloaded_while_serving(tmp_path, strong_model, frames):
 # ----------------------------------------------------------------------------- buckets
 
 
-def _reference(times, rate, depth, slot_s):
-    """SPEC section 1 on request times: allowed flags from step_reference over slot counts."""
+def _reference(times, rate, depth, slot_s, counts=None):
+    """SPEC section 1 on request times: allowed flags from step_reference over slot counts.
+
+    Slots by ``slot_index`` (half-up, the device's rule). ``counts``, a list,
+    receives the scaled tokens left after each decision.
+    """
     N, P, M = scale(rate, depth)
     n, out = M, []
-    slots = [math.floor(t / slot_s) for t in times]
+    slots = [max(0, slot_index(t, 0.0, slot_s)) for t in times]
     for i, s in enumerate(slots):
         a = n >= P
         out.append(a)
+        if counts is not None:
+            counts.append(step_reference(n, a, 0, N, P, M))
         gap = (slots[i + 1] - s) if i + 1 < len(slots) else 0
         n = step_reference(n, a, gap, N, P, M)
     return out
@@ -409,27 +415,32 @@ def test_key_bucket_follows_spec(rate, depth, gaps):
     t_ms = np.cumsum(gaps)  # integer milliseconds: slot boundaries are exact
     times = [float(t) / 1000.0 for t in t_ms]
     b = K.KeyBucket(rate, depth, slot_ms / 1000.0, now=0.0)
-    got = []
+    got, counts = [], []
     N, P, M = scale(rate, depth)
     for t in times:
         ok, wait = b.take(t)
         got.append(ok)
+        counts.append(b.tokens)
         if ok:
             assert wait == 0.0
-        else:  # the wait ends at the start of the slot where one token is back
-            s = math.floor(t / 0.2)
+        else:  # the wait ends where the slot in which one token is back begins (half-up slots)
+            s = slot_index(t, 0.0, 0.2)
             k = math.ceil((P - b.tokens) / N)
-            assert wait == pytest.approx((s + k) * 0.2 - t, abs=1e-9) and wait > 0
-    assert got == _reference(times, rate, depth, slot_ms / 1000.0)
+            assert wait == pytest.approx((s + k - 0.5) * 0.2 - t, abs=1e-9) and wait > 0
+            assert slot_index(t + wait + 1e-9, 0.0, 0.2) == s + k  # and that slot is the one
+    want_counts = []
+    assert got == _reference(times, rate, depth, slot_ms / 1000.0, want_counts)
+    assert counts == want_counts  # the same admit decisions and the same counts
 
 
 def test_429_exactly_when_bucket_is_empty(strong_model, frames):
     # rate 0.25, depth 2 -> (N, P, M) = (1, 4, 8): two requests at once, then one per 4 slots.
+    # Half-up slots: 0.79 s is already slot 4 (slot 4 begins at 0.7 s), 3.3 s slot 17.
     now = [0.0]
     store = _store(rate=0.25, depth=2, slot_s=0.2, clock=lambda: now[0])
     times = [0.0, 0.01, 0.05, 0.79, 0.81, 0.85, 1.60, 1.61, 3.3, 3.31, 3.32]
     expected = _reference(times, 0.25, 2, 0.2)
-    assert expected == [True, True, False, False, True, False, True, False, True, True, False]
+    assert expected == [True, True, False, True, False, False, True, False, True, True, False]
     with TestClient(create_app(strong_model, store)) as c:
         for t, ok in zip(times, expected):
             now[0] = t
@@ -441,9 +452,9 @@ def test_429_exactly_when_bucket_is_empty(strong_model, frames):
                 assert int(r.headers["retry-after"]) >= 1
                 wait = float(re.search(r"in ([0-9.]+) s", r.json()["error"]).group(1))
                 b = store.bucket("cam")
-                s = math.floor(t / 0.2)
-                assert wait == pytest.approx((s + math.ceil((b.P - b.tokens) / b.N)) * 0.2 - t,
-                                             abs=1e-3)
+                s = slot_index(t, 0.0, 0.2)  # half-up: slot s + k begins at (s + k - 1/2) slots
+                k = math.ceil((b.P - b.tokens) / b.N)
+                assert wait == pytest.approx((s + k - 0.5) * 0.2 - t, abs=1e-3)
                 assert int(r.headers["retry-after"]) == max(1, math.ceil(wait - 1e-9))
                 _healthy(c)
         m = c.get(wire.METRICS_PATH).text

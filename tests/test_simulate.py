@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from offload import blob, mlp, policies, sequences, simulate
-from offload.bucket import TokenBucket, step_reference
+from offload.bucket import Bucket, TokenBucket, step_reference
 from offload.decider import Decider, decide_sequence_reference
 from offload.ring import HistoryRing, window_reference
 from offload.simulate import SimResult, Streams
+from offload.scenario import Scenario
 from offload.synthetic import synthetic_profile
 from offload.profile import TEST, TRAIN
 from offload_native import window_block
@@ -46,7 +47,7 @@ def python_thresholds(metric, reward, ia, theta, N, P, M):
 
 def small_dqn(rng, N, P, M, H, use_ia, hidden=(16, 16)):
     din = 2 * H if use_ia else H
-    layers = random_network(rng, din, mlp.q_length(N, P, M), hidden=hidden)
+    layers = random_network(rng, din, Bucket(N, P, M).q_length, hidden=hidden)
     calib = rng.normal(size=(1000, din)).astype(np.float32)
     if use_ia:
         calib[:, H:] = rng.integers(1, 10, size=(1000, H))
@@ -73,9 +74,7 @@ def synth():
     prof = synthetic_profile(3000, seed=4)
     m = prof.standardized_metric().astype(np.float32)
     tr, te = prof.indices(TRAIN), prof.indices(TEST)
-    st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], 1500, 4, seed=5,
-                               choice="location-reset", spread=0.1, rprob=0.02,
-                               raw_metric=prof.metric[te])
+    st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], Scenario(choice="location-reset", spread=0.1, rprob=0.02, seed=5), length=1500, n_seq=4, raw_metric=prof.metric[te])
     return prof, m[tr], prof.reward[tr], st
 
 
@@ -90,8 +89,8 @@ def test_native_thresholds_equal_numpy(bucket, arrivals, scalar):
     st = random_streams(rng, 5, 700, arrivals, seed=M)
     theta = (np.float32(0.6) if scalar
              else np.sort(rng.normal(size=M - P + 1))[::-1].astype(np.float32))
-    nat = simulate.run_thresholds(theta, st, N, P, M, name="t")
-    ref = simulate.run_thresholds_numpy(theta, st, N, P, M, name="t")
+    nat = simulate.run_thresholds(theta, st, Bucket(N, P, M), name="t")
+    ref = simulate.run_thresholds_numpy(theta, st, Bucket(N, P, M), name="t")
     assert_same_result(nat, ref)
     assert nat.token_hist.sum() == st.metric.size
     assert nat.token_hist[:N].sum() == 0          # the bucket never drops below N
@@ -107,7 +106,7 @@ def test_threshold_trace_matches_python_loop(arrivals):
     st = random_streams(rng, 3, 600, arrivals, seed=8)
     theta = np.linspace(1.5, -0.5, M - P + 1).astype(np.float32)
     theta[2] = st.metric[1, 17]  # an exact tie must offload
-    res = simulate.run_thresholds(theta, st, N, P, M, trace=True, name="mdp-like")
+    res = simulate.run_thresholds(theta, st, Bucket(N, P, M), trace=True, name="mdp-like")
     assert res.decisions.shape == res.tokens.shape == st.shape
     for s in range(3):
         dec, tok, total = python_thresholds(st.metric[s], st.reward[s], st.interarrival[s],
@@ -123,7 +122,7 @@ def test_threshold_trace_matches_python_loop(arrivals):
     assert res.tokens.min() >= N and res.tokens.max() <= M
     assert np.all(res.tokens[:, 0] == M)  # every stream starts with a full bucket
     # without trace no per-image arrays are kept, and the numbers are the same
-    plain = simulate.run_thresholds(theta, st, N, P, M)
+    plain = simulate.run_thresholds(theta, st, Bucket(N, P, M))
     assert plain.decisions is None and plain.tokens is None
     assert_same_result(plain, res)
 
@@ -137,7 +136,7 @@ def test_dqn_int8_equals_decider_and_reference(use_ia, arrivals):
     rng = np.random.default_rng(21 + use_ia)
     _, q = small_dqn(rng, N, P, M, H, use_ia)
     st = random_streams(rng, 4, 250, arrivals, seed=2)
-    res = simulate.run_dqn(q, st, N, P, M, H, use_interarrival=use_ia, trace=True)
+    res = simulate.run_dqn(q, st, Bucket(N, P, M), H=H, use_interarrival=use_ia, trace=True)
     d = Decider(q.native(), HistoryRing(H, use_ia), TokenBucket(N, P, M))
     for s in range(st.shape[0]):
         d.reset()
@@ -147,8 +146,7 @@ def test_dqn_int8_equals_decider_and_reference(use_ia, arrivals):
             tok.append(d.last_n)
         np.testing.assert_array_equal(res.decisions[s], dec)
         np.testing.assert_array_equal(res.tokens[s], tok)
-        ref_dec, ref_tok = decide_sequence_reference(q, st.metric[s], st.interarrival[s],
-                                                     N, P, M, H, use_ia)
+        ref_dec, ref_tok = decide_sequence_reference(q, st.metric[s], st.interarrival[s], Bucket(N, P, M), H=H, use_interarrival=use_ia)
         np.testing.assert_array_equal(res.decisions[s], ref_dec)
         np.testing.assert_array_equal(res.tokens[s], ref_tok)
         want = float(np.sum(st.reward[s][np.asarray(dec, bool)], dtype=np.float64))
@@ -157,7 +155,7 @@ def test_dqn_int8_equals_decider_and_reference(use_ia, arrivals):
     np.testing.assert_array_equal(np.bincount(res.tokens.ravel(), minlength=M + 1),
                                   res.token_hist)
     # an already compiled Int8MLP is accepted too and gives the same run
-    assert_same_result(simulate.run_dqn(q.native(), st, N, P, M, H, use_ia), res)
+    assert_same_result(simulate.run_dqn(q.native(), st, Bucket(N, P, M), H=H, use_interarrival=use_ia), res)
 
 
 @pytest.mark.parametrize("use_ia", [True, False])
@@ -169,9 +167,9 @@ def test_native_walk_windows_and_threads_equal_numpy_twins(use_ia, monkeypatch):
     _, q = small_dqn(rng, N, P, M, H, use_ia)
     st = random_streams(rng, 5, 1500, "markov", seed=4)
     monkeypatch.setattr(simulate, "_BLOCK_ROWS", 5 * 700)  # three blocks, the last short
-    want = simulate.run_dqn(q, st, N, P, M, H, use_ia, trace=True, threads=1, native_walk=False)
+    want = simulate.run_dqn(q, st, Bucket(N, P, M), H=H, use_interarrival=use_ia, trace=True, threads=1, native_walk=False)
     for threads in (1, 2):
-        got = simulate.run_dqn(q, st, N, P, M, H, use_ia, trace=True, threads=threads)
+        got = simulate.run_dqn(q, st, Bucket(N, P, M), H=H, use_interarrival=use_ia, trace=True, threads=threads)
         assert_same_result(got, want)
         np.testing.assert_array_equal(got.decisions, want.decisions)
         np.testing.assert_array_equal(got.tokens, want.tokens)
@@ -193,8 +191,8 @@ def test_dqn_inputs_see_interarrival_times():
     st = random_streams(rng, 3, 300, "gaps")
     flat = Streams(st.metric, st.reward, st.weak_loss, np.ones_like(st.interarrival))
     _, q = small_dqn(rng, N, P, M, H, True)
-    with_gaps = simulate.run_dqn(q, st, N, P, M, H, True, trace=True)
-    ones = simulate.run_dqn(q, flat, N, P, M, H, True, trace=True)
+    with_gaps = simulate.run_dqn(q, st, Bucket(N, P, M), H=H, use_interarrival=True, trace=True)
+    ones = simulate.run_dqn(q, flat, Bucket(N, P, M), H=H, use_interarrival=True, trace=True)
     # same metrics, different gaps: compare decisions where the bucket state agrees
     same_n = with_gaps.tokens == ones.tokens
     assert np.any(with_gaps.decisions[same_n] != ones.decisions[same_n])
@@ -206,13 +204,13 @@ def test_dqn_float_layers_run_the_numpy_reference(use_ia):
     rng = np.random.default_rng(31 + use_ia)
     layers, q = small_dqn(rng, N, P, M, H, use_ia)
     st = random_streams(rng, 3, 200, "gaps")
-    res = simulate.run_dqn(layers, st, N, P, M, H, use_interarrival=use_ia, trace=True)
+    res = simulate.run_dqn(layers, st, Bucket(N, P, M), H=H, use_interarrival=use_ia, trace=True)
     for s in range(st.shape[0]):
         n = M
         for k in range(st.shape[1]):
             x = window_reference(st.metric[s], st.interarrival[s], k, H, use_ia)
             qv = mlp.forward_float(layers, x[None, :])[0]
-            a = mlp.decide_reference(qv, n, N, P, M)
+            a = mlp.decide_reference(qv, n, Bucket(N, P, M))
             assert res.tokens[s, k] == n
             assert res.decisions[s, k] == a, (s, k)
             n = step_reference(n, a, int(st.interarrival[s, k]), N, P, M)
@@ -226,9 +224,9 @@ def test_run_dqn_rejects_wrong_history_length():
     st = random_streams(rng, 2, 20)
     for net in (q, q.native(), layers):
         with pytest.raises(ValueError, match=r"network takes 10 inputs, H=6 with inter-arrival"):
-            simulate.run_dqn(net, st, N, P, M, 6, use_interarrival=True)
+            simulate.run_dqn(net, st, Bucket(N, P, M), H=6, use_interarrival=True)
         with pytest.raises(ValueError, match=r"H=5 without inter-arrival times gives 5"):
-            simulate.run_dqn(net, st, N, P, M, 5, use_interarrival=False)
+            simulate.run_dqn(net, st, Bucket(N, P, M), H=5, use_interarrival=False)
 
 
 # ----------------------------------------------------------------------------- blobs
@@ -244,7 +242,7 @@ def test_run_policy_thresholds_blob_equals_direct_call(tmp_path):
     blob.write_blob(tmp_path / "t.blob", pol)
     pol = blob.read_blob(tmp_path / "t.blob")
     got = simulate.run_policy(pol, st, trace=True)
-    want = simulate.run_thresholds(theta, st, N, P, M, trace=True)
+    want = simulate.run_thresholds(theta, st, Bucket(N, P, M), trace=True)
     assert got.policy == "my-mdp"
     assert_same_result(got, want)
     np.testing.assert_array_equal(got.decisions, want.decisions)
@@ -264,12 +262,12 @@ def test_run_policy_dqn_blob_equals_direct_call(tmp_path, use_ia):
     blob.write_blob(tmp_path / "d.blob", pol)
     pol = blob.read_blob(tmp_path / "d.blob")
     got = simulate.run_policy(pol, st, trace=True)
-    want = simulate.run_dqn(q, st, N, P, M, H, use_ia, trace=True)
+    want = simulate.run_dqn(q, st, Bucket(N, P, M), H=H, use_interarrival=use_ia, trace=True)
     assert got.policy == "dqn"
     assert_same_result(got, want)
     np.testing.assert_array_equal(got.decisions, want.decisions)
     got_f = simulate.run_policy(pol, st, trace=True, int8=False)
-    want_f = simulate.run_dqn(layers, st, N, P, M, H, use_ia, trace=True)
+    want_f = simulate.run_dqn(layers, st, Bucket(N, P, M), H=H, use_interarrival=use_ia, trace=True)
     assert_same_result(got_f, want_f)
     np.testing.assert_array_equal(got_f.decisions, want_f.decisions)
 
@@ -279,22 +277,22 @@ def test_run_policy_dqn_blob_equals_direct_call(tmp_path, use_ia):
 def test_oracle_bounds_every_feasible_policy(synth):
     prof, m_tr, r_tr, st = synth
     N, P, M = 1, 10, 40
-    oracle = simulate.run_oracle(st, N, P, M)
-    by_metric = simulate.run_oracle(st, N, P, M, metric_only=True)
+    oracle = simulate.run_oracle(st, Bucket(N, P, M))
+    by_metric = simulate.run_oracle(st, Bucket(N, P, M), metric_only=True)
     rng = np.random.default_rng(0)
     feasible = [
-        simulate.run_thresholds(policies.baseline_threshold(m_tr, 0.1), st, N, P, M),
-        simulate.run_thresholds(policies.mdp_thresholds(m_tr, r_tr, N, P, M), st, N, P, M),
-        simulate.run_thresholds(-10.0, st, N, P, M),          # greedy: send whenever possible
+        simulate.run_thresholds(policies.baseline_threshold(m_tr, 0.1), st, Bucket(N, P, M)),
+        simulate.run_thresholds(policies.mdp_thresholds(m_tr, r_tr, Bucket(N, P, M)), st, Bucket(N, P, M)),
+        simulate.run_thresholds(-10.0, st, Bucket(N, P, M)),          # greedy: send whenever possible
         by_metric,
     ]
-    feasible += [simulate.run_thresholds(np.sort(rng.normal(size=M - P + 1)), st, N, P, M)
+    feasible += [simulate.run_thresholds(np.sort(rng.normal(size=M - P + 1)), st, Bucket(N, P, M))
                  for _ in range(5)]
     _, q = small_dqn(rng, N, P, M, 8, True)
-    feasible.append(simulate.run_dqn(q, st, N, P, M, 8, True))
+    feasible.append(simulate.run_dqn(q, st, Bucket(N, P, M), H=8, use_interarrival=True))
     # a greedy policy that sees the true rewards: sends every image with reward 1 it can afford
     knows = Streams(st.reward, st.reward, st.weak_loss, st.interarrival)
-    feasible.append(simulate.run_thresholds(0.5, knows, N, P, M, name="greedy-on-rewards"))
+    feasible.append(simulate.run_thresholds(0.5, knows, Bucket(N, P, M), name="greedy-on-rewards"))
     for res in feasible:
         assert res.feasible
         assert np.all(res.stream_reward <= oracle.stream_reward + 1e-12), res.policy
@@ -311,14 +309,12 @@ def test_metric_oracle_maximises_the_metric_sum(synth):
     """Oracle-metric sends the set with the largest sum of expected rewards under the bucket."""
     prof, m_tr, r_tr, st = synth
     N, P, M = 1, 10, 40
-    mdp = simulate.run_thresholds(policies.mdp_thresholds(m_tr, r_tr, N, P, M), st, N, P, M,
-                                  trace=True)
+    mdp = simulate.run_thresholds(policies.mdp_thresholds(m_tr, r_tr, Bucket(N, P, M)), st, Bucket(N, P, M), trace=True)
     for s in range(st.shape[0]):
-        total, mask = policies.oracle_metric(st.raw_metric[s], st.reward[s], st.interarrival[s],
-                                             N, P, M)
+        total, mask = policies.oracle_metric(st.raw_metric[s], st.reward[s], st.interarrival[s], Bucket(N, P, M))
         sent = st.raw_metric[s].astype(np.float64)
         assert sent[mask].sum() >= sent[mdp.decisions[s] == 1].sum() - 1e-9
-    res = simulate.run_oracle(st, N, P, M, metric_only=True)
+    res = simulate.run_oracle(st, Bucket(N, P, M), metric_only=True)
     assert res.policy == "oracle-metric"
 
 
@@ -326,7 +322,7 @@ def test_oracle_on_tiny_streams_matches_brute_force():
     N, P, M = 1, 2, 3
     rng = np.random.default_rng(7)
     st = random_streams(rng, 4, 10, "gaps")
-    res = simulate.run_oracle(st, N, P, M)
+    res = simulate.run_oracle(st, Bucket(N, P, M))
     for s in range(4):
         best = -math.inf
         for bits in range(1 << 10):
@@ -347,14 +343,15 @@ def test_avg_loss_is_weak_loss_minus_reward(synth):
     prof, m_tr, r_tr, st = synth
     N, P, M = 1, 10, 40
     weak = float(st.weak_loss.mean())
-    results = [simulate.run_thresholds(0.5, st, N, P, M),
-               simulate.run_thresholds_numpy(0.5, st, N, P, M),
-               simulate.run_oracle(st, N, P, M),
-               simulate.run_oracle(st, N, P, M, metric_only=True),
+    results = [simulate.run_thresholds(0.5, st, Bucket(N, P, M)),
+               simulate.run_thresholds_numpy(0.5, st, Bucket(N, P, M)),
+               simulate.run_oracle(st, Bucket(N, P, M)),
+               simulate.run_oracle(st, Bucket(N, P, M), metric_only=True),
                simulate.run_lower_bound(m_tr, st, 0.1)]
     for res in results:
         assert res.avg_loss == pytest.approx(weak - res.mean_reward, abs=1e-12)
-        assert res.mean_reward == pytest.approx(res.stream_reward.mean(), abs=1e-12)
+        # stream_reward may be float32 (the native loop's totals): float32 rounding.
+        assert res.mean_reward == pytest.approx(res.stream_reward.mean(), rel=1e-6, abs=1e-12)
         row = res.row()
         assert set(row) >= {"policy", "avg_loss", "mean_reward", "offload_rate", "feasible"}
         assert not any(isinstance(v, np.ndarray) for v in row.values())
@@ -398,8 +395,7 @@ def _tracked_data(rng, n):
 def test_make_streams_keeps_rows_together(choice):
     rng = np.random.default_rng(0)
     metric, reward, weak, raw = _tracked_data(rng, 1000)
-    st = simulate.make_streams(metric, reward, weak, 400, 3, seed=1, choice=choice,
-                               raw_metric=raw)
+    st = simulate.make_streams(metric, reward, weak, Scenario(choice=choice, seed=1), length=400, n_seq=3, raw_metric=raw)
     assert st.shape == (3, 400)
     np.testing.assert_array_equal(st.weak_loss, (st.metric > 0.3).astype(np.float32))
     np.testing.assert_array_equal(
@@ -408,7 +404,7 @@ def test_make_streams_keeps_rows_together(choice):
     assert np.all(np.isin(st.metric, metric))
     assert np.all(st.interarrival == 1)
     # raw metric defaults to the metric
-    st2 = simulate.make_streams(metric, reward, weak, 400, 3, seed=1, choice=choice)
+    st2 = simulate.make_streams(metric, reward, weak, Scenario(choice=choice, seed=1), length=400, n_seq=3)
     np.testing.assert_array_equal(st2.raw_metric, st2.metric)
     np.testing.assert_array_equal(st2.metric, st.metric)
 
@@ -417,12 +413,13 @@ def test_make_streams_indexes_the_sorted_dataset():
     """Stream values are the sorted dataset at the generator's indices."""
     rng = np.random.default_rng(1)
     metric, reward, weak, _ = _tracked_data(rng, 500)
-    idx = sequences.location_reset(500, 300, 2, 0.05, 0.01, 9)
-    st = simulate.make_streams(metric, reward, weak, 300, 2, seed=9, choice="location-reset",
-                               spread=0.05, rprob=0.01)
+    sc = Scenario(choice="location-reset", spread=0.05, rprob=0.01, seed=9)
+    idx = sequences.location_reset(500, 300, 2, 0.05, 0.01, sc.stream_seeds("test")[0])
+    st = simulate.make_streams(metric, reward, weak, sc, length=300, n_seq=2)
     np.testing.assert_array_equal(st.metric, np.sort(metric)[idx])
-    idx = sequences.iid(500, 300, 2, 9)
-    st = simulate.make_streams(metric, reward, weak, 300, 2, seed=9)
+    sc = Scenario(choice="iid", seed=9)
+    idx = sequences.iid(500, 300, 2, sc.stream_seeds("test")[0])
+    st = simulate.make_streams(metric, reward, weak, sc, length=300, n_seq=2)
     np.testing.assert_array_equal(st.metric, np.sort(metric)[idx])
 
 
@@ -439,9 +436,8 @@ def test_location_reset_gives_runs_of_similar_metrics():
         d = np.minimum(d, n - d)  # positions wrap around
         return np.mean(d <= math.floor(sp * n))
 
-    lr = simulate.make_streams(metric, reward, weak, 5000, 4, seed=3, choice="location-reset",
-                               spread=sp, rprob=rprob)
-    iid = simulate.make_streams(metric, reward, weak, 5000, 4, seed=3, choice="iid")
+    lr = simulate.make_streams(metric, reward, weak, Scenario(choice="location-reset", spread=sp, rprob=rprob, seed=3), length=5000, n_seq=4)
+    iid = simulate.make_streams(metric, reward, weak, Scenario(choice="iid", seed=3), length=5000, n_seq=4)
     # only a jump (probability rprob per image) can leave the window
     assert close_share(lr) >= 1 - 3 * rprob
     # i.i.d. images land within the window about 2*sp of the time
@@ -454,33 +450,32 @@ def test_location_reset_gives_runs_of_similar_metrics():
 def test_make_streams_markov_arrivals():
     rng = np.random.default_rng(3)
     metric, reward, weak, _ = _tracked_data(rng, 300)
-    st = simulate.make_streams(metric, reward, weak, 2000, 3, seed=11, arrivals="markov",
-                               markov=(1, 7, 0.05, 0.02))
-    np.testing.assert_array_equal(st.interarrival,
-                                  sequences.markov_arrivals(2000, 3, 1, 7, 0.05, 0.02, 12))
+    sc = Scenario(choice="iid", arrivals="markov", markov=(1, 7, 0.05, 0.02), seed=11)
+    st = simulate.make_streams(metric, reward, weak, sc, length=2000, n_seq=3)
+    np.testing.assert_array_equal(st.interarrival, sequences.markov_arrivals(
+        2000, 3, 1, 7, 0.05, 0.02, sc.stream_seeds("test")[1]))
     assert st.mean_interarrival == pytest.approx(st.interarrival.mean())
     assert st.mean_interarrival > 1 and set(np.unique(st.interarrival)) >= {1, 7}
-    again = simulate.make_streams(metric, reward, weak, 2000, 3, seed=11, arrivals="markov",
-                                  markov=(1, 7, 0.05, 0.02))
+    again = simulate.make_streams(metric, reward, weak, sc, length=2000, n_seq=3)
     np.testing.assert_array_equal(again.interarrival, st.interarrival)
     np.testing.assert_array_equal(again.metric, st.metric)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"choice": "uniform"}, r"unknown image choice 'uniform' \(iid, location-reset\)"),
-    ({"arrivals": "poisson"}, r"unknown arrival process 'poisson' \(periodic, markov\)"),
-    ({"choice": "location-reset", "spread": 1.5}, "spread"),
-    ({"arrivals": "markov", "markov": (0, 3, 0.1, 0.1)}, "i1"),
+    ({"choice": "uniform"}, r"choice='uniform': iid or location-reset"),
+    ({"arrivals": "poisson"}, r"arrivals='poisson': periodic or markov"),
+    ({"choice": "location-reset", "spread": 1.5}, "spread=1.5"),
+    ({"arrivals": "markov", "markov": (0, 3, 0.1, 0.1)}, "I1=0"),
 ])
 def test_make_streams_bad_arguments(kwargs, match):
     m = np.linspace(0, 1, 50)
     with pytest.raises(ValueError, match=match):
-        simulate.make_streams(m, m, m, 10, 2, seed=0, **kwargs)
+        simulate.make_streams(m, m, m, Scenario(**{"choice": "iid", **kwargs}), length=10, n_seq=2)
 
 
 def test_make_streams_needs_images():
     with pytest.raises(ValueError, match="no images"):
-        simulate.make_streams([], [], [], 10, 2, seed=0)
+        simulate.make_streams([], [], [], Scenario(choice="iid"), length=10, n_seq=2)
 
 
 # ----------------------------------------------------------------------------- shapes, shares
@@ -505,13 +500,13 @@ def test_run_thresholds_bad_inputs():
     rng = np.random.default_rng(0)
     st = random_streams(rng, 2, 30)
     with pytest.raises(ValueError, match=r"needs a scalar or \(31,\)"):
-        simulate.run_thresholds(np.zeros(30), st, 1, 10, 40)
+        simulate.run_thresholds(np.zeros(30), st, Bucket(1, 10, 40))
     with pytest.raises(ValueError, match=r"needs a scalar or \(31,\)"):
-        simulate.run_thresholds_numpy(np.zeros(30), st, 1, 10, 40)
+        simulate.run_thresholds_numpy(np.zeros(30), st, Bucket(1, 10, 40))
     with pytest.raises(ValueError, match="0 < N < P <= M"):
-        simulate.run_thresholds(0.0, st, 10, 10, 40)
+        simulate.run_thresholds(0.0, st, Bucket(10, 10, 40))
     with pytest.raises(ValueError, match="0 < N < P <= M"):
-        simulate.run_oracle(st, 1, 10, 5)
+        simulate.run_oracle(st, Bucket(1, 10, 5))
 
 
 def _res(r):
@@ -532,9 +527,9 @@ def test_captured_share_on_a_run(synth):
     """Baseline captures 0 and the oracle all of its own gain; no policy captures more than all."""
     prof, m_tr, r_tr, st = synth
     N, P, M = 1, 10, 40
-    base = simulate.run_thresholds(policies.baseline_threshold(m_tr, 0.1), st, N, P, M)
-    mdp = simulate.run_thresholds(policies.mdp_thresholds(m_tr, r_tr, N, P, M), st, N, P, M)
-    orc = simulate.run_oracle(st, N, P, M)
+    base = simulate.run_thresholds(policies.baseline_threshold(m_tr, 0.1), st, Bucket(N, P, M))
+    mdp = simulate.run_thresholds(policies.mdp_thresholds(m_tr, r_tr, Bucket(N, P, M)), st, Bucket(N, P, M))
+    orc = simulate.run_oracle(st, Bucket(N, P, M))
     share = simulate.captured_share(mdp, base, orc)
     assert share == pytest.approx((mdp.mean_reward - base.mean_reward)
                                   / (orc.mean_reward - base.mean_reward))

@@ -561,8 +561,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
         profile_label = "artifacts/profile.npz"
         if profile_path is None:
             _fail("no --profile given and the committed artifacts/profile.npz was not found")
-    (N, P, M), prof, _, _, _ = load_scenario(profile_path, synthetic, rate, depth, arrivals,
-                                             markov, seed)
+    scenario, prof, _, _, _ = load_scenario(profile_path, synthetic, rate, depth, choice, spread,
+                                            rprob, arrivals, markov, seed)
     use_ia = {"on": True, "off": False, "auto": arrivals != "periodic"}[interarrival]
     try:
         cfg = D.preset(preset, T=T, interarrival=use_ia, layers=layers, width=width,
@@ -582,10 +582,8 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
     if not resume and os.path.exists(checkpoint):
         _fail(f"{checkpoint} exists from an earlier run: add --resume to continue it, "
               "or remove it to start over")
-    scenario = D.Scenario(rate, depth, N, P, M, choice, spread, rprob, arrivals, tuple(markov),
-                          seed)
     t0 = time.time()
-    click.echo(f"dqn: bucket r={rate} b={depth} -> (N, P, M) = ({N}, {P}, {M}); {choice}, "
+    click.echo(f"dqn: bucket r={rate} b={depth} -> {scenario.bucket}; {choice}, "
                f"{arrivals} arrivals; T={cfg.T}, inter-arrival inputs {'on' if use_ia else 'off'}; "
                f"preset {preset}; validation on the {data.val_source}", err=True)
     try:
@@ -819,31 +817,31 @@ def plot(results, out_dir, oracle, dpi):
 # --------------------------------------------------------------------------- trace
 
 
-def _trace_policy(spec, prof, m, tr, st, N, P, M, rate, arrivals, markov, seed):
+def _trace_policy(spec, prof, m, tr, st, scenario):
     """``(label, SimResult with trace, thresholds or None)`` of ``[LABEL=]mdp|baseline|BLOB``."""
     from offload import blob, policies, simulate
-    from offload.cli import training_arrivals
 
+    bucket = scenario.bucket
     label, _, what = spec.rpartition("=")
     if not label:
         label = {"mdp": "MDP", "baseline": "Baseline"}.get(what) or \
             os.path.splitext(os.path.basename(what))[0]
     if what == "mdp":
-        theta = policies.mdp_thresholds(m[tr], prof.reward[tr], N, P, M,
-                                        interarrival=training_arrivals(arrivals, markov, seed))
-        return label, simulate.run_thresholds(theta, st, N, P, M, trace=True, name=label), theta
+        theta = policies.mdp_thresholds(m[tr], prof.reward[tr], bucket,
+                                        interarrival=scenario.training_arrivals())
+        return label, simulate.run_thresholds(theta, st, bucket, trace=True, name=label), theta
     if what == "baseline":
-        theta = policies.baseline_threshold(m[tr], rate, st.mean_interarrival)
-        return label, simulate.run_thresholds(theta, st, N, P, M, trace=True, name=label), theta
+        theta = policies.baseline_threshold(m[tr], scenario.rate, st.mean_interarrival)
+        return label, simulate.run_thresholds(theta, st, bucket, trace=True, name=label), theta
     if not os.path.isfile(what):
         _fail(f"--policy {spec!r}: neither mdp, baseline nor a policy blob file")
     try:
         pol = blob.read_blob(what)
     except blob.BlobError as exc:
         _fail(exc)
-    if (pol.N, pol.P, pol.M) != (N, P, M):
+    if pol.bucket != bucket:
         _fail(f"{what}: policy was made for bucket (N, P, M) = ({pol.N}, {pol.P}, {pol.M}), "
-              f"this trace uses ({N}, {P}, {M})")
+              f"this trace uses ({bucket.N}, {bucket.P}, {bucket.M})")
     theta = pol.theta if pol.kind == "thresholds" else None
     return label, simulate.run_policy(pol, st, trace=True, name=label), theta
 
@@ -875,7 +873,6 @@ def trace(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals,
         import matplotlib  # noqa: F401
     except ImportError:
         _fail("matplotlib is needed: pip install matplotlib")
-    from offload import simulate
     from offload.cli import load_scenario
     from training import figures as F
 
@@ -886,14 +883,13 @@ def trace(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals,
         _fail(f"--window {window} is longer than --length {length}")
     if start is not None and start + window > length:
         _fail(f"--start {start} + --window {window} exceeds --length {length}")
-    (N, P, M), prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, arrivals,
-                                               markov, seed)
+    sc, prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, choice, spread,
+                                        rprob, arrivals, markov, seed)
+    N, P, M = sc.bucket
     try:
-        st = simulate.make_streams(m[te], prof.reward[te], prof.weak_loss[te], length, 1, seed,
-                                   choice, spread, rprob, arrivals, markov,
-                                   raw_metric=prof.metric[te], hidden=True)
-        runs = [_trace_policy(s, prof, m, tr, st, N, P, M, rate, arrivals, markov, seed)
-                for s in specs]
+        st = sc.streams(m[te], prof.reward[te], prof.weak_loss[te], length=length, n_seq=1,
+                        raw_metric=prof.metric[te], hidden=True)
+        runs = [_trace_policy(s, prof, m, tr, st, sc) for s in specs]
     except ValueError as exc:
         _fail(exc)
     (n0, r0, th0), (n1, r1, th1) = runs

@@ -39,7 +39,7 @@ learns the ceiling's Q-values as well as the history reveals the hidden
 state. It needs sequences from this project's generators (their hidden state
 is known only there); docs/dqn.md compares the two.
 
-Units: ``N, P, M`` and ``n`` are scaled tokens; inter-arrival times are slots;
+Units: ``N, P, M`` (the scenario's ``offload.bucket.Bucket``) and ``n`` are scaled tokens; inter-arrival times are slots;
 metrics are standardised (training mean and standard deviation).
 
 The network sees inter-arrival times divided by their training mean (the
@@ -65,6 +65,7 @@ from torch import nn
 from offload import mlp, policies, simulate
 from offload.profile import TEST, TRAIN, VALIDATION
 from offload.ring import input_size
+from offload.scenario import Scenario, named_seed
 
 __all__ = [
     "Scenario", "DQNConfig", "PRESETS", "Data", "Replay", "q_targets", "q_targets_reference",
@@ -78,29 +79,6 @@ CHECKPOINT_VERSION = 1
 
 
 # --------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """Bucket and sequence generators: what a policy is trained for (SPEC sections 1, 4)."""
-
-    rate: float
-    depth: float
-    N: int
-    P: int
-    M: int
-    choice: str = "location-reset"
-    spread: float = 0.1
-    rprob: float = 0.01
-    arrivals: str = "periodic"
-    markov: tuple = (1, 10, 0.1, 0.1)
-    seed: int = 0
-
-    def streams(self, metric, reward, weak_loss, raw_metric, length, n_seq, seed, hidden=False):
-        """Streams of these generators over one set of images (``seed``: sequences)."""
-        return simulate.make_streams(metric, reward, weak_loss, length, n_seq, seed, self.choice,
-                                     self.spread, self.rprob, self.arrivals, tuple(self.markov),
-                                     raw_metric=raw_metric, hidden=hidden)
 
 
 @dataclass
@@ -268,21 +246,26 @@ class Data:
     test: np.ndarray
     val_source: str = "validation split"
 
-    def streams(self, scenario, part, length, n_seq, seed, hidden=False):
+    def streams(self, scenario, part, *, length, n_seq, hidden=False):
+        """``scenario``'s streams over the ``part`` images (``"train"``, ``"val"``, ``"test"``),
+        drawn with the scenario's seeds of that purpose."""
         idx = {"train": self.train, "val": self.val, "test": self.test}[part]
+        purpose = {"train": "training", "val": "validation", "test": "test"}[part]
         return scenario.streams(self.metric[idx], self.reward[idx], self.weak_loss[idx],
-                                self.raw_metric[idx], length, n_seq, seed, hidden)
+                                raw_metric=self.raw_metric[idx], length=length, n_seq=n_seq,
+                                purpose=purpose, hidden=hidden)
 
 
 def prepare_data(prof, holdout=0.2, seed=0):
     """Split a fitted profile for training: its validation split, or a held-out share of training.
 
-    Test images are kept apart for the final report only.
+    Test images are kept apart for the final report only. ``seed`` is the
+    scenario's seed (its ``"holdout"`` stream draws the held-out share).
     """
     train, val, test = prof.indices(TRAIN), prof.indices(VALIDATION), prof.indices(TEST)
     source = "validation split"
     if len(val) == 0:
-        rng = np.random.default_rng([seed, 7])
+        rng = np.random.default_rng(named_seed(seed, "holdout"))
         perm = rng.permutation(train)
         cut = int(round(len(train) * holdout))
         val, train = np.sort(perm[:cut]), np.sort(perm[cut:])
@@ -368,16 +351,17 @@ class Replay:
 # --------------------------------------------------------------------------- targets
 
 
-def q_targets(q_next, R, I, N, P, M, discount):
+def q_targets(q_next, R, I, bucket, discount):
     """Regression targets for every token state at once (torch).
 
-    ``q_next`` (B, 2(M+1)-N-P) target-network Q-vectors of ``x'``; ``R`` (B,)
+    ``q_next`` (B, bucket.q_length) target-network Q-vectors of ``x'``; ``R`` (B,)
     rewards; ``I`` (B,) slots to the next image. Returns (B, same) targets in
-    the Q-vector layout of SPEC section 2 (not yet mean-shifted).
+    the bucket's Q-vector layout (SPEC section 2; not yet mean-shifted).
     """
-    nA = M - N + 1
-    q0, q1 = q_next[:, :nA], q_next[:, nA:]
-    best = torch.cat([q0[:, :P - N], torch.maximum(q0[:, P - N:], q1)], dim=1)
+    N, P, M = bucket
+    q0, q1 = q_next[:, bucket.q_keep], q_next[:, bucket.q_send]
+    best = torch.cat([q0[:, :P - N], torch.maximum(q_next[:, bucket.q_keep_sendable], q1)],
+                     dim=1)
     refill = (N * torch.clamp(I, max=M)).to(torch.long)[:, None]
     n = torch.arange(N, M + 1, device=q_next.device)[None, :]
     idx0 = torch.clamp(n + refill, max=M) - N
@@ -387,7 +371,7 @@ def q_targets(q_next, R, I, N, P, M, discount):
     return torch.cat([t0, t1], dim=1)
 
 
-def ceiling_targets(W, f, N, P, M, discount):
+def ceiling_targets(W, f, bucket, discount):
     """Regression targets from the structure-aware ceiling (torch), Q-vector layout.
 
     ``W`` (B, M+1): the ceiling's value after a decision leaving ``m``
@@ -396,28 +380,29 @@ def ceiling_targets(W, f, N, P, M, discount):
     ``n = N..M`` and ``Q(n, 1) = f + g W[n - P]`` for ``n = P..M``, so
     ``Q(n, 1) - Q(n, 0) = f - theta[n]``: the ceiling's own decision.
     """
-    t0 = discount * W[:, N:M + 1]
-    t1 = f.to(W.dtype)[:, None] + discount * W[:, 0:M - P + 1]
+    t0 = discount * W[:, bucket.N:bucket.M + 1]                       # n = N..M
+    t1 = f.to(W.dtype)[:, None] + discount * W[:, :bucket.send_states]  # n - P for n = P..M
     return torch.cat([t0, t1], dim=1)
 
 
-def q_targets_reference(q_next, R, I, N, P, M, discount):
+def q_targets_reference(q_next, R, I, bucket, discount):
     """Plain-loop twin of ``q_targets`` (numpy, one tuple and one state at a time)."""
     q_next = np.asarray(q_next, np.float64)
     out = np.zeros_like(q_next)
+    N, P, M = bucket
 
     def best(row, n):
-        v = row[mlp.q_index(n, 0, N, P, M)]
-        if n >= P:
-            v = max(v, row[mlp.q_index(n, 1, N, P, M)])
+        v = row[bucket.q_index(n, 0)]
+        if bucket.can_send(n):
+            v = max(v, row[bucket.q_index(n, 1)])
         return v
 
     for b in range(q_next.shape[0]):
         for n in range(N, M + 1):
             keep = min(M, n + N * int(I[b]))
-            out[b, mlp.q_index(n, 0, N, P, M)] = discount * best(q_next[b], keep)
-            if n >= P:
-                out[b, mlp.q_index(n, 1, N, P, M)] = (
+            out[b, bucket.q_index(n, 0)] = discount * best(q_next[b], keep)
+            if bucket.can_send(n):
+                out[b, bucket.q_index(n, 1)] = (
                     R[b] + discount * best(q_next[b], min(M, n - P + N * int(I[b]))))
     return out
 
@@ -559,8 +544,8 @@ def _identity(scenario, config, fingerprint):
     if config.val_reward != "true":  # best validation rewards are comparable only alike
         layout["val_reward"] = config.val_reward
     return {
-        "bucket": [scenario.N, scenario.P, scenario.M],
-        "scenario": json.loads(json.dumps(asdict(scenario))),
+        "bucket": list(scenario.bucket),
+        "scenario": json.loads(json.dumps(scenario.to_dict())),
         "layout": layout,
         "profile": fingerprint,
     }
@@ -687,18 +672,19 @@ class Trainer:
         self.device = _device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
-        N, P, M = scenario.N, scenario.P, scenario.M
-        self.dout = mlp.q_length(N, P, M)
+        bucket = scenario.bucket
+        self.dout = bucket.q_length
         self.din = input_size(config.H, config.interarrival)
         self.identity = _identity(scenario, config, fingerprint)
 
         seed = config.seed
         t0 = time.perf_counter()
-        train = data.streams(scenario, "train", config.train_length, config.train_streams,
-                             seed + 101)
+        train = data.streams(scenario, "train", length=config.train_length,
+                             n_seq=config.train_streams)
         ia_scale = float(train.interarrival.mean()) if config.interarrival else 1.0
         self.replay = Replay(train, config.H, config.interarrival, ia_scale)
-        self.val = data.streams(scenario, "val", config.val_length, config.val_streams, seed + 202)
+        self.val = data.streams(scenario, "val", length=config.val_length,
+                                n_seq=config.val_streams)
         if config.val_reward == "expected":
             self.val = dataclasses.replace(self.val, reward=self.val.raw_metric)
         if config.targets == "ceiling":
@@ -706,11 +692,11 @@ class Trainer:
         # MDP and Baseline from the training images, as offload-sim trains them.
         tr_ia = train.interarrival.ravel() if scenario.arrivals != "periodic" else None
         self.theta_mdp = policies.mdp_thresholds(data.metric[data.train], data.reward[data.train],
-                                                 N, P, M, interarrival=tr_ia)
+                                                 bucket, interarrival=tr_ia)
         self.theta_base = policies.baseline_threshold(data.metric[data.train], scenario.rate,
                                                       float(train.interarrival.mean()))
-        self.val_mdp = simulate.run_thresholds(self.theta_mdp, self.val, N, P, M).mean_reward
-        self.val_base = simulate.run_thresholds(self.theta_base, self.val, N, P, M).mean_reward
+        self.val_mdp = simulate.run_thresholds(self.theta_mdp, self.val, bucket).mean_reward
+        self.val_base = simulate.run_thresholds(self.theta_base, self.val, bucket).mean_reward
         self.data_seconds = time.perf_counter() - t0
 
         gen = torch.Generator().manual_seed(seed)
@@ -718,7 +704,7 @@ class Trainer:
         self.net = build_network(*net_shape, generator=gen).to(self.device)
         self.target = build_network(*net_shape).to(self.device)
         self.opt = _adam(self.net.parameters(), config.lr)
-        self.rng = np.random.default_rng([seed, 303])
+        self.rng = np.random.default_rng(scenario.seed_for("replay"))
         self.iteration = 0
         self.lr = config.lr
         self.best_val = -math.inf
@@ -739,15 +725,13 @@ class Trainer:
         from offload import ceiling
 
         sc, cfg, data = self.sc, self.cfg, self.data
-        hidden = data.streams(sc, "train", cfg.train_length, cfg.train_streams, cfg.seed + 101,
+        hidden = data.streams(sc, "train", length=cfg.train_length, n_seq=cfg.train_streams,
                               hidden=True)
         if not np.array_equal(hidden.metric, train.metric):  # the generators must repeat
             raise RuntimeError("training sequences with hidden state differ from the others")
         tr = data.train
-        ceil = ceiling.ceiling_policy(data.raw_metric[tr], sc.N, sc.P, sc.M, sc.choice, sc.spread,
-                                      sc.rprob, sc.arrivals, tuple(sc.markov),
-                                      metric=data.metric[tr], discount=cfg.discount,
-                                      seed=cfg.seed + 505)
+        ceil = ceiling.ceiling_policy(data.raw_metric[tr], sc, metric=data.metric[tr],
+                                      discount=cfg.discount, seed_name="training-ceiling")
         self.ceiling = ceil
         self.ceil_g = ceil.bin_of(hidden.location).astype(np.int16 if ceil.bins < 2**15
                                                           else np.int32)
@@ -839,7 +823,7 @@ class Trainer:
                 tq = self._ceiling_targets(s, k)
             else:
                 tq = q_targets(target_q(xn), torch.from_numpy(R).to(dev),
-                               torch.from_numpy(I).to(dev), sc.N, sc.P, sc.M, cfg.discount)
+                               torch.from_numpy(I).to(dev), sc.bucket, cfg.discount)
             if shift == "row":
                 tq -= tq.mean(dim=1, keepdim=True)
             else:
@@ -852,7 +836,7 @@ class Trainer:
         W = self.ceil_W[torch.from_numpy(self.ceil_g[s, k]).long().to(dev),
                         torch.from_numpy(self.ceil_s[s, k]).long().to(dev)]
         return ceiling_targets(W, torch.from_numpy(self.ceil_f[s, k]).to(dev),
-                               self.sc.N, self.sc.P, self.sc.M, self.cfg.discount)
+                               self.sc.bucket, self.cfg.discount)
 
     def fit(self, x, tq, net=None, opt=None):
         """``steps`` Adam steps of MSE between ``net(x)`` and ``tq`` in consecutive batches.
@@ -906,9 +890,8 @@ class Trainer:
         of a validation run, and that coin flip alone moves their difference
         by about as much as checkpoints differ (docs/dqn.md).
         """
-        res = simulate.run_dqn(self.forward_fn(self._judged_net()), self.val,
-                               self.sc.N, self.sc.P, self.sc.M,
-                               self.cfg.H, self.cfg.interarrival)
+        res = simulate.run_dqn(self.forward_fn(self._judged_net()), self.val, self.sc.bucket,
+                               H=self.cfg.H, use_interarrival=self.cfg.interarrival)
         return res.mean_reward
 
     def run(self, on_progress=None):
@@ -1006,16 +989,15 @@ class Trainer:
         return tuned, mlp.correct_bias(q, calib)
 
     def _calibration(self, count=None):
-        rng = np.random.default_rng([self.cfg.seed, 404])
+        rng = np.random.default_rng(self.sc.seed_for("calibration"))
         return self.replay.raw_states(rng, count or self.cfg.calib_states)
 
     def _segments(self):
         return (0, self.cfg.H) if self.cfg.interarrival else (0,)
 
     def _validate_layers(self, layers):
-        return simulate.run_dqn(_float_forward(layers, self.device), self.val, self.sc.N,
-                                self.sc.P, self.sc.M, self.cfg.H,
-                                self.cfg.interarrival).mean_reward
+        return simulate.run_dqn(_float_forward(layers, self.device), self.val, self.sc.bucket,
+                                H=self.cfg.H, use_interarrival=self.cfg.interarrival).mean_reward
 
     def tune_int8(self, layers, calib, on_progress=None):
         """Quantisation-aware tuning (see ``int8_policy``); returns on-grid float layers.
@@ -1091,7 +1073,7 @@ def _float_forward(layers, device="cpu"):
     return TorchForward(net.to(device), device, din)
 
 
-def int8_agreement(layers, streams, N, P, M, H, use_ia, int8_result):
+def int8_agreement(layers, streams, bucket, int8_result, *, H, use_ia):
     """Share of the int8 policy's decisions (on its own trajectory) the float network agrees with.
 
     Counts every decision and, separately, those with ``n >= P`` (where the
@@ -1104,11 +1086,11 @@ def int8_agreement(layers, streams, N, P, M, H, use_ia, int8_result):
     agree = free = agree_free = 0
     for k0, k1, x in simulate.input_blocks(streams, H, use_ia):
         n = int8_result.tokens[:, k0:k1].reshape(-1).astype(np.int64)
-        a_f = mlp.decide_batch(fwd_f(x), n, N, P, M)
+        a_f = mlp.decide_batch(fwd_f(x), n, bucket)
         a_q = int8_result.decisions[:, k0:k1].reshape(-1).astype(bool)
         same = a_f == a_q
         agree += int(same.sum())
-        ok = n >= P
+        ok = bucket.can_send(n)
         free += int(ok.sum())
         agree_free += int(same[ok].sum())
     return {"all": agree / (S * L), "n_ge_P": agree_free / free if free else float("nan"),
@@ -1128,27 +1110,24 @@ def evaluate(trainer, layers, qmlp, rate, progress=False, threads=None):
     from offload import ceiling
 
     cfg, sc, data = trainer.cfg, trainer.sc, trainer.data
-    N, P, M = sc.N, sc.P, sc.M
-    st = data.streams(sc, "test", cfg.test_length, cfg.test_streams, sc.seed, hidden=True)
+    b = sc.bucket
+    st = data.streams(sc, "test", length=cfg.test_length, n_seq=cfg.test_streams, hidden=True)
     te = data.test
-    ceil = ceiling.ceiling_policy(data.raw_metric[te], N, P, M, sc.choice, sc.spread, sc.rprob,
-                                  sc.arrivals, tuple(sc.markov), metric=data.metric[te],
-                                  seed=sc.seed + 3)
+    ceil = ceiling.ceiling_policy(data.raw_metric[te], sc, metric=data.metric[te])
+    dqn_args = dict(H=cfg.H, use_interarrival=cfg.interarrival, progress=progress)
     res = {
-        "dqn-float": simulate.run_dqn(_float_forward(layers), st, N, P, M, cfg.H,
-                                      cfg.interarrival, name="dqn-float", progress=progress),
-        "dqn-int8": simulate.run_dqn(qmlp, st, N, P, M, cfg.H, cfg.interarrival, trace=True,
-                                     name="dqn-int8", progress=progress, threads=threads),
-        "mdp": simulate.run_thresholds(trainer.theta_mdp, st, N, P, M, name="mdp"),
+        "dqn-float": simulate.run_dqn(_float_forward(layers), st, b, name="dqn-float", **dqn_args),
+        "dqn-int8": simulate.run_dqn(qmlp, st, b, trace=True, name="dqn-int8", threads=threads,
+                                     **dqn_args),
+        "mdp": simulate.run_thresholds(trainer.theta_mdp, st, b, name="mdp"),
         "baseline": simulate.run_thresholds(policies.baseline_threshold(
-            data.metric[data.train], rate, st.mean_interarrival), st, N, P, M, name="baseline"),
+            data.metric[data.train], rate, st.mean_interarrival), st, b, name="baseline"),
         "lower-bound": simulate.run_lower_bound(data.metric[data.train], st, rate),
-        "oracle": simulate.run_oracle(st, N, P, M, progress=progress),
-        "oracle-metric": simulate.run_oracle(st, N, P, M, metric_only=True, progress=progress),
-        "ceiling": ceiling.run_ceiling(ceil, st, N, P, M),
+        "oracle": simulate.run_oracle(st, b, progress=progress),
+        "oracle-metric": simulate.run_oracle(st, b, metric_only=True, progress=progress),
+        "ceiling": ceiling.run_ceiling(ceil, st, b),
     }
-    agreement = int8_agreement(layers, st, N, P, M, cfg.H, cfg.interarrival,
-                               res["dqn-int8"])
+    agreement = int8_agreement(layers, st, b, res["dqn-int8"], H=cfg.H, use_ia=cfg.interarrival)
     rows = []
     for name, r in res.items():
         row = r.row()
@@ -1185,7 +1164,7 @@ def policy_blob(prof, scenario, config, qmlp, meta):
         lut_y = np.full(2, prof.metric_mean, np.float32)
         ready = False
     meta["device_ready"] = ready
-    return blob.Policy("dqn", scenario.N, scenario.P, scenario.M, float(prof.metric_mean),
+    return blob.Policy("dqn", *scenario.bucket, float(prof.metric_mean),
                        float(prof.metric_std), lut_x, lut_y,
                        tinv=float(prof.tinv if prof.tinv is not None else 1.0), T=config.T,
                        interarrival=config.interarrival, qmlp=qmlp, meta=meta)
@@ -1218,7 +1197,7 @@ def report(trainer, prof, profile_path, preset_name, rows, extra, out, png, chec
                                "validation": int(len(trainer.data.val)),
                                "test": int(len(trainer.data.test))},
                     "validation_from": trainer.data.val_source},
-        "scenario": asdict(trainer.sc),
+        "scenario": trainer.sc.to_dict(),
         "config": asdict(trainer.cfg),
         "interarrival_scale_slots": trainer.replay.ia_scale,
         "torch": {"version": torch.__version__, "device": str(trainer.device),

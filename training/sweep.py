@@ -38,6 +38,7 @@ import os
 import time
 import traceback
 
+from offload import scenario as _scenario_mod
 from offload.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["GRIDS", "SCALES", "GridError", "Grid", "Part", "Point", "ready_grid", "load_toml",
@@ -146,32 +147,21 @@ _GRID_SCALE = {"smoke": "quick", "quick": "quick", "paper": "paper"}
 
 # --------------------------------------------------------------------------- point settings
 
-_CHOICES = ("iid", "location-reset")
-_ARRIVALS = ("periodic", "markov")
-
-#: Scenario settings of a point: (default, kind, check, help).
+#: Scenario settings of a point: (default, kind, check, help). The scenario's own
+#: (``offload.scenario.SETTINGS``, declared there once) and those of a sweep point.
 SCENARIO_KEYS = {
-    "rate": (0.1, float, lambda v: 0 < v < 1, "token rate r in (0, 1), tokens per slot"),
-    "depth": (4.0, float, lambda v: v >= 1, "bucket depth b >= 1, tokens"),
-    "choice": ("location-reset", str, lambda v: v in _CHOICES, "iid or location-reset"),
-    "sp": (0.1, float, lambda v: 0 <= v <= 1, "location-reset spread in [0, 1]"),
-    "rprob": (0.01, float, lambda v: 0 <= v <= 1, "location-reset jump probability in [0, 1]"),
-    "arrivals": ("periodic", str, lambda v: v in _ARRIVALS, "periodic or markov"),
-    "I1": (1, int, lambda v: v >= 1, "slots between images in arrival state 1, >= 1"),
-    "I2": (10, int, lambda v: v >= 1, "slots between images in arrival state 2, >= 1"),
-    "tprob1": (0.1, float, lambda v: 0 < v <= 1, "per-slot probability of leaving state 1, (0, 1]"),
-    "tprob2": (0.1, float, lambda v: 0 < v <= 1, "per-slot probability of leaving state 2, (0, 1]"),
+    **{k: v for k, v in _scenario_mod.SETTINGS.items() if k != "seed"},
     "tprob_ratio": (None, float, lambda v: v > 0,
                     "tprob1 / tprob2 > 0: sets tprob2 from tprob1 (instead of tprob2)"),
     "T": (97, int, lambda v: v >= 2, "history length T >= 2"),
     "interarrival": ("auto", (bool, str), lambda v: v in (True, False, "auto"),
                      "inter-arrival times as DQN inputs: true, false or \"auto\" "
                      "(on unless arrivals are periodic)"),
-    "train_choice": (None, str, lambda v: v in _CHOICES,
+    "train_choice": (None, str, lambda v: v in _scenario_mod.CHOICES,
                      "image choice of the training sequences (default: choice); the test "
                      "always uses choice"),
-    "seed": (None, int, lambda v: v >= 0, "seed of profile split, sequences and training "
-                                          "(default: --seed)"),
+    "seed": (None, int, *_scenario_mod.SETTINGS["seed"][2:3],
+             _scenario_mod.SETTINGS["seed"][3] + " (default: --seed)"),
 }
 #: DQN settings a grid may change (the rest: the scale's schedule, --threads).
 CONFIG_KEYS = ("layers", "width", "discount", "shift", "targets", "val_reward", "act_bits",
@@ -422,10 +412,11 @@ def _point_id(params, config):
 
 
 def resolve(settings, seed):
-    """Every scenario setting of a point from its (checked) settings; ``GridError`` on clashes."""
-    from offload import policies, sequences
-    from offload.bucket import scale
+    """Every scenario setting of a point from its (checked) settings; ``GridError`` on clashes.
 
+    The scenario itself is checked by ``offload.scenario.Scenario`` (bucket,
+    its size, Markov parameters), as ``offload-sim`` checks it.
+    """
     s = {k: d for k, (d, *_rest) in SCENARIO_KEYS.items()}
     s.update({k: v for k, v in settings.items() if k in SCENARIO_KEYS})
     if s["seed"] is None:
@@ -442,18 +433,18 @@ def resolve(settings, seed):
     if s["train_choice"] is None:
         s["train_choice"] = s["choice"]
     try:
-        N, P, M = scale(s["rate"], s["depth"])
+        point_scenario(s)
     except ValueError as exc:
         raise GridError(str(exc)) from None
-    if M - N + 1 > policies.MAX_DP_STATES:
-        raise GridError(f"rate {s['rate']}, depth {s['depth']}: {M - N + 1:,} token states, "
-                        f"above the supported {policies.MAX_DP_STATES:,}")
-    if s["arrivals"] == "markov":
-        try:
-            sequences.markov_check(s["I1"], s["I2"], s["tprob1"], s["tprob2"])
-        except ValueError as exc:
-            raise GridError(str(exc)) from None
     return {k: s[k] for k in PARAM_COLUMNS}
+
+
+def point_scenario(params, choice_key="choice"):
+    """The ``offload.scenario.Scenario`` of resolved point settings ``params``.
+
+    ``choice_key="train_choice"`` gives the scenario the DQN trains on.
+    """
+    return _scenario_mod.Scenario.from_settings({**params, "choice": params[choice_key]})
 
 
 def points(grid, seed=0):
@@ -516,13 +507,8 @@ def run_point(point, config, prof, fingerprint, threads=1):
     t0 = time.time()
     torch.set_num_threads(max(1, int(threads)))
     p = point.params
-    from offload.bucket import scale as bucket_scale
-
-    N, P, M = bucket_scale(p["rate"], p["depth"])
-    markov = (p["I1"], p["I2"], p["tprob1"], p["tprob2"])
-    test_sc = D.Scenario(p["rate"], p["depth"], N, P, M, p["choice"], p["sp"], p["rprob"],
-                         p["arrivals"], markov, p["seed"])
-    train_sc = dataclasses.replace(test_sc, choice=p["train_choice"])
+    test_sc = point_scenario(p)
+    train_sc = point_scenario(p, "train_choice")
     data = D.prepare_data(prof, config.holdout, p["seed"])
     trainer = _train(data, train_sc, config, fingerprint)
     if trainer.stopped_by.startswith("stopped by"):
@@ -537,8 +523,8 @@ def run_point(point, config, prof, fingerprint, threads=1):
     data_bytes = blob.to_bytes(D.policy_blob(prof, test_sc, config, qmlp, meta))
     rec = D.report(trainer, prof, None, None, rows, extra, f"{point.id}.bin", None, None,
                    time.time() - t0)
-    rec.update(command="offload-train sweep", status="done", scenario=dataclasses.asdict(test_sc),
-               train_scenario=dataclasses.asdict(train_sc),
+    rec.update(command="offload-train sweep", status="done", scenario=test_sc.to_dict(),
+               train_scenario=train_sc.to_dict(),
                point={"id": point.id, "params": point.params, "config": point.config})
     return _clean_json(rec), data_bytes
 

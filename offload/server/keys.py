@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from offload.atomic import atomic_path
-from offload.bucket import scale
+from offload.bucket import Bucket, refill, scale, slot_index
 
 __all__ = [
     "KeyFileError",
@@ -80,7 +80,12 @@ def new_key():
 
 
 class KeyBucket:
-    """A token bucket over scaled integer tokens, on a slotted clock (thread-safe).
+    """The core token bucket (``offload.bucket.Bucket``) plus a slotted clock (thread-safe).
+
+    Slots follow ``offload.bucket.slot_index`` (half-up rounding, the device's
+    rule: slot ``s`` covers ``[t0 + (s - 1/2) slot_s, t0 + (s + 1/2) slot_s)``);
+    the count refills by ``offload.bucket.refill``, the rule ``step_reference``
+    (the native bucket's reference) uses.
 
     Parameters
     ----------
@@ -96,7 +101,8 @@ class KeyBucket:
     """
 
     def __init__(self, rate, depth, slot_s, now):
-        self.N, self.P, self.M = scale(rate, depth)
+        self.bucket = Bucket.from_rate(rate, depth)
+        self.N, self.P, self.M = self.bucket
         if not (slot_s > 0 and math.isfinite(slot_s)):
             raise ValueError(f"slot length {slot_s!r} s must be a positive number")
         self.rate, self.depth, self.slot_s = float(rate), float(depth), float(slot_s)
@@ -106,25 +112,26 @@ class KeyBucket:
         self._lock = threading.Lock()
 
     def slot_of(self, now):
-        """Index of the slot holding clock reading ``now`` (seconds)."""
-        return max(0, math.floor((now - self.t0) / self.slot_s))
+        """Index of the slot holding clock reading ``now`` (seconds): ``slot_index``, at least 0."""
+        return max(0, slot_index(now, self.t0, self.slot_s))
 
     def take(self, now):
         """One request at clock ``now``: ``(allowed, retry_after_s)``.
 
         Refills for the slots since the previous request, then spends ``P``
         scaled tokens when at least ``P`` are there. ``retry_after_s`` is 0
-        when allowed, else the seconds until the slot in which ``n >= P``.
+        when allowed, else the seconds until the slot in which ``n >= P`` begins
+        (slot ``s + k`` begins at ``t0 + (s + k - 1/2) slot_s``).
         """
         with self._lock:
             s = max(self.slot_of(now), self.slot)  # a clock never runs backwards here
-            self.n = min(self.M, self.n + self.N * (s - self.slot))
+            self.n = refill(self.n, s - self.slot, self.N, self.M)
             self.slot = s
-            if self.n >= self.P:
+            if self.bucket.can_send(self.n):
                 self.n -= self.P
                 return True, 0.0
             k = -(-(self.P - self.n) // self.N)  # slots until n >= P (ceiling division)
-            return False, max(0.0, self.t0 + (s + k) * self.slot_s - now)
+            return False, max(0.0, self.t0 + (s + k - 0.5) * self.slot_s - now)
 
     @property
     def tokens(self):
