@@ -46,7 +46,7 @@ import numpy as np
 from offload import sequences, simulate
 from offload_native import walk_block
 
-__all__ = ["Ceiling", "arrival_law", "ceiling_policy", "run_ceiling", "MAX_STATES"]
+__all__ = ["Ceiling", "arrival_law", "ceiling_policy", "run_ceiling", "image_windows", "MAX_STATES"]
 
 #: Largest ``bins x arrival states x (M + 1)`` table value iteration accepts.
 MAX_STATES = 1 << 22
@@ -117,8 +117,12 @@ def arrival_law(arrivals, markov=None, seed=0, sample=_ARRIVAL_SAMPLE):
     return values.astype(np.int64), counts / totals[:, None, None]
 
 
-def _windows(n, choice, spread, bins):
-    """Per image state: ``(starts, width)`` of the window of sorted images it draws from."""
+def image_windows(n, choice, spread, bins):
+    """Per image state: ``(starts, width, G)`` of the windows of sorted images it draws from.
+
+    ``G`` location bins over ``n`` images sorted by metric (1 for i.i.d.), each
+    window ``width`` images wide starting at ``starts[g]`` (circular).
+    """
     if choice == "iid":
         return np.zeros(1, np.int64), n, 1
     if choice != "location-reset":
@@ -191,7 +195,7 @@ def ceiling_policy(raw_metric, scenario, *, metric=None, bins=512, discount=0.99
     if np.any(np.diff(raw) < 0):
         raise ValueError("ceiling_policy: metric and raw_metric order the images differently")
     N, P, M = scenario.bucket
-    starts, width, G = _windows(n, scenario.choice, scenario.spread, bins)
+    starts, width, G = image_windows(n, scenario.choice, scenario.spread, bins)
     gaps, law = arrival_law(scenario.arrivals, scenario.markov, scenario.seed_for(seed_name))
     S = law.shape[0]
     if G * S * (M + 1) > MAX_STATES:

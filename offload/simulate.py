@@ -27,8 +27,11 @@ from offload import mlp, policies, sequences
 from offload.ring import input_size
 from offload_native import walk_block, window_block
 
-__all__ = ["Streams", "SimResult", "make_streams", "run_thresholds", "run_thresholds_numpy",
-           "run_dqn", "dqn_inputs", "input_blocks", "walk_block_numpy", "run_policy", "run_oracle", "run_lower_bound", "captured_share"]
+__all__ = [
+    "Streams", "SimResult", "make_streams", "run_thresholds", "run_thresholds_numpy", "run_dqn",
+    "dqn_inputs", "input_blocks", "walk_block_numpy", "padded_windows", "window_block_numpy",
+    "BLOCK_ROWS", "run_policy", "run_oracle", "run_lower_bound", "captured_share",
+]
 
 
 @dataclass
@@ -185,7 +188,7 @@ def run_thresholds_numpy(theta, streams, bucket, *, name="thresholds"):
     return SimResult.from_totals(name, streams, total, count, token_hist=hist)
 
 
-def _windows(streams, H, use_ia):
+def padded_windows(streams, H, use_ia):
     """Padded histories, time reversed, so each input window is a forward slice.
 
     ``rm[s, j]`` is ``m[s, L-1-j]`` with ``H-1`` zeros after the first image;
@@ -211,7 +214,7 @@ def dqn_inputs(streams, H, use_interarrival, start, stop):
     which is what lets a whole block of positions go through the network in
     one batch.
     """
-    rm, ri = _windows(streams, H, use_interarrival)
+    rm, ri = padded_windows(streams, H, use_interarrival)
     return window_block(rm, ri, H, start, stop)
 
 
@@ -223,15 +226,15 @@ def input_blocks(streams, H, use_interarrival, rows=None):
     keeps ``x`` to a few tens of MB whatever the number of streams.
     """
     S, L = streams.shape
-    rm, ri = _windows(streams, H, use_interarrival)
-    step = max(1, (rows or _BLOCK_ROWS) // max(S, 1))
+    rm, ri = padded_windows(streams, H, use_interarrival)
+    step = max(1, (rows or BLOCK_ROWS) // max(S, 1))
     for k0 in range(0, L, step):
         k1 = min(L, k0 + step)
         x = window_block(rm, ri, H, k0, k1)
         yield k0, k1, x.reshape(S * (k1 - k0), x.shape[2])
 
 
-def _block_numpy(rm, ri, H, start, stop):
+def window_block_numpy(rm, ri, H, start, stop):
     """Numpy twin of ``offload_native.window_block`` (tests compare the two)."""
     from numpy.lib.stride_tricks import sliding_window_view
 
@@ -266,7 +269,7 @@ def _forward_fn(network, H, use_interarrival, threads=1):
 
 # Rows per network call: big enough that per-call overhead vanishes, small
 # enough that a block of inputs stays in a few tens of MB.
-_BLOCK_ROWS = 1 << 15
+BLOCK_ROWS = 1 << 15
 
 
 def run_dqn(network, streams, bucket, *, H, use_interarrival=True, trace=False, name="dqn",

@@ -52,7 +52,7 @@ def test_value_iteration_equals_loop_twin(choice, arrivals):
                    markov=markov, seed=1)
     c = ceiling.ceiling_policy(raw, sc, bins=100, max_sweeps=sweeps, discount=0.95)
     assert 2 <= c.sweeps <= sweeps  # the twin runs as many sweeps as it did
-    starts, width, G = ceiling._windows(len(raw), choice, 0.3, 100)
+    starts, width, G = ceiling.image_windows(len(raw), choice, 0.3, 100)
     gaps, law = ceiling.arrival_law(arrivals, markov, seed=sc.seed_for("ceiling"))
     want = _brute_theta(raw, N, P, M, starts, width, 0.2 if choice != "iid" else 0.0, gaps, law,
                         0.95, c.sweeps)
@@ -127,7 +127,7 @@ def test_errors():
     with pytest.raises(ValueError, match="no images"):
         ceiling.ceiling_policy([], sc)
     with pytest.raises(ValueError, match="image choice"):
-        ceiling._windows(50, "bursty", 0.1, 10)
+        ceiling.image_windows(50, "bursty", 0.1, 10)
     with pytest.raises(ValueError, match="arrival process"):
         ceiling.arrival_law("poisson")
     with pytest.raises(ValueError, match="order the images differently"):

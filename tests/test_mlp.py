@@ -49,7 +49,7 @@ def test_16_bit_activations_leave_only_the_weight_error(rng):
 
 
 def test_16_bit_activations_refuse_layers_that_could_overflow(rng):
-    from offload_native._mlp import MAX_IN_16
+    from offload.mlp import MAX_IN_16
     layers = random_network(rng, MAX_IN_16 + 1, 3, hidden=(4,))
     calib = rng.normal(size=(16, MAX_IN_16 + 1)).astype(np.float32)
     with pytest.raises(ValueError, match="at most 516 inputs"):

@@ -166,17 +166,17 @@ def test_native_walk_windows_and_threads_equal_numpy_twins(use_ia, monkeypatch):
     rng = np.random.default_rng(8)
     _, q = small_dqn(rng, N, P, M, H, use_ia)
     st = random_streams(rng, 5, 1500, "markov", seed=4)
-    monkeypatch.setattr(simulate, "_BLOCK_ROWS", 5 * 700)  # three blocks, the last short
+    monkeypatch.setattr(simulate, "BLOCK_ROWS", 5 * 700)  # three blocks, the last short
     want = simulate.run_dqn(q, st, Bucket(N, P, M), H=H, use_interarrival=use_ia, trace=True, threads=1, native_walk=False)
     for threads in (1, 2):
         got = simulate.run_dqn(q, st, Bucket(N, P, M), H=H, use_interarrival=use_ia, trace=True, threads=threads)
         assert_same_result(got, want)
         np.testing.assert_array_equal(got.decisions, want.decisions)
         np.testing.assert_array_equal(got.tokens, want.tokens)
-    rm, ri = simulate._windows(st, H, use_ia)
+    rm, ri = simulate.padded_windows(st, H, use_ia)
     for a, b in [(0, 1500), (0, 1), (1499, 1500), (3, 700), (5, 5)]:
         np.testing.assert_array_equal(window_block(rm, ri, H, a, b),
-                                      simulate._block_numpy(rm, ri, H, a, b))
+                                      simulate.window_block_numpy(rm, ri, H, a, b))
     blocks = list(simulate.input_blocks(st, H, use_ia, rows=5 * 400))
     assert [(a, b) for a, b, _ in blocks] == [(0, 400), (400, 800), (800, 1200), (1200, 1500)]
     whole = simulate.dqn_inputs(st, H, use_ia, 0, 1500)
