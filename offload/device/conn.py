@@ -79,9 +79,13 @@ class Response:
         return self.headers.get(name.lower())
 
 
+def _ssl_text(exc):
+    """OpenSSL's message without its ``[SSL: CODE]`` prefix and ``(_ssl.c:N)`` suffix."""
+    return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", re.sub(r"^\[[^\]]*\]\s*", "", str(exc))) or repr(exc)
+
+
 def _tls_message(exc, host, port):
-    reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
-    return f"TLS handshake with {host}:{port} failed: {reason}"
+    return f"TLS handshake with {host}:{port} failed: {_ssl_text(exc)}"
 
 
 class Connection:
@@ -168,8 +172,8 @@ class Connection:
         except ssl.SSLError as e:
             self.close()
             if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
-                raise Disconnected(f"the server closed the TLS connection ({e.reason})") from None
-            raise TLSError(f"TLS error with {self.host}:{self.port}: {e.reason or e}") from None
+                raise Disconnected(f"the server closed the TLS connection ({_ssl_text(e)})") from None
+            raise TLSError(f"TLS with {self.host}:{self.port} failed: {_ssl_text(e)}") from None
         except BaseException:
             self.close()
             raise
