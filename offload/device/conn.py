@@ -112,7 +112,11 @@ class Connection:
     def connect(self):
         """Open the connection (TCP, then the TLS handshake when ``tls`` is set)."""
         t0 = time.monotonic()
-        sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except socket.timeout:
+            raise socket.timeout(f"no connection to {self.host}:{self.port} within "
+                                 f"{self.connect_timeout:g} s") from None
         try:
             # the request goes out in one write, but small answers should not wait either
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -169,6 +173,9 @@ class Connection:
         try:
             self._send(method, path, body, headers)
             resp = self._read_answer(max_body)
+        except socket.timeout:
+            self.close()
+            raise socket.timeout(f"no complete answer in time ({timeout:g} s)") from None
         except ssl.SSLError as e:
             self.close()
             if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
