@@ -24,12 +24,23 @@ The only module the device (``offload/device/``) and the server
 
 Scores are softmax probabilities of the strong model. The device needs
 no more than the top-1 class; top-k is for logs and people.
+
+Answer limits (one declaration each, below): at most :data:`MAX_TOP_ITEMS`
+classes in ``top``, names of at most :data:`MAX_NAME_CHARS` characters, a
+``frame_id`` of at most :data:`MAX_FRAME_ID_CHARS`. From them follows
+:data:`LARGEST_ANSWER_BYTES` (every field at its limit, every character
+escaped) and the device's read cap :data:`MAX_ANSWER_BYTES`, twice that.
+``answer_body`` keeps within them; ``parse_answer`` refuses a body over the
+cap, nested deeper than :data:`MAX_ANSWER_DEPTH` or with more than
+:data:`MAX_ANSWER_VALUES` values *before* handing it to ``json.loads``, so no
+answer can exhaust the device's stack or memory.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +51,13 @@ __all__ = [
     "METRICS_PATH",
     "CONTENT_TYPES",
     "MAX_BODY_BYTES",
+    "MAX_TOP_ITEMS",
+    "MAX_NAME_CHARS",
+    "MAX_FRAME_ID_CHARS",
+    "LARGEST_ANSWER_BYTES",
+    "MAX_ANSWER_BYTES",
+    "MAX_ANSWER_DEPTH",
+    "MAX_ANSWER_VALUES",
     "FRAME_ID_HEADER",
     "WireError",
     "Answer",
@@ -48,6 +66,7 @@ __all__ = [
     "content_type_ok",
     "answer_body",
     "error_body",
+    "check_answer_shape",
     "parse_answer",
 ]
 
@@ -59,6 +78,42 @@ FRAME_ID_HEADER = "X-Frame-Id"
 CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 #: Default largest request body (bytes). A camera frame as JPEG is far below this.
 MAX_BODY_BYTES = 4 * 1024 * 1024
+
+#: Classes in an answer's ``top`` at most (the device needs one; the rest is for logs).
+MAX_TOP_ITEMS = 100
+#: Characters of one class name at most (longer names are cut by ``answer_body``).
+MAX_NAME_CHARS = 64
+#: Characters of an echoed ``X-Frame-Id`` at most (the server refuses a longer header).
+MAX_FRAME_ID_CHARS = 128
+# Bytes of JSON numbers at their longest: a class index (int64), a score or a time
+# as Python's repr of a float ("-1.2345678901234567e-308").
+_NUMBER_BYTES = 24
+# One character as JSON at its longest: a character outside the BMP is a
+# surrogate pair, two 6-byte "\uXXXX" escapes.
+_CHAR_BYTES = 12
+#: The largest 200 answer ``answer_body`` can produce (bytes): every field at its limit.
+LARGEST_ANSWER_BYTES = (
+    len('{"top":[],"inference_ms":,"batch_size":,"frame_id":""}') + 2 * _NUMBER_BYTES
+    + _CHAR_BYTES * MAX_FRAME_ID_CHARS
+    + MAX_TOP_ITEMS * (len('{"class":,"score":,"name":""},') + 2 * _NUMBER_BYTES
+                       + _CHAR_BYTES * MAX_NAME_CHARS))
+#: The device reads at most this many bytes of an answer (any status): twice the largest.
+MAX_ANSWER_BYTES = 2 * LARGEST_ANSWER_BYTES
+#: Nesting of an answer's JSON at most: answer object, ``top`` list, item object (3), with room.
+MAX_ANSWER_DEPTH = 8
+#: JSON values (separated by ``,``) an answer may hold at most: 4 per item, with room.
+MAX_ANSWER_VALUES = 2 * (4 * MAX_TOP_ITEMS + 8)
+#: Digits of one JSON number at most (a longer one is no class, score or time).
+_MAX_NUMBER_CHARS = 40
+
+# The scan before parsing: structural bytes outside strings, and the rest of a
+# string after its opening quote. Both are linear (no nested repetition, and a
+# failed string match is the end of the scan).
+_JSON_TOKEN = re.compile(rb'[\[\]{}",]')
+_STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*"', re.DOTALL)
+# Tokens an answer within MAX_ANSWER_VALUES has at most (a value is a key, a
+# string, a bracket pair and a comma): a flood of brackets or quotes stops here.
+_MAX_TOKENS = 8 * MAX_ANSWER_VALUES
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -175,16 +230,21 @@ class Answer:
 
 
 def answer_body(classes, scores, *, names=None, inference_ms, batch_size, frame_id=None):
-    """The JSON body (``bytes``) of a 200 answer; ``classes``/``scores`` best first."""
+    """The JSON body (``bytes``) of a 200 answer; ``classes``/``scores`` best first.
+
+    Kept within the answer limits: the first :data:`MAX_TOP_ITEMS` classes,
+    names cut to :data:`MAX_NAME_CHARS` characters, ``frame_id`` to
+    :data:`MAX_FRAME_ID_CHARS`.
+    """
     top = []
-    for i, (c, s) in enumerate(zip(classes, scores)):
+    for i, (c, s) in enumerate(zip(classes[:MAX_TOP_ITEMS], scores)):
         item = {"class": int(c), "score": round(float(s), 6)}
         if names is not None:
-            item["name"] = str(names[i])
+            item["name"] = str(names[i])[:MAX_NAME_CHARS]
         top.append(item)
     obj = {"top": top, "inference_ms": round(float(inference_ms), 3), "batch_size": int(batch_size)}
     if frame_id is not None:
-        obj["frame_id"] = str(frame_id)
+        obj["frame_id"] = str(frame_id)[:MAX_FRAME_ID_CHARS]
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -193,8 +253,73 @@ def error_body(message):
     return json.dumps({"error": str(message)}, separators=(",", ":")).encode()
 
 
+def check_answer_shape(body):
+    """Refuse, before any parsing, an answer too large, nested too deep or with too many values.
+
+    A linear scan of the bytes (strings skipped): at most
+    :data:`MAX_ANSWER_BYTES` bytes, :data:`MAX_ANSWER_DEPTH` levels of
+    ``[``/``{`` and :data:`MAX_ANSWER_VALUES` values. ``json.loads`` then
+    cannot recurse deeper than that nor build more than that many objects.
+
+    Raises
+    ------
+    WireError
+        Saying which bound the body breaks (or that a string never ends).
+    """
+    data = bytes(body)
+    if len(data) > MAX_ANSWER_BYTES:
+        raise WireError(f"answer of {len(data)} bytes is over the limit of {MAX_ANSWER_BYTES}")
+    depth = values = tokens = 0
+    pos = 0
+    while True:
+        m = _JSON_TOKEN.search(data, pos)
+        if m is None:
+            return
+        tokens += 1
+        if tokens > _MAX_TOKENS:
+            raise WireError(f"answer has more than {_MAX_TOKENS} JSON tokens")
+        c, pos = data[m.start()], m.end()
+        if c == 0x22:  # '"': skip to the end of the string
+            end = _STRING_REST.match(data, pos)
+            if end is None:
+                raise WireError("answer is not JSON: a string never ends")
+            pos = end.end()
+        elif c in b"[{":
+            depth += 1
+            if depth > MAX_ANSWER_DEPTH:
+                raise WireError(f"answer is nested deeper than {MAX_ANSWER_DEPTH} levels")
+        elif c in b"]}":
+            depth -= 1
+        else:
+            values += 1
+            if values >= MAX_ANSWER_VALUES:
+                raise WireError(f"answer has more than {MAX_ANSWER_VALUES} JSON values")
+
+
+def _number(kind, convert):
+    def parse(text):
+        if len(text) > _MAX_NUMBER_CHARS:
+            raise WireError(f"answer has a {kind} of {len(text)} characters")
+        return convert(text)
+    return parse
+
+
+def _no_constant(name):
+    raise WireError(f"answer has {name}, which JSON does not allow")
+
+
+_JSON_HOOKS = {"parse_int": _number("number", int), "parse_float": _number("number", float),
+               "parse_constant": _no_constant}
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def parse_answer(body, n_classes=None):
     """Check and read a 200 answer's body.
+
+    The bounds of :func:`check_answer_shape` are checked first, on the bytes.
 
     Parameters
     ----------
@@ -204,32 +329,43 @@ def parse_answer(body, n_classes=None):
     Raises
     ------
     WireError
-        Not JSON, not the documented shape, empty ``top``, a class out of
-        range, or a score that is not a probability.
+        Over a bound, not JSON, not the documented shape, empty ``top`` or
+        more than :data:`MAX_TOP_ITEMS`, a class out of range, a score that is
+        not a probability, a name or ``frame_id`` that is not a string within
+        its limit, a time that is not finite.
     """
+    check_answer_shape(body)
     try:
-        obj = json.loads(bytes(body).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = json.loads(bytes(body).decode("utf-8"), **_JSON_HOOKS)
+    except (UnicodeDecodeError, ValueError) as exc:  # WireError is a ValueError: it passes as is
+        if isinstance(exc, WireError):
+            raise
         raise WireError(f"answer is not JSON: {exc}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("top"), list) or not obj["top"]:
         raise WireError("answer has no non-empty 'top' list")
+    if len(obj["top"]) > MAX_TOP_ITEMS:
+        raise WireError(f"answer has {len(obj['top'])} classes, more than {MAX_TOP_ITEMS}")
     classes, scores, names = [], [], []
     for item in obj["top"]:
         if not isinstance(item, dict):
             raise WireError("answer 'top' items must be objects")
-        c, s = item.get("class"), item.get("score")
+        c, s, name = item.get("class"), item.get("score"), item.get("name", "")
         if not isinstance(c, int) or isinstance(c, bool) or c < 0 or (n_classes is not None and c >= n_classes):
             raise WireError(f"answer class {c!r} is not a class index"
                             + (f" in 0..{n_classes - 1}" if n_classes else ""))
-        if not isinstance(s, (int, float)) or isinstance(s, bool) or not (0.0 <= s <= 1.0) or math.isnan(s):
+        if not _finite(s) or not (0.0 <= s <= 1.0):
             raise WireError(f"answer score {s!r} is not a probability")
+        if not isinstance(name, str) or len(name) > MAX_NAME_CHARS:
+            raise WireError(f"answer name must be a string of at most {MAX_NAME_CHARS} characters")
         classes.append(c)
         scores.append(float(s))
-        names.append(str(item.get("name", "")))
+        names.append(name)
     ms, batch = obj.get("inference_ms", 0.0), obj.get("batch_size", 1)
-    if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not (ms >= 0.0):
+    if not _finite(ms) or ms < 0.0:
         raise WireError(f"answer inference_ms {ms!r} is not a time")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise WireError(f"answer batch_size {batch!r} is not a positive integer")
     fid = obj.get("frame_id")
-    return Answer(classes, scores, names, float(ms), batch, None if fid is None else str(fid))
+    if fid is not None and (not isinstance(fid, str) or len(fid) > MAX_FRAME_ID_CHARS):
+        raise WireError(f"answer frame_id must be a string of at most {MAX_FRAME_ID_CHARS} characters")
+    return Answer(classes, scores, names, float(ms), batch, fid)

@@ -7,7 +7,9 @@ until ``release`` is set: deterministic "slow network"), ``slow`` (sleep
 ``delay`` s, past the client's read timeout), ``garbage`` (200 with a body
 that is not JSON), ``500``, ``close`` (read the request, close the socket
 without answering). ``kill()`` shuts it down mid-run (later requests are
-refused).
+refused). With ``tls`` (a server ``ssl.SSLContext``, tests/tls_helpers.py) it
+serves HTTPS: each connection's handshake runs in that connection's thread,
+and one that fails is counted in ``tls_failures`` (no request is read).
 """
 
 from __future__ import annotations
@@ -111,19 +113,44 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class FakeServer:
-    """A loopback wire-format server in a thread; ``url`` to pass as ``server``."""
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
 
-    def __init__(self, mode="ok", key=KEY, answer_class=lambda fid: 0, delay=1.0):
+    def finish_request(self, request, client_address):
+        # in the connection's own thread: a client that never finishes its
+        # handshake holds up nobody else
+        owner = self.owner
+        if owner.tls is not None:
+            request.settimeout(5.0)
+            try:
+                request = owner.tls.wrap_socket(request, server_side=True)
+            except (OSError, ValueError) as e:
+                owner.tls_failures.append(f"{type(e).__name__}: {e}")
+                return
+            request.settimeout(None)
+        super().finish_request(request, client_address)
+
+
+class FakeServer:
+    """A loopback wire-format server in a thread; ``url`` to pass as ``server``.
+
+    ``tls``: a server-side ``ssl.SSLContext`` (HTTPS, ``url`` is ``https://``);
+    ``host``: the host name the ``url`` carries (the socket is on 127.0.0.1).
+    """
+
+    def __init__(self, mode="ok", key=KEY, answer_class=lambda fid: 0, delay=1.0, *, tls=None,
+                 host="127.0.0.1"):
         self.mode, self.key, self.answer_class, self.delay = mode, key, answer_class, delay
         self.retry_after = "1"  # the Retry-After header of modes "429", "503" and "500"
+        self.tls = tls
+        self.tls_failures = []
         self.requests = []
         self.connections = []
         self.release = threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), _Handler)
         self.httpd.owner = self
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self._thread.start()
         self._dead = False

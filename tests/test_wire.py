@@ -146,3 +146,95 @@ def test_oversized_picture_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(images, "decode_image", no_decode)
     with pytest.raises(WireError, match="3000x3000 pixels is over"):
         images.decode_body(body, ctype, max_pixels=2048 * 2048)
+
+
+def _check_answer(a, n_classes):
+    assert isinstance(a, wire.Answer) and 1 <= len(a.classes) <= wire.MAX_TOP_ITEMS
+    assert len(a.classes) == len(a.scores) == len(a.names)
+    assert all(isinstance(c, int) and 0 <= c < n_classes for c in a.classes)
+    assert all(0.0 <= s <= 1.0 for s in a.scores) and all(isinstance(n, str) for n in a.names)
+    assert a.inference_ms >= 0 and np.isfinite(a.inference_ms) and a.batch_size >= 1
+    assert a.frame_id is None or isinstance(a.frame_id, str)
+
+
+def _parses_or_refuses(body, n_classes=10):
+    try:
+        a = wire.parse_answer(body, n_classes)
+    except WireError:
+        return None
+    _check_answer(a, n_classes)
+    return a
+
+
+@settings(max_examples=300)
+@given(body=st.binary(max_size=2048))
+def test_parse_answer_of_any_bytes_is_an_answer_or_a_wire_error(body):
+    _parses_or_refuses(body)
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                     lambda kids: st.lists(kids, max_size=4)
+                     | st.dictionaries(st.sampled_from(["top", "class", "score", "name",
+                                                        "inference_ms", "batch_size", "frame_id"]),
+                                       kids, max_size=4), max_leaves=30)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=_json, prefix=st.sampled_from(["", "[", "{\"top\": ", "[[[[[[[["]))
+def test_parse_answer_of_any_json_is_an_answer_or_a_wire_error(obj, prefix):
+    text = prefix + json.dumps(obj)
+    _parses_or_refuses(text.encode())
+
+
+_item = st.fixed_dictionaries({"class": st.integers(0, 9), "score": st.floats(0, 1)},
+                              optional={"name": st.text(max_size=wire.MAX_NAME_CHARS + 2)})
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(top=st.lists(_item, min_size=1, max_size=wire.MAX_TOP_ITEMS + 3),
+       depth=st.integers(0, wire.MAX_ANSWER_DEPTH + 2),
+       fid=st.none() | st.text(max_size=wire.MAX_FRAME_ID_CHARS + 2))
+def test_structured_answers_near_the_limits(top, depth, fid):
+    obj = {"top": top, "inference_ms": 1.5, "batch_size": 2,
+           "extra": json.loads("[" * depth + "]" * depth) if depth else 0}
+    if fid is not None:
+        obj["frame_id"] = fid
+    body = json.dumps(obj).encode()
+    a = _parses_or_refuses(body)
+    within = (len(top) <= wire.MAX_TOP_ITEMS and 1 + depth <= wire.MAX_ANSWER_DEPTH
+              and all(len(t.get("name", "")) <= wire.MAX_NAME_CHARS for t in top)
+              and (fid is None or len(fid) <= wire.MAX_FRAME_ID_CHARS))
+    assert (a is not None) == within
+    if a is not None:
+        assert a.classes == [t["class"] for t in top]
+
+
+def test_the_largest_legitimate_answer_fits_the_cap():
+    names = ["\U0001F600" * wire.MAX_NAME_CHARS] * wire.MAX_TOP_ITEMS   # each character escaped
+    body = wire.answer_body(list(range(wire.MAX_TOP_ITEMS)), [1e-7] * wire.MAX_TOP_ITEMS,
+                            names=names, inference_ms=123456789.123, batch_size=10**9,
+                            frame_id="\U0001F600" * wire.MAX_FRAME_ID_CHARS)
+    assert len(body) <= wire.LARGEST_ANSWER_BYTES <= wire.MAX_ANSWER_BYTES // 2
+    a = wire.parse_answer(body, wire.MAX_TOP_ITEMS)
+    assert len(a.classes) == wire.MAX_TOP_ITEMS and a.names[0] == names[0]
+    # answer_body keeps a longer answer within the limits
+    long = wire.answer_body(list(range(300)), [0.001] * 300, names=["n" * 500] * 300,
+                            inference_ms=1, batch_size=1, frame_id="f" * 500)
+    b = wire.parse_answer(long)
+    assert len(b.classes) == wire.MAX_TOP_ITEMS and len(b.names[0]) == wire.MAX_NAME_CHARS
+    assert len(b.frame_id) == wire.MAX_FRAME_ID_CHARS
+
+
+@pytest.mark.parametrize("body,why", [
+    (b'{"top": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested deeper"),
+    (b"[" * 10_000_000, "over the limit"),
+    (b'{"top": [' + b"0," * 5000 + b"0]}", "JSON values"),
+    (b'{"top": [{"class": ' + b"9" * 5000 + b', "score": 0.5}]}', "number of 5000"),
+    (b'{"top": [{"class": 1, "score": NaN}]}', "NaN"),
+    (b'{"top": [{"class": 1, "score": 0.5}], "inference_ms": 1e999}', "not a time"),
+    (b'{"top": [{"class": 1, "score": 0.5, "name": ["x"]}]}', "name must be a string"),
+    (b'"' + b'\\"' * 50_000, "never ends"),
+])
+def test_hostile_answers_are_refused_before_parsing(body, why):
+    with pytest.raises(WireError, match=why):
+        wire.parse_answer(body)

@@ -7,6 +7,7 @@ Torch-free (numpy, OpenCV, LiteRT). One concept per module:
 ``weak``     accelerator choice (Edge TPU / CPU) and the inference watchdog
 ``policy``   per-frame metric and decision (native Decider or thresholds + bucket)
 ``sender``   bounded queue + background thread posting frames to the edge server
+``conn``     the sender's bounded HTTP/1.1 client (plain or TLS; deadline, head and body caps)
 ``record``   ``FrameRecord`` (one frame's log record) and the ``Outcome`` enum
 ``slotter``  ``Slotter``: time slot and inter-arrival of each decided frame
 ``stopwatch`` ``Stopwatch``: per-part loop times

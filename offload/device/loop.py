@@ -247,7 +247,8 @@ def _open_loop(stack, cfg, blob, key, stats, *, model_path, source, make_classif
         sender = Sender(cfg.server, key, queue_size=cfg.queue_size,
                         connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
                         image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
-                        n_classes=watchdog.n_classes)
+                        n_classes=watchdog.n_classes, ca_file=cfg.ca_file,
+                        client_cert=cfg.client_cert, client_key=cfg.client_key, warn=say)
     loop = FrameLoop(cfg, blob, source=src, watchdog=watchdog, log=log, sender=sender,
                      stats=stats, status=status)
     stack.push(loop.wind_down)   # first out after the signal handlers: drains while the log is open

@@ -29,13 +29,15 @@ class Outcome(enum.Enum):
     REFUSED = "refused"               # connection refused (no server listening)
     DISCONNECTED = "disconnected"     # the server closed the connection without an answer
     NET_ERROR = "net-error"           # any other network error
+    TLS_ERROR = "tls-error"           # TLS refused: chain, host name, expiry, or no TLS at all
     HTTP = "http"                     # a non-200 status: logged as ``http-<status>``
+    REDIRECT = "redirect"             # a 3xx answer: not followed
     HELD_OFF = "held-off"             # not sent: Retry-After still running
     BAD_ANSWER = "bad-answer"         # a 200 answer that breaks the wire format
     BAD_FRAME = "bad-frame"           # the frame could not be encoded
     CANCELLED = "cancelled"           # still queued or in flight when the run ended
     WEAK_FAILED = "weak-failed"       # the weak inference failed (watchdog)
-    ERROR = "error"                   # the run failed while this frame was in hand
+    ERROR = "error"                   # the run (or the sender) failed while this frame was in hand
 
     def label(self, http_status=None):
         """The text logged and counted: the value, or ``http-<status>`` for ``HTTP``."""

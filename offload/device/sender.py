@@ -2,7 +2,8 @@
 
 ``Sender.submit`` puts a frame on a bounded queue and returns at once; one
 background thread encodes each frame (``offload.wire.encode_image``) and POSTs
-it to ``SERVER/v1/classify`` over one keep-alive HTTP/1.1 connection, with
+it to ``SERVER/v1/classify`` over one keep-alive HTTP/1.1 connection
+(``offload.device.conn``: plain for ``http://``, TLS for ``https://``), with
 ``Authorization: Bearer KEY``. Every frame handed to ``submit`` comes back
 exactly once as a :class:`Result` on ``results`` (a ``queue.Queue`` the loop
 drains): an answer, or the reason there is none. A failure never raises into
@@ -11,17 +12,28 @@ the loop; the frame keeps its weak answer.
 Outcomes (``Result.outcome``, an :class:`offload.device.record.Outcome`):
 
 ``SENT``         the server answered 200 with a valid answer
-``TIMEOUT``      no connection within ``connect_timeout`` or no answer within ``read_timeout``
+``TIMEOUT``      no connection within ``connect_timeout`` or no complete answer within ``read_timeout``
 ``REFUSED``      the connection was refused (no server listening)
-``DISCONNECTED`` the server closed the connection without an answer
+``DISCONNECTED`` the server closed (or reset) the connection without an answer
 ``NET_ERROR``    any other network error (message in ``Result.error``)
+``TLS_ERROR``    ``https://`` only: the certificate chain, host name or dates do not verify,
+                 the server speaks no TLS, or refused this device's certificate; nothing was sent
 ``HTTP``         the server answered with status ``Result.http_status`` (401, 429, 500, ...)
+``REDIRECT``     the server answered 3xx; redirects are never followed
 ``HELD_OFF``     not sent: the server asked to wait (``Retry-After`` on a 429 or 503)
-``BAD_ANSWER``   a 200 answer that does not follow the wire format
+``BAD_ANSWER``   an answer that breaks HTTP/1.1, the wire format or a bound (too large,
+                 too deep, too many headers, ...)
 ``BAD_FRAME``    the frame could not be encoded
+``ERROR``        anything else that went wrong in the sender (message in ``Result.error``);
+                 the sender goes on with the next frame
 ``CANCELLED``    still queued or in flight when the run ended (``close``)
 
 (``QUEUE_FULL`` is decided by the caller when ``submit`` returns False.)
+
+No answer can stop offloading: each frame is handled under its own ``try``,
+and should the thread die all the same, ``submit`` (and ``close``) notice,
+record the frame it held as ``error`` and start a new thread
+(``Sender.restarts`` counts them).
 
 A 429 or 503 answer with ``Retry-After`` (seconds or an HTTP date, RFC 9110)
 holds the sender off: frames taken from the queue before that time come back
@@ -29,14 +41,22 @@ holds the sender off: frames taken from the queue before that time come back
 drifted from the server's does not spend network on requests the server has
 said it will refuse. The hold is capped at ``MAX_HOLD_S`` and measured on the
 sender's ``clock`` (``time.monotonic`` unless a test injects another).
+
+Messages for people (``warn``): once when plain HTTP goes to a host that is
+not loopback (the key and the images cross the network in clear text), and
+once at the first TLS failure; an ``https://`` sender also tries the
+handshake as soon as it starts, so a wrong CA or host name is reported before
+the first frame is offloaded.
 """
 
 from __future__ import annotations
 
-import http.client
+import ipaddress
 import math
 import queue
 import socket
+import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,9 +64,11 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from offload import wire
+from offload.device.conn import Connection, Disconnected, ProtocolError, TLSError
+from offload.device.config import ConfigError
 from offload.device.record import Outcome
 
-__all__ = ["Sender", "Result", "retry_after_seconds", "MAX_HOLD_S"]
+__all__ = ["Sender", "Result", "retry_after_seconds", "tls_context", "is_loopback", "MAX_HOLD_S"]
 
 MAX_HOLD_S = 60.0  # a longer Retry-After would silence offloading for a whole run
 
@@ -72,6 +94,54 @@ def retry_after_seconds(value, now=None):
             return None
         secs = when.timestamp() - (time.time() if now is None else now)
     return min(max(secs, 0.0), MAX_HOLD_S)
+
+
+def is_loopback(host):
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1): traffic that stays on the machine."""
+    if host is None:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_context(ca_file=None, client_cert=None, client_key=None):
+    """The ``ssl.SSLContext`` of an ``https://`` sender: verify chain and host name, TLS 1.2 or later.
+
+    ``ca_file`` (PEM) holds the CA certificates to trust; None: the system
+    store. ``client_cert`` (PEM, may hold the key too) and ``client_key`` are
+    this device's certificate and key, for a server that asks for one.
+
+    Raises
+    ------
+    ConfigError
+        A file that cannot be read or is not what it should be, naming the key.
+    """
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"ca-file: cannot load CA certificates from {ca_file} "
+                          f"({getattr(e, 'strerror', None) or e})") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname, ctx.verify_mode = True, ssl.CERT_REQUIRED  # the defaults, said once more
+    if client_cert is not None:
+        try:
+            ctx.load_cert_chain(client_cert, client_key)
+        except (OSError, ssl.SSLError) as e:
+            key = "client-key" if client_key and "key" in str(e).lower() else "client-cert"
+            raise ConfigError(f"{key}: cannot load the client certificate {client_cert}"
+                              + (f" with key {client_key}" if client_key else "")
+                              + f" ({getattr(e, 'strerror', None) or e})") from None
+    elif client_key is not None:
+        raise ConfigError("client-key: needs client-cert")
+    return ctx
+
+
+def _stderr(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -106,40 +176,71 @@ class Sender:
     Parameters
     ----------
     server : str
-        Base URL ``http://HOST[:PORT]``.
+        Base URL ``http://HOST[:PORT]`` or ``https://HOST[:PORT]``.
     key : str
         API key for ``Authorization: Bearer``.
     queue_size : int
         Frames waiting at most (the one being sent not counted).
-    connect_timeout, read_timeout : float
-        Seconds.
+    connect_timeout : float
+        Seconds to connect, TLS handshake included.
+    read_timeout : float
+        Seconds for the whole answer to one frame (from sending it to its last byte).
     image_format : ``"png"`` or ``"jpeg"``; ``jpeg_quality`` 1..100.
     n_classes : int, optional
         When given, answers with a class outside ``0..n_classes-1`` are ``bad-answer``.
     clock : callable () -> float
         Monotonic seconds for the ``Retry-After`` hold (tests pass a fake one).
+    ca_file, client_cert, client_key : str, optional
+        ``https://`` only: see :func:`tls_context`.
+    warn : callable (str) -> None, optional
+        Receives the messages for people (default: stderr).
+
+    Raises
+    ------
+    ConfigError
+        A URL that is not ``http://`` or ``https://``, TLS files given for
+        ``http://``, or TLS files that do not load.
     """
 
     def __init__(self, server, key, *, queue_size=8, connect_timeout=1.0, read_timeout=2.0,
-                 image_format="png", jpeg_quality=90, n_classes=None, clock=time.monotonic):
+                 image_format="png", jpeg_quality=90, n_classes=None, clock=time.monotonic,
+                 ca_file=None, client_cert=None, client_key=None, warn=None):
         u = urlsplit(server)
-        self.host, self.port = u.hostname, u.port or 80
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(f"server: must be an http:// or https:// URL, got {server!r}")
+        self.url = f"{u.scheme}://{u.netloc}"
+        self.host, self.port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
         self.path = u.path.rstrip("/") + wire.CLASSIFY_PATH
         self.key = key
         self.connect_timeout, self.read_timeout = float(connect_timeout), float(read_timeout)
         self.image_format, self.jpeg_quality = image_format, int(jpeg_quality)
         self.n_classes = n_classes
         self.clock = clock
+        self.warn = warn or _stderr
+        self._warned = set()
+        tls = None
+        if u.scheme == "https":
+            tls = tls_context(ca_file, client_cert, client_key)
+        elif (ca_file, client_cert, client_key) != (None, None, None):
+            raise ConfigError("ca-file: TLS files only apply to an https:// server")
+        elif not is_loopback(self.host):
+            self._warn_once("cleartext", f"warning: plain HTTP to {self.url}: the key and every "
+                            "offloaded image cross the network unencrypted; use https:// "
+                            "(docs/security.md)")
+        self.tls = tls is not None
+        self._conn = Connection(self.host, self.port, tls=tls, connect_timeout=self.connect_timeout)
         self.results = queue.Queue()
         self._jobs = queue.Queue(maxsize=int(queue_size))
-        self._conn = None
-        self._conn_lock = threading.Lock()
         self._stopping = threading.Event()
         self._pending = 0          # submitted and not yet on ``results``
         self._hold_until = -math.inf  # clock() before which nothing is sent (Retry-After)
         self._count_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._work, name="offload-sender", daemon=True)
-        self._thread.start()
+        self._thread_lock = threading.Lock()
+        self._in_hand = None       # (frame id, t_in) of the job the thread holds
+        self._died = None          # what killed the last thread
+        self.restarts = 0          # threads started again after one died
+        self._thread = None
+        self._start_thread(probe=self.tls)
 
     # ------------------------------------------------------------------ caller side
 
@@ -147,6 +248,7 @@ class Sender:
         """Queue one frame; False (nothing queued) when the queue is full or closed. Never blocks."""
         if self._stopping.is_set():
             return False
+        self._revive()
         try:
             self._jobs.put_nowait((frame_id, image, time.perf_counter()))
         except queue.Full:
@@ -161,6 +263,11 @@ class Sender:
         with self._count_lock:
             return self._pending
 
+    @property
+    def alive(self):
+        """True while the sender thread runs."""
+        return self._thread.is_alive()
+
     def close(self, timeout):
         """Stop: let queued frames go out for up to ``timeout`` s, then cancel the rest.
 
@@ -171,6 +278,7 @@ class Sender:
         """
         deadline = time.monotonic() + max(0.0, timeout)
         while self.pending and time.monotonic() < deadline:
+            self._revive()
             time.sleep(0.01)
         self._stopping.set()
         # Cancel what is still queued.
@@ -182,14 +290,57 @@ class Sender:
             self._finish(Result(fid, Outcome.CANCELLED, error="run ended before it was sent",
                                 queue_ms=(time.perf_counter() - t_in) * 1e3))
         self._jobs.put(None)  # wake the thread if it waits for work
-        with self._conn_lock:
-            conn = self._conn
-        if conn is not None and conn.sock is not None:
-            try:  # abort a request in flight: the thread sees an error and cancels it
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._conn.abort()    # a request in flight fails at once: the thread cancels it
         self._thread.join(timeout=1.0)
+        self._revive()        # a thread that died holding a frame: that frame's result
+
+    # ------------------------------------------------------------------ thread keeping
+
+    def _start_thread(self, probe=False):
+        self._thread = threading.Thread(target=self._thread_main, args=(probe,),
+                                        name="offload-sender", daemon=True)
+        self._thread.start()
+
+    def _revive(self):
+        """If the thread died: record the frame it held as ``error`` and start another one."""
+        with self._thread_lock:
+            if self._thread.is_alive():
+                return
+            died, self._died = self._died or "it stopped", None
+            held, self._in_hand = self._in_hand, None
+            if held is not None:
+                fid, t_in = held
+                self._finish(Result(fid, Outcome.ERROR, error=f"sender thread died ({died})",
+                                    queue_ms=(time.perf_counter() - t_in) * 1e3))
+            if self._stopping.is_set():
+                return
+            self.restarts += 1
+            self.warn(f"warning: the sender thread died ({died}); started a new one")
+            self._conn.close()
+            self._start_thread()
+
+    def _thread_main(self, probe):
+        try:
+            if probe:
+                self._probe()
+            self._work()
+        except BaseException as e:  # noqa: BLE001 - recorded, and the thread is started again
+            self._died = f"{type(e).__name__}: {e}"
+
+    def _probe(self):
+        """Open the connection at once (``https://``): a TLS failure is told before any frame."""
+        try:
+            self._conn.connect()
+        except TLSError as e:
+            self._warn_once("tls", f"error: {e}; nothing will be offloaded until it verifies "
+                                   "(check ca-file and the server's certificate, docs/security.md)")
+        except OSError:
+            pass  # no server yet: each frame says so
+
+    def _warn_once(self, kind, msg):
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self.warn(msg)
 
     # ------------------------------------------------------------------ thread side
 
@@ -204,46 +355,37 @@ class Sender:
             if job is None:
                 break
             fid, image, t_in = job
-            if self._stopping.is_set():
-                self._finish(Result(fid, Outcome.CANCELLED, error="run ended before it was sent",
-                                    queue_ms=(time.perf_counter() - t_in) * 1e3))
-                continue
-            t0 = time.perf_counter()
-            hold = self._hold_until - self.clock()
-            if hold > 0:
-                self._finish(Result(fid, Outcome.HELD_OFF, queue_ms=(t0 - t_in) * 1e3,
-                                    error=f"not sent: the server asked to wait {hold:.1f} s more "
-                                          "(Retry-After)"))
-                continue
-            res = self._send(fid, image)
-            res.queue_ms = (t0 - t_in) * 1e3
-            if self._stopping.is_set() and res.outcome is not Outcome.SENT:
-                res.error = f"run ended while in flight ({res.label}: {res.error})"
-                res.outcome, res.http_status = Outcome.CANCELLED, None
+            self._in_hand = (fid, t_in)
+            try:
+                res = self._handle(fid, image, t_in)
+            except Exception as e:  # noqa: BLE001 - one frame's failure, never the sender's
+                self._conn.close()
+                res = Result(fid, Outcome.ERROR, error=f"sender: {type(e).__name__}: {e}",
+                             queue_ms=(time.perf_counter() - t_in) * 1e3)
+            self._in_hand = None
             self._finish(res)
-        self._close_conn()
+        self._conn.close()
 
-    def _close_conn(self):
-        with self._conn_lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    def _connection(self):
-        with self._conn_lock:
-            if self._conn is None:
-                self._conn = http.client.HTTPConnection(self.host, self.port,
-                                                        timeout=self.connect_timeout)
-            conn = self._conn
-        if conn.sock is None:
-            conn.connect()  # bounded by connect_timeout
-            conn.sock.settimeout(self.read_timeout)
-            # http.client sends headers and body in two writes; with Nagle's
-            # algorithm the body then waits for the server's delayed ACK
-            # (~40 ms per request on Linux).
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return conn, False
-        return conn, True
+    def _handle(self, fid, image, t_in):
+        """The result of one frame taken from the queue: cancelled, held off, or sent."""
+        t0 = time.perf_counter()
+        if self._stopping.is_set():
+            return Result(fid, Outcome.CANCELLED, error="run ended before it was sent",
+                          queue_ms=(t0 - t_in) * 1e3)
+        hold = self._hold_until - self.clock()
+        if hold > 0:
+            return Result(fid, Outcome.HELD_OFF, queue_ms=(t0 - t_in) * 1e3,
+                          error=f"not sent: the server asked to wait {hold:.1f} s more "
+                                "(Retry-After)")
+        res = self._send(fid, image)
+        res.queue_ms = (t0 - t_in) * 1e3
+        if res.outcome is Outcome.TLS_ERROR:
+            self._warn_once("tls", f"error: {res.error}; frames keep their weak answers "
+                                   "(check ca-file and the server's certificate, docs/security.md)")
+        if self._stopping.is_set() and res.outcome is not Outcome.SENT:
+            res.error = f"run ended while in flight ({res.label}: {res.error})"
+            res.outcome, res.http_status = Outcome.CANCELLED, None
+        return res
 
     def _send(self, fid, image):
         t0 = time.perf_counter()
@@ -254,55 +396,63 @@ class Sender:
         encode_ms = (time.perf_counter() - t0) * 1e3
         headers = {"Content-Type": ctype, "Authorization": f"Bearer {self.key}",
                    wire.FRAME_ID_HEADER: str(fid)}
+
+        def failed(outcome, error):
+            return Result(fid, outcome, error=error, encode_ms=encode_ms, request_bytes=len(body))
+
         # A reused keep-alive connection may have been closed by the server
         # while idle; that shows as a disconnect before any answer, and the
         # request is retried once on a fresh connection.
         for attempt in (0, 1):
             t1 = time.perf_counter()
-            reused = False
+            reused = self._conn.sock is not None
             try:
-                conn, reused = self._connection()
-                conn.request("POST", self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                status = resp.status
-                retry_after = resp.getheader("Retry-After")
-                if resp.will_close:
-                    self._close_conn()
-            except (socket.timeout, TimeoutError) as e:
-                self._close_conn()
-                return Result(fid, Outcome.TIMEOUT, error=f"{e or 'timed out'}", encode_ms=encode_ms,
-                              request_bytes=len(body))
-            except ConnectionRefusedError as e:
-                self._close_conn()
-                return Result(fid, Outcome.REFUSED, error=str(e), encode_ms=encode_ms,
-                              request_bytes=len(body))
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                    http.client.IncompleteRead) as e:
-                self._close_conn()
-                if reused and attempt == 0 and not self._stopping.is_set():
+                resp = self._conn.request("POST", self.path, body, headers,
+                                          timeout=self.read_timeout, max_body=wire.MAX_ANSWER_BYTES)
+            except TLSError as e:
+                return failed(Outcome.TLS_ERROR, str(e))
+            except (TimeoutError, OSError) as e:
+                outcome = _network_outcome(e)
+                if outcome is Outcome.DISCONNECTED and reused and attempt == 0 \
+                        and not self._stopping.is_set():
                     continue
-                return Result(fid, Outcome.DISCONNECTED, error=f"{type(e).__name__}: {e}",
-                              encode_ms=encode_ms, request_bytes=len(body))
-            except (OSError, http.client.HTTPException) as e:
-                self._close_conn()
-                return Result(fid, Outcome.NET_ERROR, error=f"{type(e).__name__}: {e}",
-                              encode_ms=encode_ms, request_bytes=len(body))
+                return failed(outcome, f"{e or 'timed out'}" if outcome is Outcome.TIMEOUT
+                              else f"{type(e).__name__}: {e}")
+            except ProtocolError as e:
+                return failed(Outcome.BAD_ANSWER, str(e))
             rtt_ms = (time.perf_counter() - t1) * 1e3
-            if status != 200:
-                wait = retry_after_seconds(retry_after) if status in (429, 503) else None
-                if wait:
-                    self._hold_until = max(self._hold_until, self.clock() + wait)
-                return Result(fid, Outcome.HTTP, http_status=status,
-                              error=data[:200].decode("utf-8", "replace"),
-                              encode_ms=encode_ms, transmission_ms=rtt_ms,
-                              request_bytes=len(body))
-            try:
-                ans = wire.parse_answer(data, self.n_classes)
-            except wire.WireError as e:
-                return Result(fid, Outcome.BAD_ANSWER, error=str(e), encode_ms=encode_ms,
-                              transmission_ms=rtt_ms, request_bytes=len(body))
-            return Result(fid, Outcome.SENT, answer=ans, encode_ms=encode_ms,
-                          transmission_ms=max(0.0, rtt_ms - ans.inference_ms),
-                          request_bytes=len(body))
+            return self._answered(fid, resp, rtt_ms, encode_ms, len(body))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _answered(self, fid, resp, rtt_ms, encode_ms, request_bytes):
+        """The result of a complete answer: sent, redirect, http-<status> or bad-answer."""
+        times = {"encode_ms": encode_ms, "request_bytes": request_bytes}
+        status = resp.status
+        if 300 <= status < 400:
+            where = (resp.header("Location") or "nowhere")[:200]
+            return Result(fid, Outcome.REDIRECT, http_status=status, transmission_ms=rtt_ms,
+                          error=f"the server answered {status}, a redirect to {where!r}; "
+                                "redirects are not followed", **times)
+        if status != 200:
+            wait = retry_after_seconds(resp.header("Retry-After")) if status in (429, 503) else None
+            if wait:
+                self._hold_until = max(self._hold_until, self.clock() + wait)
+            return Result(fid, Outcome.HTTP, http_status=status, transmission_ms=rtt_ms,
+                          error=resp.body[:200].decode("utf-8", "replace"), **times)
+        try:
+            ans = wire.parse_answer(resp.body, self.n_classes)
+        except wire.WireError as e:
+            return Result(fid, Outcome.BAD_ANSWER, error=str(e), transmission_ms=rtt_ms, **times)
+        return Result(fid, Outcome.SENT, answer=ans,
+                      transmission_ms=max(0.0, rtt_ms - ans.inference_ms), **times)
+
+
+def _network_outcome(exc):
+    """The outcome of a network error raised by a request."""
+    if isinstance(exc, (TimeoutError, socket.timeout)):   # one class from Python 3.10
+        return Outcome.TIMEOUT
+    if isinstance(exc, ConnectionRefusedError):
+        return Outcome.REFUSED
+    if isinstance(exc, (Disconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+        return Outcome.DISCONNECTED
+    return Outcome.NET_ERROR
