@@ -109,7 +109,7 @@ class _Metrics:
         self.refused = Counter("offload_connections_refused",
                                "Connections refused at accept, by cap "
                                "(max_connections, max_per_client).", ["reason"], registry=registry)
-        self.tls_failures = Counter("offload_tls_failures", "Failed TLS handshakes, by error.",
+        self.tls_failures = Counter("offload_tls_failures", "Failed TLS handshakes, by error (certificate, protocol, timeout, connection).",
                                     ["error"], registry=registry)
         self.connections = Gauge("offload_open_connections", "Open client connections.",
                                  registry=registry)

@@ -125,6 +125,17 @@ class Guard:
         return make
 
 
+def _tls_error_kind(exc):
+    """The ``offload_tls_failures_total`` label of a failed handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in str(exc):
+        return "certificate"   # the client's certificate is missing or does not verify
+    if isinstance(exc, ssl.SSLError):
+        return "protocol"      # not TLS (plain HTTP on the TLS port), no shared version/cipher
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timeout"
+    return "connection"        # reset or closed during the handshake
+
+
 def _common_name(cert):
     """The subject CN of ``ssl.SSLObject.getpeercert()``'s dict, or None."""
     for rdn in (cert or {}).get("subject", ()):
@@ -173,7 +184,7 @@ class GuardedH11Protocol(H11Protocol):
                 ssl_handshake_timeout=self.guard.limits.head_timeout)
         except Exception as exc:  # noqa: BLE001 - any failed handshake just ends this connection
             if not self._released:  # (not the head deadline, which counted itself)
-                self.guard.count("tls_failures", type(exc).__name__)
+                self.guard.count("tls_failures", _tls_error_kind(exc))
                 log.debug("TLS handshake with %s failed: %s", self._host, exc)
             raw.close()
             self._release()
