@@ -7,6 +7,8 @@ Modules, one concept each:
 - ``keys``: the TOML key file (hashes only) and per-key token buckets;
 - ``images``: request bodies to images, picture size checked before decoding;
 - ``app``: the Starlette app (classify, ``/healthz``, ``/metrics``);
+- ``guard``: per-connection deadlines, connection caps and TLS under uvicorn;
+- ``tls``: the server's TLS context, and a private CA for a fleet (``tls init``);
 - ``serve``: running it, in the foreground or in a background thread;
 - ``cli``: ``offload-serve``.
 
@@ -19,9 +21,10 @@ Start one from Python (see docs/server.md)::
 """
 
 from offload.server.app import create_app
+from offload.server.guard import Limits
 from offload.server.keys import KeyStore
 from offload.server.model import StrongModel
 from offload.server.serve import BackgroundServer, ServerStartError, serve_in_thread
 
 __all__ = ["serve_in_thread", "BackgroundServer", "ServerStartError", "create_app", "KeyStore",
-           "StrongModel"]
+           "StrongModel", "Limits"]

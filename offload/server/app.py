@@ -25,13 +25,18 @@ Endpoints (``offload.wire`` documents the bodies):
     Prometheus text: ``offload_requests_total{status}``,
     ``offload_request_seconds`` (latency histogram of classify requests),
     ``offload_batch_size`` and ``offload_inference_seconds`` (per model
-    call), ``offload_queue_depth``. Each app has its own
+    call), ``offload_queue_depth``; and, from the connection guard
+    (``offload.server.guard``), ``offload_deadline_hits_total{phase}``,
+    ``offload_connections_refused_total{reason}``,
+    ``offload_tls_failures_total{error}`` and ``offload_open_connections``.
+    Each app has its own
     ``CollectorRegistry``, so several apps in one process do not collide.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import time
 
@@ -52,7 +57,7 @@ from offload.server.images import DEFAULT_MAX_PIXELS, decode_body, image_size
 from offload.server.keys import KeyStore
 from offload.server.model import ModelError, StrongModel, softmax, top_k
 
-__all__ = ["create_app", "DEFAULTS"]
+__all__ = ["create_app", "DEFAULTS", "DEADLINE_SCOPE_KEY", "CLIENT_CERT_SCOPE_KEY"]
 
 log = logging.getLogger("offload.server")
 
@@ -72,6 +77,11 @@ INLINE_DECODE_BYTES = 64 * 1024
 INLINE_DECODE_PIXELS = 256 * 256
 #: Longest accepted X-Frame-Id, characters.
 MAX_FRAME_ID = 128
+#: Request-scope keys set by the connection guard (``offload.server.guard``):
+#: the deadline ("head"/"body") that cut the request, and the verified client
+#: certificate's common name (None without client certificates).
+DEADLINE_SCOPE_KEY = "offload.deadline"
+CLIENT_CERT_SCOPE_KEY = "offload.client_cert"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -92,6 +102,17 @@ class _Metrics:
                                    buckets=_LATENCY_BUCKETS, registry=registry)
         self.queue = Gauge("offload_queue_depth", "Images waiting for the strong model.",
                            registry=registry)
+        # Updated by the connection guard (offload.server.guard).
+        self.deadline_hits = Counter("offload_deadline_hits",
+                                     "Connections cut by a deadline, by phase (head, body).",
+                                     ["phase"], registry=registry)
+        self.refused = Counter("offload_connections_refused",
+                               "Connections refused at accept, by cap "
+                               "(max_connections, max_per_client).", ["reason"], registry=registry)
+        self.tls_failures = Counter("offload_tls_failures", "Failed TLS handshakes, by error (certificate, protocol, timeout, connection).",
+                                    ["error"], registry=registry)
+        self.connections = Gauge("offload_open_connections", "Open client connections.",
+                                 registry=registry)
 
 
 def _error(status, message, headers=None):
@@ -160,6 +181,12 @@ class _Service:
         if name is None:
             return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
                           {"WWW-Authenticate": "Bearer"})
+        cert_name = request.scope.get(CLIENT_CERT_SCOPE_KEY)
+        if cert_name is not None and not hmac.compare_digest(cert_name.encode(), name.encode()):
+            # With client certificates a key is only good with its own
+            # device's certificate: a copied key alone does not pass.
+            return _error(401, f"the client certificate is not the one of key {name!r}",
+                          {"WWW-Authenticate": "Bearer"})
         ctype = request.headers.get("content-type", "")
         if not wire.content_type_ok(ctype):
             return _error(415, f"content type must be one of {sorted(wire.CONTENT_TYPES.values())}, "
@@ -187,7 +214,10 @@ class _Service:
                 if len(body) > opts["max_body"]:
                     return _error(413, f"body is over the limit of {opts['max_body']} bytes")
         except ClientDisconnect:
-            return _error(499, "client closed the connection")  # never sent; counted as 499
+            # Never sent: the client went away (499), or the body deadline cut it (408).
+            if request.scope.get(DEADLINE_SCOPE_KEY):
+                return _error(408, "request body not received in time")
+            return _error(499, "client closed the connection")
         try:
             if len(body) <= INLINE_DECODE_BYTES and _pixels(body, ctype) <= INLINE_DECODE_PIXELS:
                 # A camera-sized frame decodes in tens of microseconds: cheaper

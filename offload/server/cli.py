@@ -6,6 +6,8 @@
     offload-serve keys list --keys keys.toml
     offload-serve keys remove camera-01 --keys keys.toml
     offload-serve --keys keys.toml [--host 127.0.0.1] [--port 8080] [--model strong.onnx] ...
+    offload-serve tls init tls/ --server-name edge.lan --ip 10.0.0.2 --devices cam1,cam2
+    offload-serve --keys keys.toml --host 0.0.0.0 --tls-cert tls/server.pem --tls-key tls/server.key
 
 Every error the user can cause (missing or damaged key file, unknown model
 file, port in use, bad option values) ends in one ``Error: ...`` line and a
@@ -21,6 +23,9 @@ import click
 
 from offload import wire
 from offload.server.app import DEFAULTS
+from offload.server.guard import Limits
+
+_LIMITS = Limits()
 
 DEFAULT_KEYS = "keys.toml"
 
@@ -60,9 +65,32 @@ def _fail(message):
               help="ONNX Runtime CPU threads (0: its default, all cores).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None,
+              help="Serve HTTPS with this PEM certificate (chain); with --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None,
+              help="The PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False), default=None,
+              help="Require a client certificate from this CA, whose CN is the key's name "
+                   "(in addition to the bearer key).")
+@click.option("--head-timeout", default=_LIMITS.head_timeout, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds from connect (TLS handshake included) or a next request's first "
+                   "byte to its complete head; then 408 and close.")
+@click.option("--body-timeout", default=_LIMITS.body_timeout, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds from the complete head to the complete body; then 408 and close.")
+@click.option("--keep-alive", default=_LIMITS.keep_alive, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Seconds an idle keep-alive connection stays open.")
+@click.option("--max-connections", default=_LIMITS.max_connections, show_default=True,
+              type=click.IntRange(1), help="Open connections in all; more are refused at once.")
+@click.option("--max-per-client", default=_LIMITS.max_per_client, show_default=True,
+              type=click.IntRange(1),
+              help="Open connections from one client address; more are refused at once.")
 @click.pass_context
 def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max_queue, max_body,
-         max_pixels, top_k, slot_ms, threads, log_level):
+         max_pixels, top_k, slot_ms, threads, log_level, tls_cert, tls_key, tls_client_ca,
+         head_timeout, body_timeout, keep_alive, max_connections, max_per_client):
     """Serve the strong classifier (POST /v1/classify, GET /healthz, GET /metrics).
 
     With no subcommand, serves until Ctrl+C. Create a key first with
@@ -73,10 +101,20 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
     from offload.server.app import create_app
     from offload.server.keys import KeyFileError, KeyStore
     from offload.server.model import ModelError
-    from offload.server.serve import ServerStartError, load_model, serve_forever
+    from offload.server.serve import (
+        ServerStartError, is_loopback, load_model, serve_forever, tls_context,
+    )
+    from offload.server.tls import TLSConfigError
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        ssl_context = tls_context(tls_cert, tls_key, tls_client_ca)
+    except TLSConfigError as exc:
+        _fail(exc)
+    limits = Limits(head_timeout=head_timeout, body_timeout=body_timeout, keep_alive=keep_alive,
+                    max_connections=max_connections, max_per_client=max_per_client)
+    _check_open_files(limits.max_connections)
     try:
         store = KeyStore.from_file(keys_path, slot_s=slot_ms / 1000.0)
     except KeyFileError as exc:
@@ -103,9 +141,14 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
                    f"{len(store)} keys ({limited} rate-limited, {slot_ms:g} ms slots); "
                    f"micro-batches up to {max_batch} within {batch_window_ms:g} ms; "
                    f"listening on {url}", err=True)
+        if ssl_context is None and not is_loopback(host):
+            click.echo(f"offload-serve: WARNING: plain HTTP on {host}: anyone on the network can "
+                       f"read the images and copy the keys; serve TLS with --tls-cert/--tls-key "
+                       f"(docs/security.md)", err=True)
 
     try:
-        serve_forever(app, host, port, log_level=log_level, on_ready=ready)
+        serve_forever(app, host, port, log_level=log_level, on_ready=ready, limits=limits,
+                      ssl_context=ssl_context)
     except ServerStartError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -113,6 +156,32 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
         # for us; a requested stop is not an error. (SIGTERM ends the
         # process by that signal, exit status 143, as services expect.)
         click.echo("offload-serve: stopped", err=True)
+
+
+# File descriptors kept beside client connections: the listening socket,
+# the model's and the logging's files, worker threads' pipes.
+_SPARE_FILES = 64
+
+
+def _check_open_files(max_connections):
+    """Warn when the open-file limit cannot hold ``max_connections`` (raise the soft limit if it can)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max_connections + _SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+        if soft < need:
+            click.echo(f"offload-serve: WARNING: the open-file limit ({soft}) is below "
+                       f"--max-connections {max_connections} + {_SPARE_FILES}: lower "
+                       f"--max-connections or raise the limit (ulimit -n, LimitNOFILE=)", err=True)
 
 
 @main.group()
@@ -172,6 +241,46 @@ def keys_remove(name, keys_path):
     except KeyFileError as exc:
         _fail(exc)
     click.echo(f"removed key {name!r} from {keys_path}", err=True)
+
+
+@main.group()
+def tls():
+    """Certificates for TLS: a private CA, the server's and the devices' certificates."""
+
+
+def _split_names(values):
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+@tls.command("init")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--server-name", "server_names", multiple=True,
+              help="DNS name of the server (repeat or comma-separate; the first is its CN).")
+@click.option("--ip", "ips", multiple=True, help="IP address of the server (repeat or comma-separate).")
+@click.option("--devices", "devices", multiple=True,
+              help="Device names, comma-separated (their API key names): a client certificate each.")
+@click.option("--days", default=None, type=click.IntRange(1),
+              help="Lifetime of the server and device certificates, days [default: 730].")
+@click.option("--ca-days", default=None, type=click.IntRange(1),
+              help="Lifetime of a new CA, days [default: 3650].")
+@click.option("--force", is_flag=True, help="Overwrite existing server/device files (never the CA).")
+def tls_init(folder, server_names, ips, devices, days, ca_days, force):
+    """Create a private CA in FOLDER with a server certificate and device certificates.
+
+    An existing CA in FOLDER is reused, so the same command adds devices
+    (`--devices cam3`) or re-issues the server certificate (`--server-name ...
+    --force`). Keys are written with mode 0600. See docs/security.md.
+    """
+    from offload.server.tls import CA_DAYS, LEAF_DAYS, TLSConfigError, init_fleet
+
+    try:
+        written = init_fleet(folder, server_names=_split_names(server_names),
+                             ips=_split_names(ips), devices=_split_names(devices), force=force,
+                             ca_days=ca_days or CA_DAYS, days=days or LEAF_DAYS)
+    except TLSConfigError as exc:
+        _fail(exc)
+    for path, what in written:
+        click.echo(f"{path}\t{what}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,10 +13,15 @@ From Python (e.g. ``offload-run --demo``, tests)::
 by the OS, so parallel callers never collide), starts uvicorn in a daemon
 thread, and returns only once the server accepts connections. The returned
 :class:`BackgroundServer` also works without ``with``: call ``stop()``.
+
+Both ways serve through :class:`offload.server.guard.GuardedH11Protocol`:
+head and body deadlines, connection caps (:class:`offload.server.guard.Limits`)
+and, with a certificate, TLS.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -25,11 +30,13 @@ import time
 
 from offload import artifacts
 from offload.server.app import create_app
+from offload.server.guard import Guard, Limits
 from offload.server.keys import KeyStore, new_key
 from offload.server.model import ModelError, StrongModel
+from offload.server.tls import TLSConfigError, server_context
 
 __all__ = ["serve_in_thread", "BackgroundServer", "bind_socket", "default_model_path",
-           "ServerStartError"]
+           "ServerStartError", "is_loopback", "tls_context", "Limits"]
 
 log = logging.getLogger("offload.server")
 
@@ -69,19 +76,37 @@ def bind_socket(host, port):
     return sock
 
 
-def _uvicorn_server(app, log_level):
+def is_loopback(host):
+    """Whether ``host`` (a name or address to listen on) is a loopback one."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _uvicorn_server(app, log_level, guard):
     import uvicorn
 
+    # ws="none": a WebSocket upgrade would hand the socket to another
+    # protocol, out of the guard's deadlines (the API has no WebSocket).
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
-                            server_header=False, timeout_graceful_shutdown=5)
+                            server_header=False, timeout_graceful_shutdown=5,
+                            http=guard.protocol_factory(), ws="none",
+                            timeout_keep_alive=guard.limits.keep_alive)
     return uvicorn.Server(config)
 
 
-def _url(sock):
+def _guard(app, limits, ssl_context):
+    return Guard(limits, ssl_context=ssl_context, metrics=app.state.service.metrics)
+
+
+def _url(sock, tls):
     host, port = sock.getsockname()[:2]
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 class BackgroundServer:
@@ -90,18 +115,19 @@ class BackgroundServer:
     Attributes
     ----------
     url : str
-        ``http://HOST:PORT`` (no trailing slash).
+        ``http://HOST:PORT`` or ``https://HOST:PORT`` (no trailing slash).
     api_key : str or None
         The throw-away key when :func:`serve_in_thread` made one, else None.
     app : starlette.applications.Starlette
         The app (``app.state.service`` has the model, keys, batcher, metrics).
     """
 
-    def __init__(self, app, sock, api_key=None, log_level="warning"):
+    def __init__(self, app, sock, api_key=None, log_level="warning", *, limits=None,
+                 ssl_context=None):
         self.app, self.api_key = app, api_key
         self._sock = sock
-        self.url = _url(sock)
-        self._server = _uvicorn_server(app, log_level)
+        self.url = _url(sock, ssl_context is not None)
+        self._server = _uvicorn_server(app, log_level, _guard(app, limits, ssl_context))
         self._thread = None
         self._error = None
 
@@ -149,7 +175,8 @@ class BackgroundServer:
 
 
 def serve_in_thread(model=None, *, keys=None, api_key=None, host="127.0.0.1", port=0,
-                    slot_ms=200.0, log_level="warning", **options):
+                    slot_ms=200.0, log_level="warning", limits=None, tls_cert=None,
+                    tls_key=None, tls_client_ca=None, **options):
     """Start the edge server in a background thread; returns a started :class:`BackgroundServer`.
 
     Parameters
@@ -169,6 +196,12 @@ def serve_in_thread(model=None, *, keys=None, api_key=None, host="127.0.0.1", po
         Bucket slot length for keys with a rate limit, milliseconds.
     log_level : str
         uvicorn's log level ("warning": quiet).
+    limits : offload.server.guard.Limits, optional
+        Deadlines (s) and connection caps; the defaults of ``Limits()``.
+    tls_cert, tls_key : str, optional
+        PEM certificate chain and key: serve HTTPS (``server.url`` says so).
+    tls_client_ca : str, optional
+        Require client certificates that chain to this CA (with ``tls_cert``).
     **options
         ``create_app`` options: ``max_batch``, ``batch_window_ms``,
         ``max_queue``, ``max_body``, ``top_k``, ``max_pixels``, ``decode_threads``.
@@ -176,7 +209,7 @@ def serve_in_thread(model=None, *, keys=None, api_key=None, host="127.0.0.1", po
     Raises
     ------
     ServerStartError
-        No model found, model unusable, bad key file, address in use.
+        No model found, model unusable, bad key file, bad TLS files, address in use.
     """
     from offload.server.keys import KeyFileError
 
@@ -193,22 +226,37 @@ def serve_in_thread(model=None, *, keys=None, api_key=None, host="127.0.0.1", po
             model = default_model_path()
             if model is None:
                 raise ServerStartError("no model given and the committed strong.onnx was not found")
+        ctx = tls_context(tls_cert, tls_key, tls_client_ca)
         app = create_app(model, store, **options)
-    except (KeyFileError, ModelError, ValueError) as exc:
+    except (KeyFileError, ModelError, ValueError) as exc:  # TLSConfigError is a ValueError
         raise ServerStartError(str(exc)) from None
     sock = bind_socket(host, port)
-    return BackgroundServer(app, sock, api_key=made_key, log_level=log_level).start()
+    return BackgroundServer(app, sock, api_key=made_key, log_level=log_level, limits=limits,
+                            ssl_context=ctx).start()
 
 
-def serve_forever(app, host, port, log_level="info", on_ready=None):
+def tls_context(cert, key, client_ca=None):
+    """The server's SSLContext, or None without ``cert``; TLSConfigError on bad files or flags."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise TLSConfigError("--tls-client-ca needs --tls-cert and --tls-key (a TLS server)")
+        return None
+    if cert is None or key is None:
+        raise TLSConfigError("give both --tls-cert and --tls-key")
+    return server_context(cert, key, client_ca=client_ca)
+
+
+def serve_forever(app, host, port, log_level="info", on_ready=None, *, limits=None,
+                  ssl_context=None):
     """Serve ``app`` in this thread until Ctrl+C / SIGTERM (``offload-serve``).
 
     ``on_ready(url)`` is called once the socket is bound (before serving).
+    ``limits``: deadlines and caps (:class:`Limits`); ``ssl_context``: serve HTTPS.
     Raises :class:`ServerStartError` when the address cannot be bound.
     """
     sock = bind_socket(host, port)
-    url = _url(sock)
-    server = _uvicorn_server(app, log_level)
+    url = _url(sock, ssl_context is not None)
+    server = _uvicorn_server(app, log_level, _guard(app, limits, ssl_context))
     if on_ready is not None:
         on_ready(url)
     try:
