@@ -730,3 +730,13 @@ def test_offload_serve_process_serves_and_stops(tmp_path, frames, sig, code):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_top_k_is_bounded_by_what_a_device_accepts(strong_model):
+    """A server configured to answer more classes than a device parses would have every
+    answer refused as bad-answer: it refuses to start instead."""
+    from offload import wire
+
+    with pytest.raises(ValueError, match=f"top_k={wire.MAX_TOP_ITEMS + 1} must be <= "):
+        create_app(strong_model, _store(), top_k=wire.MAX_TOP_ITEMS + 1)
+    create_app(strong_model, _store(), top_k=wire.MAX_TOP_ITEMS)

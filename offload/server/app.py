@@ -279,6 +279,8 @@ def create_app(model, keys, *, registry=None, **options):
         if int(opts[k]) < 1:
             raise ValueError(f"{k}={opts[k]} must be >= 1")
         opts[k] = int(opts[k])
+    if opts["top_k"] > wire.MAX_TOP_ITEMS:  # a device refuses longer answers (offload.wire)
+        raise ValueError(f"top_k={opts['top_k']} must be <= {wire.MAX_TOP_ITEMS}")
     if not float(opts["batch_window_ms"]) >= 0:
         raise ValueError(f"batch_window_ms={opts['batch_window_ms']} must be >= 0")
     if not isinstance(keys, KeyStore):

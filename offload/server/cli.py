@@ -57,8 +57,9 @@ def _fail(message):
 @click.option("--max-pixels", default=DEFAULTS["max_pixels"], show_default=True,
               type=click.IntRange(1),
               help="Largest picture, pixels (400 above; checked before decoding).")
-@click.option("--top-k", default=DEFAULTS["top_k"], show_default=True, type=click.IntRange(1),
-              help="Classes in each answer.")
+@click.option("--top-k", default=DEFAULTS["top_k"], show_default=True,
+              type=click.IntRange(1, wire.MAX_TOP_ITEMS),
+              help="Classes in each answer (at most what a device accepts in one answer).")
 @click.option("--slot-ms", default=200.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Time slot of the per-key token buckets, ms.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
