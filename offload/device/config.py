@@ -46,10 +46,8 @@ def _check_server(url):
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
-    if u.scheme != "http" or not u.hostname:
-        raise ValueError(f"must be an http://HOST[:PORT] URL, got {url!r}"
-                         + (" (https is not supported; use a TLS-terminating proxy)"
-                            if u.scheme == "https" else ""))
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"must be an https://HOST[:PORT] or http://HOST[:PORT] URL, got {url!r}")
     try:
         u.port
     except ValueError:
@@ -82,8 +80,15 @@ class RunConfig:
                                      "frame per slot.", gt=0)
     labels: Optional[str] = setting(None, "CSV with columns 'frame' (0-based) and 'label' (true "
                                       "class), for the summary.")
-    server: Optional[str] = setting(None, "Edge server base URL, e.g. http://10.0.0.2:8080; none: "
+    server: Optional[str] = setting(None, "Edge server base URL, e.g. https://10.0.0.2:8443 (plain "
+                                      "http:// only on loopback or a trusted network); none: "
                                       "local-only, never offload.", check=_check_server)
+    ca_file: Optional[str] = setting(None, "PEM file of the CA certificate(s) an https:// server's "
+                                     "certificate must chain to; none: the system store.")
+    client_cert: Optional[str] = setting(None, "PEM file of this device's TLS client certificate "
+                                         "(and its key, unless client-key), for a server that "
+                                         "requires one.")
+    client_key: Optional[str] = setting(None, "PEM file of the private key of client-cert.")
     key: Optional[str] = setting(None, "API key sent as 'Authorization: Bearer KEY' (prefer "
                                    "key-file).")
     key_file: Optional[str] = setting(None, "File holding the API key (first line, surrounding "
@@ -331,6 +336,11 @@ def make_config(file_values=None, overrides=None):
         raise ConfigError(f"{given[1]}: only one frame source at a time (also given: {given[0]})")
     if v["key"] is not None and v["key-file"] is not None:
         raise ConfigError("key: give key or key-file, not both")
+    tls_given = [k for k in ("ca-file", "client-cert", "client-key") if v[k] is not None]
+    if tls_given and not (v["server"] or "").lower().startswith("https://"):
+        raise ConfigError(f"{tls_given[0]}: only applies to an https:// server")
+    if v["client-key"] is not None and v["client-cert"] is None:
+        raise ConfigError("client-key: needs client-cert")
     if v["fps"] is not None and v["images"] is None:
         raise ConfigError("fps: only applies to an images folder")
     return RunConfig(**{_BY_NAME[name].attr: x for name, x in v.items()})

@@ -160,6 +160,7 @@ class _Service:
         if grant is None:  # unknown, revoked or past its rotation overlap: all look the same
             return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
                           {"WWW-Authenticate": "Bearer"})
+        name = grant.name
         ctype = request.headers.get("content-type", "")
         if not wire.content_type_ok(ctype):
             return _error(415, f"content type must be one of {sorted(wire.CONTENT_TYPES.values())}, "
@@ -174,8 +175,7 @@ class _Service:
         frame_id = request.headers.get(wire.FRAME_ID_HEADER)
         if frame_id is not None and len(frame_id) > MAX_FRAME_ID:
             return _error(400, f"{wire.FRAME_ID_HEADER} longer than {MAX_FRAME_ID} characters")
-        allowed, wait = grant.take()
-        name = grant.name
+        allowed, wait = grant.take()  # the bucket of the key set that accepted the key
         if not allowed:
             # Retry-After is whole seconds (RFC 9110); the message has the exact time.
             return _error(429, f"rate limit of key {name!r}: its bucket is empty; the next token "
