@@ -167,7 +167,7 @@ def inputs(tmp_path, base_image):
     img = tmp_path / "in.img"
     shutil.copyfile(base_image, img)
     (tmp_path / "device.toml").write_text(
-        'server = "http://10.0.0.2:8080"\ncamera = 0\nrate = 0.1\ndepth = 4\nslot-ms = 200\n')
+        'server = "https://10.0.0.2:8443"\ncamera = 0\nrate = 0.1\ndepth = 4\nslot-ms = 200\n')
     (tmp_path / "cam1.key").write_text(KEY + "\n")
     (tmp_path / "out").mkdir()
     return {"img": img, "wheels": make_wheels(tmp_path / "wheels"),
@@ -364,7 +364,7 @@ def test_provision_writes_etc_with_modes_and_removes_the_key(inputs, tmp_path):
     from offload.device.config import load_toml, make_config
 
     cfg = make_config(file_values=load_toml(etc / "config.toml"))
-    assert (cfg.server, cfg.camera, cfg.slot_ms) == ("http://10.0.0.2:8080", 0, 200.0)
+    assert (cfg.server, cfg.camera, cfg.slot_ms) == ("https://10.0.0.2:8443", 0, 200.0)
     assert cfg.key_file == "/etc/offload/device.key" and cfg.policy == "/etc/offload/policy.bin"
     assert cfg.model == "/etc/offload/weak.tflite" and cfg.log == "/var/log/offload/frames.jsonl"
     assert cfg.log_max_bytes == settings.DEFAULT_LOG_MAX_BYTES and cfg.log_backups == settings.DEFAULT_LOG_BACKUPS
@@ -374,11 +374,11 @@ def test_provision_writes_etc_with_modes_and_removes_the_key(inputs, tmp_path):
     assert "After=dev-video0.device" in (root / "etc/systemd/system/offload.service.d/camera.conf").read_text()
     assert (root / "etc/udev/rules.d/70-offload-coral.rules").read_text().count('GROUP="plugdev"') == 2
     # Run again (settings edited on the card): the key already in /etc/offload is kept.
-    (boot / "device.toml").write_text('server = "http://10.0.0.3:8080"\nvideo = "/srv/clip.avi"\n')
+    (boot / "device.toml").write_text('server = "https://10.0.0.3:8443"\nvideo = "/srv/clip.avi"\n')
     res = run_cli("provision", "--boot", boot, "--root", root, "--user", user)
     assert res.returncode == 0, res.stderr
     cfg = make_config(file_values=load_toml(etc / "config.toml"))
-    assert (cfg.server, cfg.video, cfg.camera) == ("http://10.0.0.3:8080", "/srv/clip.avi", None)
+    assert (cfg.server, cfg.video, cfg.camera) == ("https://10.0.0.3:8443", "/srv/clip.avi", None)
     assert (etc / "device.key").read_text() == KEY + "\n"
     assert not (root / "etc/systemd/system/offload.service.d/camera.conf").exists()
 
@@ -396,9 +396,9 @@ def _card(tmp_path, toml_text, key=KEY):
 
 @pytest.mark.parametrize("toml_text, key, message", [
     ('camera = 0\n', KEY, "server: missing"),
-    ('server = "http://x:8080"\nslot-ms = -5\n', KEY, "slot-ms: must be a finite number > 0"),
-    ('server = "http://x:8080"\n', None, "device.key: missing"),
-    ('server = "http://x:8080"\n', "two words", "contains spaces"),
+    ('server = "https://x:8443"\nslot-ms = -5\n', KEY, "slot-ms: must be a finite number > 0"),
+    ('server = "https://x:8443"\n', None, "device.key: missing"),
+    ('server = "https://x:8443"\n', "two words", "contains spaces"),
 ])
 def test_provision_refuses_bad_card_settings_and_keeps_the_key(tmp_path, toml_text, key, message):
     import getpass
@@ -471,14 +471,14 @@ def test_refuses_a_boot_partition_too_small_for_the_payload(inputs, tmp_path):
 
 @needs_tools
 @pytest.mark.parametrize("toml_text, message", [
-    ('server = "ftp://10.0.0.2"\n', "server: must be an http://HOST[:PORT] URL"),
-    ('server = "http://10.0.0.2:8080"\nkey = "abc"\n', "key: not allowed here"),
-    ('server = "http://10.0.0.2:8080"\nrate = 0.2\n', "rate: 0.2 does not match the policy's bucket"),
-    ('server = "http://10.0.0.2:8080"\ndepth = 2\n', "depth: 2 does not match the policy's bucket"),
-    ('server = "http://10.0.0.2:8080"\nbucket-rate = 1\n', "bucket-rate: unknown config file key"),
-    ('server = "http://10.0.0.2:8080"\ncamera = 0\nvideo = "a.avi"\n', "only one frame source"),
-    ('server = "http://10.0.0.2:8080"\nlog-max-bytes = 0\n', "log-max-bytes: must be > 0 on the device"),
-    ('server = "http://10.0.0.2:8080"\nlog = "/tmp/x"\n', "log: not allowed here"),
+    ('server = "ftp://10.0.0.2"\n', "server: must be an https://HOST[:PORT] or http://HOST[:PORT] URL"),
+    ('server = "https://10.0.0.2:8443"\nkey = "abc"\n', "key: not allowed here"),
+    ('server = "https://10.0.0.2:8443"\nrate = 0.2\n', "rate: 0.2 does not match the policy's bucket"),
+    ('server = "https://10.0.0.2:8443"\ndepth = 2\n', "depth: 2 does not match the policy's bucket"),
+    ('server = "https://10.0.0.2:8443"\nbucket-rate = 1\n', "bucket-rate: unknown config file key"),
+    ('server = "https://10.0.0.2:8443"\ncamera = 0\nvideo = "a.avi"\n', "only one frame source"),
+    ('server = "https://10.0.0.2:8443"\nlog-max-bytes = 0\n', "log-max-bytes: must be > 0 on the device"),
+    ('server = "https://10.0.0.2:8443"\nlog = "/tmp/x"\n', "log: not allowed here"),
     ('server = http://10.0.0.2\n', "not valid TOML"),
 ])
 def test_refuses_invalid_settings_naming_the_key(inputs, toml_text, message):
@@ -598,14 +598,14 @@ def test_edgetpu_deb_check(tmp_path):
 
 def test_settings_are_validated_by_the_device_config():
     policy = artifacts.find("policy.bin")
-    table = settings.validate({"server": "http://h:1", "picamera": 0, "image-format": "jpeg"},
+    table = settings.validate({"server": "https://h:1", "picamera": 0, "image-format": "jpeg"},
                               settings_name="s", policy_path=policy)
     assert table["picamera"] == 0 and "camera" not in table and table["accelerator"] == "auto"
     with pytest.raises(FirmwareError, match="jpeg-quality: must be in 1..100"):
-        settings.validate({"server": "http://h:1", "jpeg-quality": 101}, settings_name="s", policy_path=policy)
+        settings.validate({"server": "https://h:1", "jpeg-quality": 101}, settings_name="s", policy_path=policy)
     with pytest.raises(FirmwareError, match="device: "):
-        settings.validate({"server": "http://h:1", "device": "tpu9"}, settings_name="s", policy_path=policy)
-    text = settings.to_toml({"server": "http://h:1", "realtime": True, "slot-ms": 200.0, "video": 'a "q".avi'})
+        settings.validate({"server": "https://h:1", "device": "tpu9"}, settings_name="s", policy_path=policy)
+    text = settings.to_toml({"server": "https://h:1", "realtime": True, "slot-ms": 200.0, "video": 'a "q".avi'})
     from offload.device.config import make_config
 
     assert make_config(file_values=settings.load_settings_text(text)).video == 'a "q".avi'
