@@ -107,6 +107,22 @@ def _tls_entries(d, ca_file, client_cert, client_key):
     return {k: Entry(f"{d}/{tls.FILES[k]}", data=data) for k, data in out.items()}
 
 
+def _settings(p, settings_file, *, policy, key_file, edgetpu_model, tls_files, allow_plain_http):
+    """The settings table for the card, validated as first boot will (notes go to ``p``)."""
+    values = settings.load_settings(settings_file) if settings_file else {}
+    if allow_plain_http:
+        values[tls.ALLOW_PLAIN_HTTP] = True
+    settings.validate(values, settings_name=settings_file or "(none given)", policy_path=policy,
+                      key_path=key_file, has_edgetpu_model=edgetpu_model is not None,
+                      require_server=False, tls_files=tls_files)
+    server = values.get("server")
+    if isinstance(server, str) and server.startswith("https://") and "ca-file" not in tls_files:
+        p.notes.append("no --ca-file: the device checks the server's certificate against the "
+                       "system's CA store (right for a public certificate; a private CA such as "
+                       "`offload-serve tls init`'s needs --ca-file)")
+    return values
+
+
 def plan(info, *, settings_file=None, key_file=None, wheels_dir, policy=None, model=None,
          edgetpu_model=None, edgetpu_deb=None, admin_user=None, ssh_key=None, wifi_ssid=None,
          wifi_password_file=None, wifi_country=None, ca_file=None, client_cert=None,
@@ -130,20 +146,11 @@ def plan(info, *, settings_file=None, key_file=None, wheels_dir, policy=None, mo
     _check_tflite(model, "model")
     if edgetpu_model is not None:
         _check_tflite(edgetpu_model, "--edgetpu-model")
-    values = settings.load_settings(settings_file) if settings_file else {}
-    if allow_plain_http:
-        values[tls.ALLOW_PLAIN_HTTP] = True
-    name = settings_file or "(none given)"
     d = "/" + BOOT_DIR
     tls_entries = _tls_entries(d, ca_file, client_cert, client_key)
-    settings.validate(values, settings_name=name, policy_path=policy, key_path=key_file,
-                      has_edgetpu_model=edgetpu_model is not None, require_server=False,
-                      tls_files=tuple(tls_entries))
-    server = values.get("server")
-    if isinstance(server, str) and server.startswith("https://") and ca_file is None:
-        p.notes.append("no --ca-file: the device checks the server's certificate against the "
-                       "system's CA store (right for a public certificate; a private CA such as "
-                       "`offload-serve tls init`'s needs --ca-file)")
+    values = _settings(p, settings_file, policy=policy, key_file=key_file,
+                       edgetpu_model=edgetpu_model, tls_files=tuple(tls_entries),
+                       allow_plain_http=allow_plain_http)
     if "server" not in values:
         p.notes.append(f"no server in the settings: set it in {BOOT_DIR}/{settings.SETTINGS_NAME} "
                        "on each card before its first boot")
