@@ -14,6 +14,7 @@ Modules, one concept each:
 * ``fat``: files on the FAT boot partition through mtools;
 * ``settings``: the per-device settings file, validated with the device's own
   ``offload.device.config.make_config``;
+* ``tls``: the CA and client certificate the device carries, and the plain-HTTP rule;
 * ``yamlout``: a tiny block-style YAML emitter for the cloud-init documents;
 * ``cloudinit``: ``user-data`` and ``network-config``;
 * ``edgetpu``: the libedgetpu build that pairs with our LiteRT, and .deb checks;

@@ -18,6 +18,9 @@ What goes on the boot partition (``BOOT`` = ``/boot/firmware`` on the Pi)::
     offload/firstboot.sh             run once by cloud-init
     offload/device.toml              per-device settings (edit per card)
     offload/device.key               the API key (moved to /etc/offload, 0600)
+    offload/ca.pem                   the CA the server's certificate must chain to (--ca-file)
+    offload/client.pem, client.key   the device's TLS client certificate and key (optional)
+                                     (all three moved to /etc/offload, 0600, at first boot)
     offload/policy.bin               the policy blob
     offload/weak.tflite              the weak model (+ weak_edgetpu.tflite)
     offload/edgetpu/*.deb            the Edge TPU runtime
@@ -33,7 +36,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from firmware import BOOT_DIR, cloudinit, edgetpu, fat, image, settings, wheels
+from firmware import BOOT_DIR, cloudinit, edgetpu, fat, image, settings, tls, wheels
 from firmware.tools import FirmwareError, require
 
 __all__ = ["Entry", "build", "DATA_DIR", "data_path"]
@@ -89,10 +92,48 @@ def _read_text(path, what):
         raise FirmwareError(f"{what} {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
 
 
+def _tls_entries(d, ca_file, client_cert, client_key):
+    """Boot-partition entries of the checked CA and client certificate/key."""
+    if client_key is not None and client_cert is None:
+        raise FirmwareError("--client-key needs --client-cert (the certificate of that key)")
+    out = {}
+    if ca_file is not None:
+        out["ca-file"] = tls.check_ca(ca_file)
+    if client_cert is not None:
+        cert, key = tls.check_client(client_cert, client_key)
+        out["client-cert"] = cert
+        if key is not None:
+            out["client-key"] = key
+    return {k: Entry(f"{d}/{tls.FILES[k]}", data=data) for k, data in out.items()}
+
+
+def _settings(p, settings_file, *, policy, key_file, edgetpu_model, tls_files, allow_plain_http):
+    """The settings table for the card, validated as first boot will (notes go to ``p``)."""
+    values = settings.load_settings(settings_file) if settings_file else {}
+    if allow_plain_http:
+        values[tls.ALLOW_PLAIN_HTTP] = True
+    settings.validate(values, settings_name=settings_file or "(none given)", policy_path=policy,
+                      key_path=key_file, has_edgetpu_model=edgetpu_model is not None,
+                      require_server=False, tls_files=tls_files)
+    server = values.get("server")
+    if isinstance(server, str) and server.startswith("https://") and "ca-file" not in tls_files:
+        p.notes.append("no --ca-file: the device checks the server's certificate against the "
+                       "system's CA store (right for a public certificate; a private CA such as "
+                       "`offload-serve tls init`'s needs --ca-file)")
+    return values
+
+
 def plan(info, *, settings_file=None, key_file=None, wheels_dir, policy=None, model=None,
          edgetpu_model=None, edgetpu_deb=None, admin_user=None, ssh_key=None, wifi_ssid=None,
-         wifi_password_file=None, wifi_country=None):
-    """Validate every input and list what goes on the boot partition (:class:`Plan`)."""
+         wifi_password_file=None, wifi_country=None, ca_file=None, client_cert=None,
+         client_key=None, allow_plain_http=False):
+    """Validate every input and list what goes on the boot partition (:class:`Plan`).
+
+    ``ca_file``, ``client_cert``, ``client_key``: PEM files checked by
+    ``firmware.tls`` and carried to ``/etc/offload``. ``allow_plain_http``
+    lets the settings name an ``http://`` server off loopback (written to the
+    card's settings as ``allow-plain-http = true``).
+    """
     from offload import artifacts
 
     p = Plan()
@@ -105,10 +146,11 @@ def plan(info, *, settings_file=None, key_file=None, wheels_dir, policy=None, mo
     _check_tflite(model, "model")
     if edgetpu_model is not None:
         _check_tflite(edgetpu_model, "--edgetpu-model")
-    values = settings.load_settings(settings_file) if settings_file else {}
-    name = settings_file or "(none given)"
-    settings.validate(values, settings_name=name, policy_path=policy, key_path=key_file,
-                      has_edgetpu_model=edgetpu_model is not None, require_server=False)
+    d = "/" + BOOT_DIR
+    tls_entries = _tls_entries(d, ca_file, client_cert, client_key)
+    values = _settings(p, settings_file, policy=policy, key_file=key_file,
+                       edgetpu_model=edgetpu_model, tls_files=tuple(tls_entries),
+                       allow_plain_http=allow_plain_http)
     if "server" not in values:
         p.notes.append(f"no server in the settings: set it in {BOOT_DIR}/{settings.SETTINGS_NAME} "
                        "on each card before its first boot")
@@ -133,13 +175,13 @@ def plan(info, *, settings_file=None, key_file=None, wheels_dir, policy=None, mo
     user = cloudinit.user_data(admin_user=admin_user, ssh_keys=keys,
                                wifi_country=wifi_country.upper() if wifi_country else None)
     p.wheel_files = wheels.check(wheels_dir, info.python)
-    d = "/" + BOOT_DIR
     p.folders = [d, d + "/wheels"]
     header = ("offload device settings, read once at first boot (docs/firmware.md); edit per card.\n"
-              "Keys: those of offload-run (docs/device.md), e.g. server = \"http://10.0.0.2:8080\",\n"
+              "Keys: those of offload-run (docs/device.md), e.g. server = \"https://10.0.0.2:8443\",\n"
               "camera = 0 (or picamera = 0, video = \"/path\"), accelerator, device, slot-ms; plus\n"
               "rate and depth, checked against the policy's bucket. The API key goes in device.key\n"
-              "beside this file (one line); first boot moves it to /etc/offload/device.key (0600).")
+              "beside this file (one line), the server's CA in ca.pem (a client certificate in\n"
+              "client.pem/client.key); first boot moves them to /etc/offload (0600).")
     p.entries += [
         Entry("/user-data", data=user.encode()),
         Entry("/network-config", data=net.encode()),
@@ -150,6 +192,7 @@ def plan(info, *, settings_file=None, key_file=None, wheels_dir, policy=None, mo
     ]
     if edgetpu_model is not None:
         p.entries.append(Entry(d + "/" + settings.EDGETPU_MODEL_NAME, source=os.fspath(edgetpu_model)))
+    p.entries += list(tls_entries.values())
     if key_file is not None:
         # Normalised to the key alone on one line.
         p.entries.append(Entry(d + "/" + settings.KEY_NAME,

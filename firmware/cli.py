@@ -4,7 +4,8 @@
 
     offload-firmware fetch-wheels wheels/ --python 3.13
     offload-firmware build raspios-trixie-arm64-lite.img cam.img --settings device.toml \\
-        --key-file cam1.key --wheels wheels/ --edgetpu-deb libedgetpu1-std_16.0tf2.19.1-1.bookworm_arm64.deb
+        --key-file cam1.key --ca-file tls/ca.pem --wheels wheels/ \\
+        --edgetpu-deb libedgetpu1-std_16.0tf2.19.1-1.bookworm_arm64.deb
     offload-firmware provision --boot /boot/firmware/offload     # on the Pi, at first boot
 
 Bad input gives one ``Error: ...`` line and exit status 1, never a traceback.
@@ -58,6 +59,16 @@ _file = click.Path(dir_okay=False)
 @click.option("--wifi-ssid", help="Wi-Fi network to join (wired DHCP is always on).")
 @click.option("--wifi-password-file", type=_file, help="File holding the Wi-Fi passphrase (first line).")
 @click.option("--wifi-country", help="Wi-Fi regulatory country, two letters (e.g. GB).")
+@click.option("--ca-file", type=_file,
+              help="PEM CA certificate(s) the https:// server's certificate must chain to (e.g. "
+                   "offload-serve tls init's ca.pem); moved to /etc/offload, 0600, at first boot.")
+@click.option("--client-cert", type=_file,
+              help="PEM client certificate of the device, for a server with --tls-client-ca.")
+@click.option("--client-key", type=_file,
+              help="PEM private key of --client-cert (checked to be its pair), unencrypted.")
+@click.option("--allow-plain-http", is_flag=True,
+              help="Allow an http:// server that is not on loopback (images and API key in the "
+                   "clear on the network); refused without it.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT_IMAGE if it exists.")
 def build(input_image, output_image, force, **options):
     """Write OUTPUT_IMAGE: INPUT_IMAGE (Raspberry Pi OS Lite arm64, trixie or later, uncompressed) plus the device.

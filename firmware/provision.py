@@ -15,8 +15,13 @@
    (FAT has no permissions: anyone with the card could read it; and a plain
    delete on FAT leaves the bytes in the freed clusters), and syncs.
 
+The TLS files (``ca.pem``, ``client.pem``, ``client.key``; ``firmware.tls``)
+go the same way: checked, written to ``/etc/offload`` with mode 0600 (owner
+offload), the device's ``ca-file``/``client-cert``/``client-key`` pointed at
+them, and wiped from the card once everything is written.
+
 Run again after editing ``device.toml`` on the card; with no ``device.key``
-there it keeps the key already in ``/etc/offload``.
+(or TLS file) there it keeps the one already in ``/etc/offload``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 import os
 import pwd
 
-from firmware import ETC, USER, settings
+from firmware import ETC, USER, settings, tls
 from firmware.build import data_path
 from firmware.tools import FirmwareError
 from offload.atomic import atomic_path
@@ -85,6 +90,28 @@ def camera_dropin(table):
             f"[Unit]\nWants={unit}\nAfter={unit}\n")
 
 
+def _tls_sources(boot, etc):
+    """``{device key: path}`` of the TLS files to use: the card's, else those already in ``etc``.
+
+    Checked here, before anything is written (``firmware.tls``).
+    """
+    found = {}
+    for key, name in tls.FILES.items():
+        for folder in (boot, etc):
+            if os.path.isfile(os.path.join(folder, name)):
+                found[key] = os.path.join(folder, name)
+                break
+    if "ca-file" in found:
+        tls.check_ca(found["ca-file"], what=tls.CA_NAME)
+    if "client-key" in found and "client-cert" not in found:
+        raise FirmwareError(f"{found['client-key']}: a client key without its certificate "
+                            f"({tls.CLIENT_CERT_NAME})")
+    if "client-cert" in found:
+        tls.check_client(found["client-cert"], found.get("client-key"),
+                         what=(tls.CLIENT_CERT_NAME, tls.CLIENT_KEY_NAME))
+    return found
+
+
 def provision(boot, *, root="/", user=USER, echo=print):
     """Apply the settings on the boot partition folder ``boot`` to the system under ``root``.
 
@@ -102,10 +129,11 @@ def provision(boot, *, root="/", user=USER, echo=print):
         raise FirmwareError(f"{key_src}: missing; put the device's API key there (one line)")
     has_tpu_model = os.path.isfile(os.path.join(boot, settings.EDGETPU_MODEL_NAME))
     values = settings.load_settings(settings_file)
+    tls_paths = _tls_sources(boot, etc)
     table = settings.validate(values, settings_name=settings_file,
                               policy_path=os.path.join(boot, settings.POLICY_NAME),
                               key_path=key_path, has_edgetpu_model=has_tpu_model,
-                              require_server=True)
+                              require_server=True, tls_files=tuple(tls_paths))
     model = os.path.join(boot, settings.MODEL_NAME)
     if not os.path.isfile(model):
         raise FirmwareError(f"{model}: missing; the weak model must be on the card")
@@ -116,6 +144,11 @@ def provision(boot, *, root="/", user=USER, echo=print):
         os.chown(etc, 0, gid)
     key = settings.read_key_file(key_path)
     _write(key_dst, (key + "\n").encode(), 0o600, uid, gid)
+    for src in tls_paths.values():
+        dst = os.path.join(etc, os.path.basename(src))
+        if src != dst:
+            with open(src, "rb") as f:
+                _write(dst, f.read(), 0o600, uid, gid)
     header = (f"offload-run settings, written at first boot from {settings_file}.\n"
               "Edit and run 'systemctl restart offload' to change them (docs/device.md).")
     _write(os.path.join(etc, "config.toml"), settings.to_toml(table, header).encode(), 0o640, 0, gid)
@@ -144,6 +177,13 @@ def provision(boot, *, root="/", user=USER, echo=print):
         wipe(key_src)
         echo(f"provision: moved the API key to {ETC}/{settings.KEY_NAME} (mode 0600) and removed it "
              "from the boot partition")
+    moved = [src for k, src in tls_paths.items() if src == os.path.join(boot, tls.FILES[k])]
+    for src in moved:
+        wipe(src)
+    if moved:
+        names = ", ".join(os.path.basename(p) for p in moved)
+        echo(f"provision: moved {names} to {ETC} (mode 0600) and removed them from the boot "
+             "partition")
     os.sync()
     echo(f"provision: wrote {ETC}/config.toml (server {table.get('server')})")
     return table

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 
-from firmware import ETC, LOG_DIR
+from firmware import ETC, LOG_DIR, tls
 from firmware.tools import FirmwareError
 
 __all__ = ["SETTINGS_NAME", "KEY_NAME", "POLICY_NAME", "MODEL_NAME", "EDGETPU_MODEL_NAME",
@@ -52,6 +52,12 @@ RESERVED = {
     "model": "give the weak model to the build (--model); it becomes /etc/offload/weak.tflite",
     "log": f"the frame log is {LOG_DIR}/frames.jsonl, the one writable place of the hardened service",
     "summary-json": f"the service may only write under {LOG_DIR}",
+    "ca-file": f"give the CA to the build (--ca-file) or put it in {tls.CA_NAME} beside this file; "
+               f"it becomes {ETC}/{tls.CA_NAME}",
+    "client-cert": f"give it to the build (--client-cert) or put it in {tls.CLIENT_CERT_NAME} "
+                   f"beside this file; it becomes {ETC}/{tls.CLIENT_CERT_NAME}",
+    "client-key": f"give it to the build (--client-key) or put it in {tls.CLIENT_KEY_NAME} "
+                  f"beside this file; it becomes {ETC}/{tls.CLIENT_KEY_NAME}",
 }
 _BUCKET_KEYS = ("rate", "depth")
 
@@ -125,18 +131,22 @@ def check_bucket(settings_name, rate, depth, policy, policy_name):
 
 
 def device_config(values, *, settings_name, has_edgetpu_model=False, require_server=True,
-                  etc=ETC, log_dir=LOG_DIR):
+                  tls_files=(), etc=ETC, log_dir=LOG_DIR):
     """The ``offload-run`` table for ``/etc/offload/config.toml`` from a settings table, validated.
 
-    Returns ``(table, bucket)``: ``table`` maps keys to values (TOML-ready) and
-    has passed :func:`offload.device.config.make_config`; ``bucket`` is
+    ``tls_files``: the device keys of ``firmware.tls.FILES`` whose file the
+    device has (``ca-file``, ``client-cert``, ``client-key``); each is set
+    to its copy in ``etc``. Returns ``(table, bucket)``: ``table`` maps keys
+    to values (TOML-ready) and has passed
+    :func:`offload.device.config.make_config`; ``bucket`` is
     ``{"rate": .., "depth": ..}`` (values or ``None``) for :func:`check_bucket`.
 
     Raises
     ------
     FirmwareError
         A reserved key, an unknown key, a bad value (the message names the key,
-        as ``offload-run`` would), no frame log cap.
+        as ``offload-run`` would), no frame log cap, a plain-HTTP server off
+        loopback without ``allow-plain-http = true``.
     """
     from offload.device.config import SOURCE_KEYS, ConfigError, key_name, make_config
 
@@ -144,6 +154,7 @@ def device_config(values, *, settings_name, has_edgetpu_model=False, require_ser
         raise FirmwareError(f"settings {settings_name}: expected a table of keys")
     table = {}
     bucket = {"rate": None, "depth": None}
+    allow_plain_http = False
     for raw, value in values.items():
         # the device's spelling rule (dashes or underscores); make_config names an unknown key
         key = key_name(raw) or str(raw).replace("_", "-")
@@ -151,6 +162,11 @@ def device_config(values, *, settings_name, has_edgetpu_model=False, require_ser
             raise FirmwareError(f"settings {settings_name}: {raw}: not allowed here; {RESERVED[key]}")
         if key in _BUCKET_KEYS:
             bucket[key] = value
+            continue
+        if key == tls.ALLOW_PLAIN_HTTP:
+            if not isinstance(value, bool):
+                raise FirmwareError(f"settings {settings_name}: {raw}: must be true or false")
+            allow_plain_http = value
             continue
         table[key] = value
 
@@ -162,9 +178,15 @@ def device_config(values, *, settings_name, has_edgetpu_model=False, require_ser
     model = EDGETPU_MODEL_NAME if has_edgetpu_model else MODEL_NAME
     fixed = {"key-file": f"{etc}/{KEY_NAME}", "policy": f"{etc}/{POLICY_NAME}",
              "model": f"{etc}/{model}", "log": f"{log_dir}/frames.jsonl"}
+    fixed.update({k: f"{etc}/{tls.FILES[k]}" for k in tls.FILES if k in tls_files})
     table.update(fixed)
+    checked = table
+    if "server" not in table and not require_server:
+        # An image for many cards, each given its server later: the TLS files
+        # only apply to an https:// server, which is checked at first boot.
+        checked = {k: v for k, v in table.items() if k not in tls.FILES}
     try:
-        cfg = make_config(file_values=table)
+        cfg = make_config(file_values=checked)
     except ConfigError as e:
         raise FirmwareError(f"settings {settings_name}: {e}") from None
     if cfg.log_max_bytes == 0:
@@ -174,7 +196,8 @@ def device_config(values, *, settings_name, has_edgetpu_model=False, require_ser
         # Local-only is a valid run, but a device image without a server is
         # almost always a forgotten setting; say so rather than guess.
         raise FirmwareError(f"settings {settings_name}: server: missing; the device needs the edge "
-                            "server's URL, e.g. server = \"http://10.0.0.2:8080\"")
+                            "server's URL, e.g. server = \"https://10.0.0.2:8443\"")
+    tls.check_server(cfg.server, allow_plain_http=allow_plain_http, settings_name=settings_name)
     return table, bucket
 
 
@@ -200,19 +223,19 @@ def to_toml(table, header=""):
 
 
 def validate(values, *, settings_name, policy_path, policy_name=None, key_path=None,
-             has_edgetpu_model=False, require_server=True):
+             has_edgetpu_model=False, require_server=True, tls_files=()):
     """Everything checked about one device's settings: table, bucket, policy, key.
 
     ``require_server=False`` accepts a settings file without ``server`` (the
     build of an image meant for many cards, each edited before its first
-    boot); first boot always requires it. Returns the ``offload-run`` table
-    (see :func:`device_config`).
+    boot); first boot always requires it. ``tls_files``: see
+    :func:`device_config`. Returns the ``offload-run`` table.
     """
     from offload.blob import BlobError, read_blob
 
     table, bucket = device_config(values, settings_name=settings_name,
                                   has_edgetpu_model=has_edgetpu_model,
-                                  require_server=require_server)
+                                  require_server=require_server, tls_files=tls_files)
     try:
         policy = read_blob(policy_path)
     except BlobError as e:

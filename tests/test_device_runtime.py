@@ -283,7 +283,7 @@ def test_firmware_settings_use_declared_keys():
 
     from offload.device.config import key_name
 
-    table, _ = settings.device_config({"server": "http://h:1", "queue_size": 4},
+    table, _ = settings.device_config({"server": "https://h:1", "queue_size": 4},
                                       settings_name="s")
     assert all(key_name(k) == k for k in (*settings.RESERVED, *table))
     assert table["queue-size"] == 4

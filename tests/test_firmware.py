@@ -167,7 +167,7 @@ def inputs(tmp_path, base_image):
     img = tmp_path / "in.img"
     shutil.copyfile(base_image, img)
     (tmp_path / "device.toml").write_text(
-        'server = "http://10.0.0.2:8080"\ncamera = 0\nrate = 0.1\ndepth = 4\nslot-ms = 200\n')
+        'server = "https://10.0.0.2:8443"\ncamera = 0\nrate = 0.1\ndepth = 4\nslot-ms = 200\n')
     (tmp_path / "cam1.key").write_text(KEY + "\n")
     (tmp_path / "out").mkdir()
     return {"img": img, "wheels": make_wheels(tmp_path / "wheels"),
@@ -364,7 +364,7 @@ def test_provision_writes_etc_with_modes_and_removes_the_key(inputs, tmp_path):
     from offload.device.config import load_toml, make_config
 
     cfg = make_config(file_values=load_toml(etc / "config.toml"))
-    assert (cfg.server, cfg.camera, cfg.slot_ms) == ("http://10.0.0.2:8080", 0, 200.0)
+    assert (cfg.server, cfg.camera, cfg.slot_ms) == ("https://10.0.0.2:8443", 0, 200.0)
     assert cfg.key_file == "/etc/offload/device.key" and cfg.policy == "/etc/offload/policy.bin"
     assert cfg.model == "/etc/offload/weak.tflite" and cfg.log == "/var/log/offload/frames.jsonl"
     assert cfg.log_max_bytes == settings.DEFAULT_LOG_MAX_BYTES and cfg.log_backups == settings.DEFAULT_LOG_BACKUPS
@@ -374,11 +374,11 @@ def test_provision_writes_etc_with_modes_and_removes_the_key(inputs, tmp_path):
     assert "After=dev-video0.device" in (root / "etc/systemd/system/offload.service.d/camera.conf").read_text()
     assert (root / "etc/udev/rules.d/70-offload-coral.rules").read_text().count('GROUP="plugdev"') == 2
     # Run again (settings edited on the card): the key already in /etc/offload is kept.
-    (boot / "device.toml").write_text('server = "http://10.0.0.3:8080"\nvideo = "/srv/clip.avi"\n')
+    (boot / "device.toml").write_text('server = "https://10.0.0.3:8443"\nvideo = "/srv/clip.avi"\n')
     res = run_cli("provision", "--boot", boot, "--root", root, "--user", user)
     assert res.returncode == 0, res.stderr
     cfg = make_config(file_values=load_toml(etc / "config.toml"))
-    assert (cfg.server, cfg.video, cfg.camera) == ("http://10.0.0.3:8080", "/srv/clip.avi", None)
+    assert (cfg.server, cfg.video, cfg.camera) == ("https://10.0.0.3:8443", "/srv/clip.avi", None)
     assert (etc / "device.key").read_text() == KEY + "\n"
     assert not (root / "etc/systemd/system/offload.service.d/camera.conf").exists()
 
@@ -396,9 +396,9 @@ def _card(tmp_path, toml_text, key=KEY):
 
 @pytest.mark.parametrize("toml_text, key, message", [
     ('camera = 0\n', KEY, "server: missing"),
-    ('server = "http://x:8080"\nslot-ms = -5\n', KEY, "slot-ms: must be a finite number > 0"),
-    ('server = "http://x:8080"\n', None, "device.key: missing"),
-    ('server = "http://x:8080"\n', "two words", "contains spaces"),
+    ('server = "https://x:8443"\nslot-ms = -5\n', KEY, "slot-ms: must be a finite number > 0"),
+    ('server = "https://x:8443"\n', None, "device.key: missing"),
+    ('server = "https://x:8443"\n', "two words", "contains spaces"),
 ])
 def test_provision_refuses_bad_card_settings_and_keeps_the_key(tmp_path, toml_text, key, message):
     import getpass
@@ -471,14 +471,14 @@ def test_refuses_a_boot_partition_too_small_for_the_payload(inputs, tmp_path):
 
 @needs_tools
 @pytest.mark.parametrize("toml_text, message", [
-    ('server = "ftp://10.0.0.2"\n', "server: must be an http://HOST[:PORT] URL"),
-    ('server = "http://10.0.0.2:8080"\nkey = "abc"\n', "key: not allowed here"),
-    ('server = "http://10.0.0.2:8080"\nrate = 0.2\n', "rate: 0.2 does not match the policy's bucket"),
-    ('server = "http://10.0.0.2:8080"\ndepth = 2\n', "depth: 2 does not match the policy's bucket"),
-    ('server = "http://10.0.0.2:8080"\nbucket-rate = 1\n', "bucket-rate: unknown config file key"),
-    ('server = "http://10.0.0.2:8080"\ncamera = 0\nvideo = "a.avi"\n', "only one frame source"),
-    ('server = "http://10.0.0.2:8080"\nlog-max-bytes = 0\n', "log-max-bytes: must be > 0 on the device"),
-    ('server = "http://10.0.0.2:8080"\nlog = "/tmp/x"\n', "log: not allowed here"),
+    ('server = "ftp://10.0.0.2"\n', "server: must be an https://HOST[:PORT] or http://HOST[:PORT] URL"),
+    ('server = "https://10.0.0.2:8443"\nkey = "abc"\n', "key: not allowed here"),
+    ('server = "https://10.0.0.2:8443"\nrate = 0.2\n', "rate: 0.2 does not match the policy's bucket"),
+    ('server = "https://10.0.0.2:8443"\ndepth = 2\n', "depth: 2 does not match the policy's bucket"),
+    ('server = "https://10.0.0.2:8443"\nbucket-rate = 1\n', "bucket-rate: unknown config file key"),
+    ('server = "https://10.0.0.2:8443"\ncamera = 0\nvideo = "a.avi"\n', "only one frame source"),
+    ('server = "https://10.0.0.2:8443"\nlog-max-bytes = 0\n', "log-max-bytes: must be > 0 on the device"),
+    ('server = "https://10.0.0.2:8443"\nlog = "/tmp/x"\n', "log: not allowed here"),
     ('server = http://10.0.0.2\n', "not valid TOML"),
 ])
 def test_refuses_invalid_settings_naming_the_key(inputs, toml_text, message):
@@ -598,14 +598,14 @@ def test_edgetpu_deb_check(tmp_path):
 
 def test_settings_are_validated_by_the_device_config():
     policy = artifacts.find("policy.bin")
-    table = settings.validate({"server": "http://h:1", "picamera": 0, "image-format": "jpeg"},
+    table = settings.validate({"server": "https://h:1", "picamera": 0, "image-format": "jpeg"},
                               settings_name="s", policy_path=policy)
     assert table["picamera"] == 0 and "camera" not in table and table["accelerator"] == "auto"
     with pytest.raises(FirmwareError, match="jpeg-quality: must be in 1..100"):
-        settings.validate({"server": "http://h:1", "jpeg-quality": 101}, settings_name="s", policy_path=policy)
+        settings.validate({"server": "https://h:1", "jpeg-quality": 101}, settings_name="s", policy_path=policy)
     with pytest.raises(FirmwareError, match="device: "):
-        settings.validate({"server": "http://h:1", "device": "tpu9"}, settings_name="s", policy_path=policy)
-    text = settings.to_toml({"server": "http://h:1", "realtime": True, "slot-ms": 200.0, "video": 'a "q".avi'})
+        settings.validate({"server": "https://h:1", "device": "tpu9"}, settings_name="s", policy_path=policy)
+    text = settings.to_toml({"server": "https://h:1", "realtime": True, "slot-ms": 200.0, "video": 'a "q".avi'})
     from offload.device.config import make_config
 
     assert make_config(file_values=settings.load_settings_text(text)).video == 'a "q".avi'
@@ -631,3 +631,210 @@ def test_the_key_on_the_card_is_overwritten_before_it_is_deleted(tmp_path):
     wipe(str(key))
     assert not key.exists()
     assert (tmp_path / "same-inode").read_bytes() == b"\0" * (len(KEY) + 1)
+
+
+# ---------------------------------------------------------------- TLS material and plain HTTP
+
+
+def _pki(folder):
+    """A private CA, a device certificate it signed (with its key) and a stranger's key, as PEM files."""
+    crypto = pytest.importorskip("cryptography", reason="the cryptography package makes test certificates")
+    del crypto
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(subject, key, issuer, issuer_key, *, ca, days=30, start=-1):
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now + dt.timedelta(days=start))
+             .not_valid_after(now + dt.timedelta(days=start + days))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(key, password=None):
+        enc = (serialization.BestAvailableEncryption(password) if password
+               else serialization.NoEncryption())
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+    ca_key, dev_key, other_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    files = {
+        "ca.pem": cert("test CA", ca_key, "test CA", ca_key, ca=True),
+        "ca.key": key_pem(ca_key),
+        "cam1.pem": cert("cam1", dev_key, "test CA", ca_key, ca=False),
+        "cam1.key": key_pem(dev_key),
+        "other.key": key_pem(other_key),
+        "enc.key": key_pem(dev_key, b"secret"),
+        "expired.pem": cert("old CA", ca_key, "old CA", ca_key, ca=True, days=1, start=-10),
+    }
+    for n, data in files.items():
+        (folder / n).write_bytes(data)
+    return {n: folder / n for n in files}
+
+
+def _card_from_image(img, tmp_path):
+    """The image's offload folder copied out, as the Pi sees /boot/firmware/offload."""
+    boot_dir = tmp_path / "bootfs"
+    boot_dir.mkdir()
+    part, _ = image.read_table(str(img))
+    env = dict(os.environ, MTOOLSRC=os.devnull, MTOOLS_SKIP_CHECK="1")
+    subprocess.run(["mcopy", "-s", "-i", part.spec(str(img)), "::/offload", str(boot_dir)],
+                   check=True, capture_output=True, env=env)
+    return boot_dir / "offload"
+
+
+@needs_tools
+def test_the_ca_and_client_certificate_travel_like_the_key(inputs, tmp_path):
+    import getpass
+
+    pki = _pki(tmp_path / "pki")
+    r = run_cli(*build_args(inputs, ca_file=pki["ca.pem"], client_cert=pki["cam1.pem"],
+                            client_key=pki["cam1.key"]))
+    assert r.returncode == 0, r.stderr
+    assert "no --ca-file" not in r.stdout
+    # On the boot partition, byte for byte.
+    for card_name, src in (("ca.pem", "ca.pem"), ("client.pem", "cam1.pem"), ("client.key", "cam1.key")):
+        assert read_boot(inputs["out"], f"/offload/{card_name}") == pki[src].read_bytes()
+    boot = _card_from_image(inputs["out"], tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    res = run_cli("provision", "--boot", boot, "--root", root, "--user", getpass.getuser())
+    assert res.returncode == 0, res.stderr
+    assert "moved ca.pem, client.pem, client.key to /etc/offload" in res.stdout
+    etc = root / "etc/offload"
+    for card_name, src in (("ca.pem", "ca.pem"), ("client.pem", "cam1.pem"), ("client.key", "cam1.key")):
+        assert (etc / card_name).read_bytes() == pki[src].read_bytes()
+        assert stat.S_IMODE((etc / card_name).stat().st_mode) == 0o600
+        assert not (boot / card_name).exists()                # wiped from the card
+    from offload.device.config import load_toml, make_config
+
+    cfg = make_config(file_values=load_toml(etc / "config.toml"))
+    assert cfg.server == "https://10.0.0.2:8443"
+    assert (cfg.ca_file, cfg.client_cert, cfg.client_key) == (
+        "/etc/offload/ca.pem", "/etc/offload/client.pem", "/etc/offload/client.key")
+    # Again, the card's copies gone: the ones in /etc/offload are kept and used.
+    res = run_cli("provision", "--boot", boot, "--root", root, "--user", getpass.getuser())
+    assert res.returncode == 0, res.stderr
+    cfg = make_config(file_values=load_toml(etc / "config.toml"))
+    assert cfg.ca_file == "/etc/offload/ca.pem" and cfg.client_key == "/etc/offload/client.key"
+    assert (etc / "ca.pem").read_bytes() == pki["ca.pem"].read_bytes()
+
+
+@needs_tools
+def test_https_without_a_ca_file_uses_the_system_store_and_says_so(inputs):
+    r = run_cli(*build_args(inputs))
+    assert r.returncode == 0, r.stderr
+    assert "no --ca-file: the device checks the server's certificate against the system's" in r.stdout
+    boot, _ = image.read_table(str(inputs["out"]))
+    assert "ca.pem" not in fat.listdir(str(inputs["out"]), boot, "/offload")
+
+
+@needs_tools
+def test_plain_http_is_refused_off_loopback_without_the_flag(inputs, tmp_path):
+    import getpass
+
+    inputs["settings"].write_text('server = "http://10.0.0.2:8080"\ncamera = 0\n')
+    before = sha(inputs["img"])
+    _refused(inputs, run_cli(*build_args(inputs)), "is plain HTTP to another machine")
+    r = run_cli(*build_args(inputs))
+    assert "--allow-plain-http" in r.stderr and "https://" in r.stderr
+    assert sha(inputs["img"]) == before
+    # Loopback (an SSH tunnel, a server on the device) needs no flag.
+    inputs["settings"].write_text('server = "http://127.0.0.1:8080"\ncamera = 0\n')
+    r = run_cli(*build_args(inputs))
+    assert r.returncode == 0, r.stderr
+    inputs["out"].unlink()
+    # With the flag the image is built, and the card says so for first boot's check.
+    inputs["settings"].write_text('server = "http://10.0.0.2:8080"\ncamera = 0\n')
+    r = run_cli(*build_args(inputs), "--allow-plain-http")
+    assert r.returncode == 0, r.stderr
+    written = settings.load_settings_text(read_boot(inputs["out"], "/offload/device.toml").decode())
+    assert written["allow-plain-http"] is True and written["server"] == "http://10.0.0.2:8080"
+    boot = _card_from_image(inputs["out"], tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    res = run_cli("provision", "--boot", boot, "--root", root, "--user", getpass.getuser())
+    assert res.returncode == 0, res.stderr
+    assert "allow-plain-http" not in (root / "etc/offload/config.toml").read_text()
+    # A card edited to plain HTTP afterwards, without the setting: first boot refuses it too.
+    (boot / "device.toml").write_text('server = "http://10.0.0.9:8080"\n')
+    res = run_cli("provision", "--boot", boot, "--root", root, "--user", getpass.getuser())
+    assert res.returncode == 1 and "is plain HTTP to another machine" in res.stderr
+
+
+@needs_tools
+def test_refuses_bad_tls_files(inputs, tmp_path):
+    pki = _pki(tmp_path / "pki")
+    (tmp_path / "junk.pem").write_text("hello\n")
+    (tmp_path / "bundle.pem").write_bytes(pki["ca.pem"].read_bytes() + pki["ca.key"].read_bytes())
+    before = sha(inputs["img"])
+    cases = [
+        (dict(ca_file=tmp_path / "junk.pem"), "--ca-file", "not a PEM file"),
+        (dict(ca_file=pki["ca.key"]), "--ca-file", "holds no certificate"),
+        (dict(ca_file=tmp_path / "bundle.pem"), "--ca-file", "holds a private key"),
+        (dict(ca_file=pki["expired.pem"]), "--ca-file", "expired on"),
+        (dict(ca_file=tmp_path / "missing.pem"), "--ca-file", "cannot read"),
+        (dict(client_key=pki["cam1.key"]), "--client-key", "needs --client-cert"),
+        (dict(client_cert=pki["cam1.pem"]), "--client-cert", "holds no private key"),
+        (dict(client_cert=pki["cam1.pem"], client_key=pki["other.key"]), "--client-key",
+         "is not the key of the certificate"),
+        (dict(client_cert=pki["cam1.pem"], client_key=pki["enc.key"]), "--client-key",
+         "encrypted"),
+        (dict(client_cert=pki["cam1.pem"], client_key=pki["cam1.pem"]), "--client-key",
+         "holds no private key"),
+    ]
+    for extra, flag, message in cases:
+        res = run_cli(*build_args(inputs, **extra))
+        _refused(inputs, res, message)
+        assert flag in res.stderr, res.stderr
+    # TLS files with a plain-HTTP server make no sense: the device's own rule says so.
+    inputs["settings"].write_text('server = "http://127.0.0.1:8080"\n')
+    _refused(inputs, run_cli(*build_args(inputs, ca_file=pki["ca.pem"])),
+             "ca-file: only applies to an https:// server")
+    assert sha(inputs["img"]) == before
+
+
+def test_provision_refuses_a_client_key_that_is_not_the_certificates(tmp_path):
+    import getpass
+
+    pki = _pki(tmp_path / "pki")
+    boot = _card(tmp_path, 'server = "https://10.0.0.2:8443"\n')
+    shutil.copyfile(pki["cam1.pem"], boot / "client.pem")
+    shutil.copyfile(pki["other.key"], boot / "client.key")
+    root = tmp_path / "root"
+    root.mkdir()
+    res = run_cli("provision", "--boot", boot, "--root", root, "--user", getpass.getuser())
+    assert res.returncode == 1 and "client.key" in res.stderr
+    assert "is not the key of the certificate" in res.stderr
+    assert not (root / "etc/offload/config.toml").exists()
+    assert (boot / "client.key").exists() and (boot / "device.key").exists()  # kept to fix and retry
+
+
+@pytest.mark.parametrize("settings_toml", [
+    'server = "https://x:8443"\nca-file = "/tmp/ca.pem"\n',
+    'server = "https://x:8443"\nclient_key = "/tmp/k"\n',
+])
+def test_tls_paths_are_the_firmwares_to_set(settings_toml):
+    with pytest.raises(FirmwareError, match="not allowed here; give"):
+        settings.device_config(settings.load_settings_text(settings_toml), settings_name="s")
+
+
+def test_loopback_rule():
+    from firmware import tls
+
+    assert [tls.is_loopback(h) for h in ("localhost", "127.0.0.1", "127.8.9.1", "::1")] == [True] * 4
+    assert [tls.is_loopback(h) for h in ("10.0.0.2", "edge.lan", "0.0.0.0", None)] == [False] * 4
+    tls.check_server("https://10.0.0.2:8443", allow_plain_http=False, settings_name="s")
+    tls.check_server("http://[::1]:8080", allow_plain_http=False, settings_name="s")
+    tls.check_server("http://10.0.0.2:8080", allow_plain_http=True, settings_name="s")
+    with pytest.raises(FirmwareError, match="plain HTTP"):
+        tls.check_server("http://edge.lan:8080", allow_plain_http=False, settings_name="s")

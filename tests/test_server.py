@@ -379,9 +379,13 @@ def test_key_file_reloaded_while_serving(tmp_path, strong_model, frames):
         K.remove_key(path, "one")
         assert status(key2) == 401  # not looked at yet (at most once a second)
         now[0] = 1.5
+        assert status(key2) == 401  # seen changed once; taken when a second look agrees
+        now[0] = 3.0
         assert status(key2) == 200 and status(key1) == 401
         path.write_text("[broken\n")  # a damaged file keeps the previous keys
-        now[0] = 3.0
+        now[0] = 4.5
+        assert status(key2) == 200
+        now[0] = 6.0
         assert status(key2) == 200
 
 

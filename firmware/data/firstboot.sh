@@ -94,7 +94,7 @@ say "installing offload (compiling the native core for this CPU: a few minutes o
 "${pip[@]}" meson-python meson ninja Cython
 "${pip[@]}" --no-build-isolation "offload[device]"
 
-# 5. Settings -> /etc/offload (validated again here), key moved off the boot
+# 5. Settings -> /etc/offload (validated again here), key and TLS files moved off the boot
 #    partition, systemd unit and udev rule installed.
 "$VENV/bin/offload-firmware" provision --boot "$BOOT"
 udevadm control --reload || true

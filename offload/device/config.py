@@ -47,7 +47,7 @@ def _check_server(url):
 
     u = urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise ValueError(f"must be an http://HOST[:PORT] URL or https://HOST[:PORT], got {url!r}")
+        raise ValueError(f"must be an https://HOST[:PORT] or http://HOST[:PORT] URL, got {url!r}")
     try:
         u.port
     except ValueError:

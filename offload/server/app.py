@@ -177,10 +177,11 @@ class _Service:
     async def _classify(self, request: Request):
         opts = self.opts
         self.keys.maybe_reload()
-        name = self.keys.check(_bearer(request) or "")
-        if name is None:
+        grant = self.keys.authorize(_bearer(request) or "")
+        if grant is None:  # unknown, revoked or past its rotation overlap: all look the same
             return _error(401, "missing or wrong API key (Authorization: Bearer KEY)",
                           {"WWW-Authenticate": "Bearer"})
+        name = grant.name
         cert_name = request.scope.get(CLIENT_CERT_SCOPE_KEY)
         if cert_name is not None and not hmac.compare_digest(cert_name.encode(), name.encode()):
             # With client certificates a key is only good with its own
@@ -201,7 +202,7 @@ class _Service:
         frame_id = request.headers.get(wire.FRAME_ID_HEADER)
         if frame_id is not None and len(frame_id) > MAX_FRAME_ID:
             return _error(400, f"{wire.FRAME_ID_HEADER} longer than {MAX_FRAME_ID} characters")
-        allowed, wait = self.keys.take(name)
+        allowed, wait = grant.take()  # the bucket of the key set that accepted the key
         if not allowed:
             # Retry-After is whole seconds (RFC 9110); the message has the exact time.
             return _error(429, f"rate limit of key {name!r}: its bucket is empty; the next token "
@@ -291,7 +292,11 @@ def create_app(model, keys, *, registry=None, **options):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        yield
+        keys.start_watching()  # key-file changes apply even while no request comes
+        try:
+            yield
+        finally:
+            keys.stop_watching()
         service.stopping = True
         await service.batcher.stop()
 

@@ -4,6 +4,8 @@
 
     offload-serve keys add camera-01 --keys keys.toml [--rate 0.1 --depth 4]   # prints the key
     offload-serve keys list --keys keys.toml
+    offload-serve keys rotate camera-01 --keys keys.toml [--overlap 24h]   # prints the new key
+    offload-serve keys revoke camera-01 --keys keys.toml
     offload-serve keys remove camera-01 --keys keys.toml
     offload-serve --keys keys.toml [--host 127.0.0.1] [--port 8080] [--model strong.onnx] ...
     offload-serve tls init tls/ --server-name edge.lan --ip 10.0.0.2 --devices cam1,cam2
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import click
 
 from offload import wire
 from offload.server.app import DEFAULTS
 from offload.server.guard import Limits
+from offload.server.keyfile import DEFAULT_OVERLAP
 
 _LIMITS = Limits()
 
@@ -100,7 +104,7 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
     if ctx.invoked_subcommand is not None:
         return
     from offload.server.app import create_app
-    from offload.server.keys import KeyFileError, KeyStore
+    from offload.server.keys import KeyFileError, KeyStore, reload_on_sighup
     from offload.server.model import ModelError
     from offload.server.serve import (
         ServerStartError, is_loopback, load_model, serve_forever, tls_context,
@@ -147,6 +151,7 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
                        f"read the images and copy the keys; serve TLS with --tls-cert/--tls-key "
                        f"(docs/security.md)", err=True)
 
+    reload_on_sighup(store)  # `kill -HUP PID` rereads the key file at once
     try:
         serve_forever(app, host, port, log_level=log_level, on_ready=ready, limits=limits,
                       ssl_context=ssl_context)
@@ -187,7 +192,11 @@ def _check_open_files(max_connections):
 
 @main.group()
 def keys():
-    """Manage API keys: add, list, remove."""
+    """Manage API keys: add, list, rotate, revoke, remove.
+
+    A running server applies every change within about half a second, or at
+    once on SIGHUP; see docs/server.md.
+    """
 
 
 @keys.command("add")
@@ -216,7 +225,10 @@ def keys_add(name, keys_path, rate, depth):
 @keys.command("list")
 @_keys_option
 def keys_list(keys_path):
-    """List the key names, creation times and buckets (never the keys)."""
+    """List names, creation times, buckets and rotation/revocation state (never a key).
+
+    One line per name, tab-separated: NAME, CREATED, BUCKET, STATE.
+    """
     from offload.server.keys import KeyFileError, read_key_file
 
     try:
@@ -225,16 +237,67 @@ def keys_list(keys_path):
         _fail(exc)
     if not entries:
         click.echo(f"{keys_path}: no keys", err=True)
+    now = time.time()
     for e in entries.values():
         limit = f"rate={e.rate:g} depth={e.depth:g}" if e.limited else "unlimited"
-        click.echo(f"{e.name}\t{e.created or '-'}\t{limit}")
+        click.echo(f"{e.name}\t{e.created or '-'}\t{limit}\t{e.state(now)}")
+
+
+@keys.command("rotate")
+@click.argument("name")
+@_keys_option
+@click.option("--overlap", default=DEFAULT_OVERLAP, show_default=True,
+              help="How long the current key stays valid beside the new one "
+                   "(e.g. 30m, 24h, 7d; 0: it stops at once).")
+def keys_rotate(name, keys_path, overlap):
+    """Give NAME a new key, printed on the last line; the old one works until the overlap ends.
+
+    Put the new key on the device within the overlap. Both keys spend from
+    NAME's one bucket.
+    """
+    from offload.server.keys import KeyFileError, rotate_key
+    from offload.server.keyfile import format_time, parse_duration
+
+    now = time.time()
+    try:
+        overlap_s = parse_duration(overlap)
+        key = rotate_key(keys_path, name, overlap_s=overlap_s, now=now)
+    except KeyFileError as exc:
+        _fail(exc)
+    old = (f"the old key stays valid until {format_time(now + overlap_s)}"
+           if overlap_s > 0 else "the old key no longer works")
+    click.echo(f"rotated key {name!r} in {keys_path}; {old}. The new key is shown only now:",
+               err=True)
+    click.echo(key)
+
+
+@keys.command("revoke")
+@click.argument("name")
+@_keys_option
+def keys_revoke(name, keys_path):
+    """Refuse every key of NAME from now on (401); `list` keeps showing it as revoked.
+
+    Use it for a lost or stolen device. The entry stays so the server can log
+    that a revoked key was presented; `keys remove NAME` deletes it.
+    """
+    from offload.server.keys import KeyFileError, revoke_key
+
+    try:
+        changed = revoke_key(keys_path, name)
+    except KeyFileError as exc:
+        _fail(exc)
+    if changed:
+        click.echo(f"revoked every key of {name!r} in {keys_path}; a running server refuses "
+                   f"them within a second (at once on SIGHUP)", err=True)
+    else:
+        click.echo(f"{name!r} was already revoked in {keys_path}", err=True)
 
 
 @keys.command("remove")
 @click.argument("name")
 @_keys_option
 def keys_remove(name, keys_path):
-    """Remove the key NAME (a running server drops it within about a second)."""
+    """Remove NAME and all its keys (a running server drops them within a second)."""
     from offload.server.keys import KeyFileError, remove_key
 
     try:

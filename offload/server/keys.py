@@ -1,82 +1,62 @@
-"""API keys of the edge server: a TOML key file holding only hashes, and per-key token buckets.
+"""API keys of the edge server: the accepted keys, their buckets, and live reloading.
 
-Key file (TOML, written by ``offload-serve keys add``)::
+The key file (``offload.server.keyfile``, re-exported here) holds only
+SHA-256 hashes. A presented key is hashed and compared with every stored
+hash (current and rotated-out keys of every name, revoked ones included)
+by ``hmac.compare_digest``, and the loop never stops early; whether the
+matching key is revoked or past its overlap is decided after the loop, so
+the answer time does not tell which bytes or which entry matched, nor
+whether a refused key was unknown, revoked or expired.
 
-    # offload-serve key file: SHA-256 hashes of API keys, never the keys.
-    [keys."camera-01"]
-    sha256 = "9f86d081884c7d65..."     # hex SHA-256 of the key's UTF-8 bytes
-    created = "2026-11-27T11:20:00Z"
-    rate = 0.1                          # optional: tokens per slot, 0 < rate < 1
-    depth = 4                           # optional: bucket depth in tokens, >= 1
-
-A key is ``secrets.token_urlsafe(32)`` (256 random bits), so a plain SHA-256
-is enough to store it: nothing short of guessing 256 bits recovers a key from
-its hash, and a slow password hash would only cost time on every request.
-A presented key is hashed and compared with every stored hash by
-``hmac.compare_digest`` (no early exit), so the answer time does not tell
-which bytes or which entry matched.
-
-Per-key bucket: a key with ``rate``/``depth`` gets the device's token bucket
+Per-key bucket: a name with ``rate``/``depth`` gets the device's token bucket
 (``offload.bucket.scale`` -> integer ``(N, P, M)`` scaled tokens; SPEC
-section 1). Time is cut into slots of ``slot_s`` seconds (default 0.2 s)
-counted from the bucket's creation; a request in slot ``s`` first refills
-``N`` per slot since the previous request (capped at ``M``), then is
-allowed iff ``n >= P`` and spends ``P``. That is the device's
-``n <- min(M, n - P*a + N*I)`` with ``I`` the slots between two requests; two
-requests in the same slot see no refill between them.
+section 1), shared by all of the name's valid keys (one device, one budget).
+Time is cut into slots of ``slot_s`` seconds (default 0.2 s) counted from the
+bucket's creation; a request in slot ``s`` first refills ``N`` per slot since
+the previous request (capped at ``M``), then is allowed iff ``n >= P`` and
+spends ``P``. That is the device's ``n <- min(M, n - P*a + N*I)`` with ``I``
+the slots between two requests; two requests in the same slot see no refill
+between them.
+
+Reloading (:class:`KeyStore`): the file is looked at every ``reload_s``
+seconds (default 0.25 s; a watcher thread while the app runs, and on
+requests). A changed file is loaded once two looks ``reload_s`` apart see
+the same (inode, mtime, size) and it reads back whole, so a file being
+written in place (an editor, ``cat >``) is not taken before it is done;
+``offload-serve keys`` commands replace the file by a rename, which is
+atomic anyway. A change thus applies within about ``2 * reload_s``.
+SIGHUP (:func:`reload_on_sighup`) rereads at once, even a file that looks
+unchanged. A file that cannot be read or parsed keeps the previous
+keys and is logged once per version. The new keys replace the old ones in
+one step: a request sees either the old set or the new one.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import hmac
+import logging
 import math
 import os
-import re
-import secrets
+import signal
 import threading
 import time
 
-try:
-    import tomllib
-except ImportError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from offload.bucket import Bucket, refill, slot_index
+from offload.server.keyfile import (
+    NAME_PATTERN, KeyEntry, KeyFileError, OldKey, add_key, check_bucket, check_name, hash_key,
+    new_key, parse_key_file,
+    read_key_file, remove_key, revoke_key, rotate_key, write_key_file,
+)
 
-from offload.atomic import atomic_path
-from offload.bucket import Bucket, refill, scale, slot_index
 
 __all__ = [
-    "KeyFileError",
-    "KeyEntry",
-    "KeyStore",
-    "KeyBucket",
-    "hash_key",
-    "new_key",
-    "read_key_file",
-    "write_key_file",
-    "add_key",
-    "remove_key",
-    "NAME_PATTERN",
+    "KeyFileError", "KeyEntry", "OldKey", "KeyStore", "KeyBucket", "Grant", "hash_key",
+    "new_key", "read_key_file", "write_key_file", "add_key", "remove_key", "rotate_key",
+    "revoke_key", "reload_on_sighup", "NAME_PATTERN",
 ]
 
-#: Key names: letters, digits, ``.``, ``_``, ``-``; 1..64 characters.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
-
-
-class KeyFileError(ValueError):
-    """A key file that is missing, not TOML, or not in the documented shape."""
-
-
-def hash_key(key):
-    """Hex SHA-256 of an API key's UTF-8 bytes (what the key file stores)."""
-    return hashlib.sha256(str(key).encode("utf-8")).hexdigest()
-
-
-def new_key():
-    """A new random API key: ``secrets.token_urlsafe(32)`` (43 URL-safe characters, 256 bits)."""
-    return secrets.token_urlsafe(32)
+log = logging.getLogger(__name__)
 
 
 class KeyBucket:
@@ -139,146 +119,39 @@ class KeyBucket:
         return self.n
 
 
-class KeyEntry:
-    """One key: its name, stored hash and optional bucket ``rate``/``depth``."""
+class Grant:
+    """An accepted key: its name and the bucket its requests spend from.
 
-    __slots__ = ("name", "sha256", "created", "rate", "depth")
-
-    def __init__(self, name, sha256, created="", rate=None, depth=None):
-        self.name, self.sha256, self.created = name, sha256, created
-        self.rate, self.depth = rate, depth
-
-    @property
-    def limited(self):
-        return self.rate is not None
-
-    def __repr__(self):
-        lim = f", rate={self.rate}, depth={self.depth}" if self.limited else ""
-        return f"KeyEntry({self.name!r}{lim})"
-
-
-def _check_name(name):
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise KeyFileError(f"key name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    return name
-
-
-def _check_bucket(name, rate, depth):
-    if (rate is None) != (depth is None):
-        raise KeyFileError(f"key {name!r}: give both rate and depth, or neither")
-    if rate is None:
-        return None, None
-    for what, v in (("rate", rate), ("depth", depth)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise KeyFileError(f"key {name!r}: {what} must be a number, got {v!r}")
-    try:
-        scale(rate, depth)
-    except ValueError as exc:
-        raise KeyFileError(f"key {name!r}: {exc}") from None
-    return float(rate), float(depth)
-
-
-def read_key_file(path):
-    """Read and check a key file; returns ``{name: KeyEntry}`` in file order.
-
-    Raises
-    ------
-    KeyFileError
-        Missing or unreadable file, bad TOML, or an entry without a valid
-        ``sha256``, with a bad name, or with an invalid bucket.
+    Both come from the same set of keys, so a reload between the check and
+    the spend cannot pair a name with another set's bucket.
     """
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError:
-        raise KeyFileError(f"key file {path} not found; create it with "
-                           f"`offload-serve keys add NAME --keys {path}`") from None
-    except IsADirectoryError:
-        raise KeyFileError(f"key file {path} is a directory") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"key file {path} is not valid TOML: {exc}") from None
-    table = doc.get("keys", {})
-    if not isinstance(table, dict):
-        raise KeyFileError(f"key file {path}: 'keys' must be a table of [keys.NAME] entries")
-    unknown = sorted(set(doc) - {"keys"})
-    if unknown:
-        raise KeyFileError(f"key file {path}: unknown top-level entries {unknown}")
-    out = {}
-    for name, entry in table.items():
-        try:
-            _check_name(name)
-            if not isinstance(entry, dict):
-                raise KeyFileError(f"key {name!r} must be a table with sha256 = \"...\"")
-            h = entry.get("sha256")
-            if not isinstance(h, str) or not _HEX64.match(h):
-                raise KeyFileError(f"key {name!r}: sha256 must be 64 lower-case hex digits")
-            extra = sorted(set(entry) - {"sha256", "created", "rate", "depth"})
-            if extra:
-                raise KeyFileError(f"key {name!r}: unknown fields {extra}")
-            rate, depth = _check_bucket(name, entry.get("rate"), entry.get("depth"))
-        except KeyFileError as exc:
-            raise KeyFileError(f"key file {path}: {exc}") from None
-        out[name] = KeyEntry(name, h, str(entry.get("created", "")), rate, depth)
-    return out
+
+    __slots__ = ("name", "bucket", "_clock")
+
+    def __init__(self, name, bucket, clock):
+        self.name, self.bucket, self._clock = name, bucket, clock
+
+    def take(self):
+        """Spend one token: ``(allowed, retry_after_s)``; a name without a bucket always passes."""
+        if self.bucket is None:
+            return True, 0.0
+        return self.bucket.take(self._clock())
 
 
-def write_key_file(path, entries):
-    """Write ``{name: KeyEntry}`` as a key file, atomically (``offload.atomic``), mode 0600."""
-    lines = ["# offload-serve key file: SHA-256 hashes of API keys, never the keys.",
-             "# Manage it with `offload-serve keys add/list/remove`; see docs/server.md.", ""]
-    for e in entries.values():
-        _check_name(e.name)
-        lines.append(f'[keys."{e.name}"]')
-        lines.append(f'sha256 = "{e.sha256}"')
-        if e.created:
-            lines.append(f'created = "{e.created}"')
-        if e.limited:
-            lines.append(f"rate = {float(e.rate)!r}")
-            lines.append(f"depth = {float(e.depth)!r}")
-        lines.append("")
-    text = "\n".join(lines)
-    tomllib.loads(text)  # what we write must read back
-    with atomic_path(path) as tmp:
-        # Only hashes are inside, but who may use the server is still nobody else's business.
-        os.chmod(tmp, 0o600)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+class _KeySet:
+    """One consistent set of keys: entries, hashes to compare, buckets; swapped in whole."""
+
+    def __init__(self, entries, hashes, buckets):
+        self.entries, self.hashes, self.buckets = entries, hashes, buckets
+        self.warned = set()  # names whose refused (revoked, expired) keys were logged
 
 
-def add_key(path, name, *, rate=None, depth=None, key=None):
-    """Add a new key named ``name`` to the key file (created when missing); returns the key.
-
-    The key itself (``new_key()`` unless given) is returned once and never
-    stored. Raises :class:`KeyFileError` for a bad name, an existing name,
-    a bad bucket, or a damaged existing file.
-    """
-    _check_name(name)
-    rate, depth = _check_bucket(name, rate, depth)
-    entries = read_key_file(path) if os.path.exists(path) else {}
-    if name in entries:
-        raise KeyFileError(f"a key named {name!r} already exists in {path}; "
-                           f"remove it first (`offload-serve keys remove {name}`)")
-    key = key or new_key()
-    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    entries[name] = KeyEntry(name, hash_key(key), created, rate, depth)
-    write_key_file(path, entries)
-    return key
-
-
-def remove_key(path, name):
-    """Remove the key ``name`` from the key file. Raises :class:`KeyFileError` when absent."""
-    entries = read_key_file(path)
-    if name not in entries:
-        raise KeyFileError(f"no key named {name!r} in {path} (keys: {', '.join(entries) or 'none'})")
-    del entries[name]
-    write_key_file(path, entries)
+class _Changing(Exception):
+    """The key file changed while it was being read."""
 
 
 class KeyStore:
-    """The keys a server accepts, with their buckets; optionally reloaded when the file changes.
+    """The keys a server accepts, with their buckets; reloaded when the key file changes.
 
     Parameters
     ----------
@@ -287,51 +160,83 @@ class KeyStore:
         Bucket slot length in seconds.
     path : str, optional
         Key file the entries came from; when given, :meth:`maybe_reload`
-        rereads it after it changes (checked at most every ``reload_s``
-        seconds), so ``offload-serve keys add`` takes effect without a
-        restart. A file that has become invalid is logged and ignored.
+        rereads it after it changes (looked at at most every ``reload_s``
+        seconds; see the module docstring for when a change is taken), so
+        ``offload-serve keys add/rotate/revoke/remove`` take effect without
+        a restart. A file that has become unusable is logged and ignored.
     clock : callable
-        Seconds, monotonic (``time.monotonic``); tests pass a fake one.
+        Seconds, monotonic (``time.monotonic``): buckets and the reload
+        interval. Tests pass a fake one.
+    reload_s : float
+        Seconds between two looks at the key file.
+    wall_clock : callable
+        Unix seconds (``time.time``): when rotated-out keys expire. Tests
+        pass a fake one.
     """
 
-    def __init__(self, entries, *, slot_s=0.2, path=None, clock=time.monotonic, reload_s=1.0):
+    def __init__(self, entries, *, slot_s=0.2, path=None, clock=time.monotonic, reload_s=0.25,
+                 wall_clock=time.time):
         if not (slot_s > 0 and math.isfinite(slot_s)):
             raise ValueError(f"slot length {slot_s!r} s must be a positive number")
+        if not (reload_s > 0 and math.isfinite(reload_s)):
+            raise ValueError(f"reload interval {reload_s!r} s must be a positive number")
         self.slot_s, self.path, self.clock, self.reload_s = float(slot_s), path, clock, reload_s
-        self._buckets = {}
-        self._lock = threading.Lock()
-        self._install(entries)
-        self._stamp = self._file_stamp()
+        self.wall_clock = wall_clock
+        self._set = self._build(entries, None)
+        self._stamp = self._file_stamp()  # the loaded version: (inode, mtime ns, size)
+        self._pending = None  # an in-place change seen once, to be seen unchanged once more
+        self._bad = False  # a version already logged as unusable (None: a missing file)
         self._checked = clock()
+        self._forced = False
+        self._reload_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._watcher = None
+        self._stopping = False
 
     @classmethod
     def from_file(cls, path, **kw):
         """A store of the keys in ``path`` (:func:`read_key_file`), reloaded when it changes."""
-        return cls(read_key_file(path), path=os.fspath(path), **kw)
+        path = os.fspath(path)
+        read_key_file(path)  # the clear errors for a missing or unreadable file
+        store = cls({}, path=path, **kw)
+        try:
+            stamp, data = store._read()
+        except _Changing:
+            raise KeyFileError(f"key file {path} changed while it was read; try again") from None
+        store._set = store._build(parse_key_file(data, path), None)
+        store._stamp = stamp
+        return store
 
     @classmethod
     def single(cls, key, *, name="default", rate=None, depth=None, **kw):
         """A store accepting one key (e.g. a throw-away key for a demo), no file."""
-        rate, depth = _check_bucket(name, rate, depth)
-        return cls({name: KeyEntry(_check_name(name), hash_key(key), "", rate, depth)}, **kw)
+        rate, depth = check_bucket(name, rate, depth)
+        return cls({name: KeyEntry(check_name(name), hash_key(key), "", rate, depth)}, **kw)
 
-    def _install(self, entries):
-        old = getattr(self, "_entries", {})
-        self._entries = dict(entries)
-        self._hashes = [(e.name, bytes.fromhex(e.sha256)) for e in self._entries.values()]
+    def _build(self, entries, old):
+        entries = dict(entries)
+        hashes = []
+        for e in entries.values():
+            # Revoked: every key of the name ends at -inf; a current key never ends.
+            ends = -math.inf if e.revoked else math.inf
+            hashes.append((e.name, bytes.fromhex(e.sha256), ends))
+            hashes.extend((e.name, bytes.fromhex(o.sha256), min(ends, o.expires))
+                          for o in e.previous)
         now = self.clock()
         buckets = {}
-        for e in self._entries.values():
+        for e in entries.values():
             if not e.limited:
                 continue
-            prev = old.get(e.name)
-            b = self._buckets.get(e.name)
-            # A reload keeps a key's bucket state unless its limit changed.
+            prev = old.entries.get(e.name) if old else None
+            b = old.buckets.get(e.name) if old else None
+            # A reload (a rotation too) keeps a name's bucket unless its limit changed.
             if b is not None and prev is not None and (prev.rate, prev.depth) == (e.rate, e.depth):
                 buckets[e.name] = b
             else:
                 buckets[e.name] = KeyBucket(e.rate, e.depth, self.slot_s, now)
-        self._buckets = buckets
+        return _KeySet(entries, hashes, buckets)
+
+    # ------------------------------------------------------------------ reloading
 
     def _file_stamp(self):
         if self.path is None:
@@ -340,61 +245,180 @@ class KeyStore:
             st = os.stat(self.path)
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def maybe_reload(self):
-        """Reread the key file when it changed since the last look (at most every ``reload_s``)."""
+    def _read(self):
+        """``(stamp, bytes)`` of the key file; :class:`_Changing` when it changed meanwhile."""
+        with open(self.path, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if len(data) != st.st_size or self._file_stamp() != stamp:
+            raise _Changing()
+        return stamp, data
+
+    def request_reload(self):
+        """Reread the key file at the next look, which comes at once (safe in a signal handler)."""
+        self._forced = True
+        self._wake.set()
+
+    def maybe_reload(self, *, force=False):
+        """Look at the key file if ``reload_s`` has passed (or ``force``); True when reloaded.
+
+        A forced look (SIGHUP, :meth:`request_reload`) rereads the file even
+        when it looks unchanged, and takes an in-place change without waiting
+        for a second look.
+        """
         if self.path is None:
             return False
         now = self.clock()
-        if now - self._checked < self.reload_s:
+        force = force or self._forced
+        if not force and now - self._checked < self.reload_s:
             return False
-        self._checked = now
-        stamp = self._file_stamp()
-        if stamp == self._stamp or stamp is None:
-            return False
-        self._stamp = stamp
+        if not self._reload_lock.acquire(blocking=force):
+            return False  # another thread is looking right now
         try:
-            entries = read_key_file(self.path)
-        except KeyFileError as exc:
-            import logging
+            # Read and clear together: a SIGHUP arriving after this sets the flag anew.
+            force, self._forced = force or self._forced, False
+            self._checked = now
+            return self._look(force)
+        finally:
+            self._reload_lock.release()
 
-            logging.getLogger(__name__).error("key file changed but is unusable, keeping the "
-                                              "previous keys: %s", exc)
+    def _look(self, force):
+        stamp = self._file_stamp()
+        if stamp is None:
+            self._unusable(None, force, f"key file {self.path} is missing or unreadable")
             return False
-        with self._lock:
-            self._install(entries)
+        if stamp == self._stamp and not force:
+            self._pending = None
+            return False
+        if not force and stamp != self._pending:
+            # Maybe a write in progress (an editor writing in place): take the
+            # file once a second look sees it unchanged. Telling a rename from
+            # an in-place write by the inode fails when the inode is reused.
+            self._pending = stamp
+            return False
+        self._pending = None
+        try:
+            stamp, data = self._read()
+            entries = parse_key_file(data, self.path)
+        except _Changing:
+            return False  # a writer is at work; the next look sees the rest
+        except OSError as exc:
+            self._unusable(stamp, force, f"cannot read key file {self.path}: {exc}")
+            return False
+        except KeyFileError as exc:
+            self._unusable(stamp, force, str(exc))
+            self._stamp = stamp  # this version is judged; look again when it changes
+            return False
+        self._set = self._build(entries, self._set)
+        self._stamp, self._bad = stamp, False
+        revoked = sum(1 for e in entries.values() if e.revoked)
+        log.info("key file %s %s: %d names (%d revoked)", self.path,
+                 "reread (SIGHUP)" if force else "reloaded", len(entries), revoked)
         return True
 
+    def _unusable(self, stamp, force, why):
+        if force or stamp != self._bad:
+            log.error("key file changed but is unusable, keeping the previous keys: %s", why)
+        self._bad = stamp
+
+    def start_watching(self):
+        """Look at the key file every ``reload_s`` s in a daemon thread (the app does this)."""
+        if self.path is None or self._watcher is not None:
+            return
+        self._stopping = False
+        self._watcher = threading.Thread(target=self._watch, name="offload-keys", daemon=True)
+        self._watcher.start()
+
+    def stop_watching(self, timeout=5.0):
+        """Stop the watcher thread (``timeout`` s)."""
+        if self._watcher is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._watcher.join(timeout)
+        self._watcher = None
+
+    def _watch(self):
+        while True:
+            self._wake.wait(self.reload_s)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self.maybe_reload()
+            except Exception:  # noqa: BLE001 - the watcher must outlive any surprise
+                log.exception("looking at the key file failed")
+
+    # ------------------------------------------------------------------ checking
+
     def __len__(self):
-        return len(self._entries)
+        return len(self._set.entries)
 
     @property
     def names(self):
-        return list(self._entries)
+        return list(self._set.entries)
 
-    def check(self, presented):
-        """Name of the key ``presented`` (a string), or ``None`` when it is no known key.
+    @property
+    def entries(self):
+        """The loaded ``{name: KeyEntry}`` (do not modify)."""
+        return self._set.entries
 
-        Hashes the presented key and compares it with every stored hash by
-        ``hmac.compare_digest``; the loop never stops early.
+    def authorize(self, presented):
+        """A :class:`Grant` for the key ``presented`` (a string), or ``None`` when refused.
+
+        Refused: no key, an unknown key, a key of a revoked name, or a
+        rotated-out key past its overlap. The presented key's hash is
+        compared with every stored hash by ``hmac.compare_digest``; the loop
+        never stops early, and revocation and expiry are checked after it.
         """
         if not isinstance(presented, str) or not presented:
             return None
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
-        found = None
-        for name, h in self._hashes:
+        keys = self._set  # one set for the whole check
+        found, ends = None, -math.inf
+        for name, h, until in keys.hashes:
             if hmac.compare_digest(digest, h):
-                found = name
-        return found
+                found, ends = name, until
+        if found is None:
+            return None
+        if not self.wall_clock() < ends:
+            if found not in keys.warned:
+                keys.warned.add(found)
+                why = "revoked" if keys.entries[found].revoked else "rotated out, overlap over"
+                log.warning("refused a key of %r (%s); logged once per name until the next "
+                            "reload", found, why)
+            return None
+        return Grant(found, keys.buckets.get(found), self.clock)
+
+    def check(self, presented):
+        """Name of the accepted key ``presented``, or ``None`` (see :meth:`authorize`)."""
+        grant = self.authorize(presented)
+        return None if grant is None else grant.name
 
     def take(self, name):
         """Spend one token of ``name``'s bucket: ``(allowed, retry_after_s)``; unlimited keys pass."""
-        b = self._buckets.get(name)
+        b = self._set.buckets.get(name)
         if b is None:
             return True, 0.0
         return b.take(self.clock())
 
     def bucket(self, name):
         """The :class:`KeyBucket` of ``name`` (``None`` when unlimited)."""
-        return self._buckets.get(name)
+        return self._set.buckets.get(name)
+
+
+def reload_on_sighup(store):
+    """Make SIGHUP reread ``store``'s key file at once; True when installed.
+
+    Only the main thread may install signal handlers, and not every system
+    has SIGHUP: elsewhere this does nothing and returns False. The handler
+    only sets a flag and wakes the watcher thread (no locks, no logging in
+    the handler).
+    """
+    if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGHUP, lambda signum, frame: store.request_reload())
+    return True
