@@ -3,7 +3,7 @@
 ``offload-sim``, ``offload-train``, ``offload-run``, ``offload-serve`` and
 ``offload-firmware`` each take what they need from here:
 
-- ``user_errors``: every refusal the user can cause (a ``ValueError``, which
+- ``fail`` and ``user_errors``: every refusal the user can cause (a ``ValueError``, which
   ``ScenarioError``, ``BlobError``, ``ConfigError``, ``KeyFileError`` and
   ``FirmwareError`` all are; an ``OSError``; a ``MemoryError``) as one
   ``Error: ...`` line (``click.ClickException``, exit status 1), never a traceback;
@@ -33,7 +33,7 @@ import numpy as np
 from offload.profile import TEST, TRAIN, read_profile
 from offload.scenario import SETTINGS, Scenario, ScenarioError
 
-__all__ = ["user_errors", "os_error_line", "require_torch", "TORCH_MISSING", "scenario_options",
+__all__ = ["fail", "user_errors", "os_error_line", "require_torch", "TORCH_MISSING", "scenario_options",
            "load_scenario", "select_profile", "committed_profile", "COMMITTED_PROFILE",
            "fit_thresholds", "run_named_policy", "check_policy_names", "format_table",
            "echo_table", "format_cell"]
@@ -48,10 +48,20 @@ COMMITTED_PROFILE = "artifacts/profile.npz"
 # --------------------------------------------------------------------------- errors
 
 
+def fail(message):
+    """Stop the command with one ``Error: message`` line (exit status 1)."""
+    raise click.ClickException(str(message)) from None
+
+
 def os_error_line(exc):
-    """``FILE: reason`` of an ``OSError`` (``I/O: reason`` when it names no file)."""
-    where = str(exc.filename) if exc.filename else "I/O"
-    return f"{where}: {exc.strerror or exc}"
+    """One line for an ``OSError``: ``FILE: reason``.
+
+    An error raised with our own message (no ``strerror``; it names the file
+    itself) is that message; a system error naming no file is ``I/O: reason``.
+    """
+    if exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return f"I/O: {exc.strerror}" if exc.strerror else str(exc)
 
 
 @contextlib.contextmanager
