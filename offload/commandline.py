@@ -192,8 +192,7 @@ def load_scenario(profile_path, synthetic, rate, depth, choice, spread, rprob, a
 def check_policy_names(names, known, *, option="--policy"):
     """Refuse (``click.ClickException``) a policy word that is neither in ``known`` nor a file."""
     for name in names:
-        what = name.rpartition("=")[2]  # [LABEL=]WHAT
-        if what not in known and not os.path.isfile(what):
+        if name not in known and not os.path.isfile(name):
             raise click.ClickException(f"{option} {name!r}: neither one of {', '.join(known)} "
                                        "nor an existing policy blob file")
 

@@ -9,7 +9,7 @@
 
 Every error the user can cause (missing or damaged key file, unknown model
 file, port in use, bad option values) ends in one ``Error: ...`` line and a
-non-zero exit code, never a traceback.
+non-zero exit code, never a traceback (``offload.commandline``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import os
 import click
 
 from offload import wire
+from offload.commandline import fail, user_errors
 from offload.server.app import DEFAULTS
 
 DEFAULT_KEYS = "keys.toml"
@@ -27,10 +28,6 @@ DEFAULT_KEYS = "keys.toml"
 _keys_option = click.option(
     "--keys", "keys_path", default=DEFAULT_KEYS, show_default=True, type=click.Path(dir_okay=False),
     help="Key file (TOML; only hashes of the keys are stored).")
-
-
-def _fail(message):
-    raise click.ClickException(str(message))
 
 
 @click.group(invoke_without_command=True)
@@ -71,22 +68,19 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
     if ctx.invoked_subcommand is not None:
         return
     from offload.server.app import create_app
-    from offload.server.keys import KeyFileError, KeyStore
-    from offload.server.model import ModelError
+    from offload.server.keys import KeyStore
     from offload.server.serve import ServerStartError, load_model, serve_forever
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with user_errors():
         store = KeyStore.from_file(keys_path, slot_s=slot_ms / 1000.0)
-    except KeyFileError as exc:
-        _fail(exc)
     if len(store) == 0:
-        _fail(f"{keys_path} holds no keys, so every request would get 401; "
-              f"add one with `offload-serve keys add NAME --keys {keys_path}`")
+        fail(f"{keys_path} holds no keys, so every request would get 401; "
+             f"add one with `offload-serve keys add NAME --keys {keys_path}`")
     if model_path is not None and not os.path.isfile(model_path):
-        _fail(f"model file {model_path} not found")
-    try:
+        fail(f"model file {model_path} not found")
+    with user_errors():  # ModelError is a ValueError
         model = load_model(model_path)
         if threads:
             from offload.server.model import StrongModel
@@ -94,8 +88,6 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
             model = StrongModel(model.path, threads=threads)
         app = create_app(model, store, max_batch=max_batch, batch_window_ms=batch_window_ms,
                          max_queue=max_queue, max_body=max_body, max_pixels=max_pixels, top_k=top_k)
-    except (ModelError, ValueError) as exc:
-        _fail(exc)
 
     def ready(url):
         limited = sum(1 for n in store.names if store.bucket(n) is not None)
@@ -107,7 +99,7 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
     try:
         serve_forever(app, host, port, log_level=log_level, on_ready=ready)
     except ServerStartError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         # uvicorn has already shut down gracefully and re-raised the Ctrl+C
         # for us; a requested stop is not an error. (SIGTERM ends the
@@ -132,12 +124,10 @@ def keys_add(name, keys_path, rate, depth):
 
     Only a SHA-256 hash is stored: the printed key cannot be shown again.
     """
-    from offload.server.keys import KeyFileError, add_key
+    from offload.server.keys import add_key
 
-    try:
+    with user_errors():  # a KeyFileError is a ValueError
         key = add_key(keys_path, name, rate=rate, depth=depth)
-    except KeyFileError as exc:
-        _fail(exc)
     limit = f" with a bucket of rate {rate} tokens/slot, depth {depth}" if rate is not None else ""
     click.echo(f"added key {name!r}{limit} to {keys_path}; it is shown only now:", err=True)
     click.echo(key)
@@ -147,12 +137,10 @@ def keys_add(name, keys_path, rate, depth):
 @_keys_option
 def keys_list(keys_path):
     """List the key names, creation times and buckets (never the keys)."""
-    from offload.server.keys import KeyFileError, read_key_file
+    from offload.server.keys import read_key_file
 
-    try:
+    with user_errors():  # a KeyFileError is a ValueError
         entries = read_key_file(keys_path)
-    except KeyFileError as exc:
-        _fail(exc)
     if not entries:
         click.echo(f"{keys_path}: no keys", err=True)
     for e in entries.values():
@@ -165,12 +153,10 @@ def keys_list(keys_path):
 @_keys_option
 def keys_remove(name, keys_path):
     """Remove the key NAME (a running server drops it within about a second)."""
-    from offload.server.keys import KeyFileError, remove_key
+    from offload.server.keys import remove_key
 
-    try:
+    with user_errors():  # a KeyFileError is a ValueError
         remove_key(keys_path, name)
-    except KeyFileError as exc:
-        _fail(exc)
     click.echo(f"removed key {name!r} from {keys_path}", err=True)
 
 
