@@ -8,30 +8,20 @@
         --edgetpu-deb libedgetpu1-std_16.0tf2.19.1-1.bookworm_arm64.deb
     offload-firmware provision --boot /boot/firmware/offload     # on the Pi, at first boot
 
-Bad input gives one ``Error: ...`` line and exit status 1, never a traceback.
+Bad input gives one ``Error: ...`` line and exit status 1, never a traceback
+(``offload.commandline.user_errors``; a ``FirmwareError`` is a ``ValueError``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import click
 
 from firmware.tools import FirmwareError
+from offload.commandline import user_errors
 
 __all__ = ["main"]
-
-
-@contextlib.contextmanager
-def _errors():
-    try:
-        yield
-    except FirmwareError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        where = f"{e.filename}: " if e.filename else ""
-        raise click.ClickException(f"{where}{e.strerror or e}") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,7 +67,7 @@ def build(input_image, output_image, force, **options):
     """
     from firmware.build import build as run_build
 
-    with _errors():
+    with user_errors():
         summary = run_build(input_image, output_image, force=force, echo=click.echo, **options)
     click.echo(f"wrote {summary['output']}: {summary['release']}, Python {summary['python']}, "
                f"{summary['files']} files ({summary['bytes'] / 1e6:.1f} MB) on the boot partition, "
@@ -95,7 +85,7 @@ def fetch_wheels(folder, python, source):
     """Fill FOLDER with aarch64 wheels (needs the network) and the offload sdist."""
     from firmware.wheels import fetch
 
-    with _errors():
+    with user_errors():
         if not python.count(".") == 1 or not all(x.isdigit() for x in python.split(".")):
             raise FirmwareError(f"--python {python!r}: give MAJOR.MINOR, e.g. 3.13")
         files = fetch(folder, python, os.path.abspath(source), echo=click.echo)
@@ -112,5 +102,5 @@ def provision(boot, root, user):
     """First boot on the Pi: validate the card's settings and write /etc/offload (run as root)."""
     from firmware.provision import provision as run_provision
 
-    with _errors():
+    with user_errors():
         run_provision(boot, root=root, user=user, echo=click.echo)

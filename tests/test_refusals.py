@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from offload import cli, policies, sequences
+from offload import policies, sequences
 from offload.bucket import Bucket
 from offload.cli import sim_main
 from offload.profile import Profile
+from offload.scenario import Scenario
 
 SMALL = ["--synthetic", "2000", "--length", "200", "--streams", "2"]
 
@@ -58,7 +59,7 @@ def test_training_arrivals_refusal_is_a_click_error(monkeypatch):
     def refuse(self, length=None):
         raise ValueError("no training arrivals for these parameters")
 
-    monkeypatch.setattr(cli.Scenario, "training_arrivals", refuse)
+    monkeypatch.setattr(Scenario, "training_arrivals", refuse)
     failed(run(*SMALL, "--arrivals", "markov"), "mdp: no training arrivals")
 
 

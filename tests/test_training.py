@@ -21,6 +21,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from offload.profile import Profile  # noqa: E402
 from training import cli  # noqa: E402
+from training.pair_commands import STRONG_FILE, WEAK_FILE  # noqa: E402
 from training.data import (  # noqa: E402
     FASHION_MNIST_DIR, DataError, ImageSet, load_idx_dir, load_images, make_split, read_idx, write_idx,
 )
@@ -132,7 +133,7 @@ def _check_outputs(out, n_classes):
     assert "float32" not in rep["tensor_dtypes"]
     assert 0 <= man["weak"]["int8_accuracy"] <= 1 and 0 <= man["strong"]["accuracy"] <= 1
     # the strong model loads with torch alone, no training code
-    m = torch.jit.load(str(out / cli.STRONG_FILE))
+    m = torch.jit.load(str(out / STRONG_FILE))
     assert m(torch.rand(3, 1, 28, 28)).shape == (3, n_classes)
 
     prof = Profile.load(out / "profile.npz")
@@ -173,7 +174,7 @@ def test_chain_on_synthetic_idx(tmp_path):
 
     images = load_idx_dir(data).images
     split = make_split(load_idx_dir(data))
-    clf = WeakClassifier(out / cli.WEAK_FILE, edgetpu=False)
+    clf = WeakClassifier(out / WEAK_FILE, edgetpu=False)
     j = 7
     np.testing.assert_array_equal(clf.classify(images[split.profile[j]]).logits, prof.weak_logits[j])
     # the easy synthetic task is learnt beyond chance (0.25) even in a few steps
@@ -241,7 +242,7 @@ def test_cli_profile_wrong_model_files(tmp_path):
     (out / "weak.tflite").write_bytes(b"this is not a flatbuffer" * 10)
     res = CliRunner().invoke(cli.main, ["profile", "--models-dir", str(out)])
     assert "not a usable LiteRT model" in _no_traceback(res)
-    committed = os.path.join(os.path.dirname(os.path.dirname(__file__)), "artifacts", cli.WEAK_FILE)
+    committed = os.path.join(os.path.dirname(os.path.dirname(__file__)), "artifacts", WEAK_FILE)
     if os.path.isfile(committed):  # a good weak model, a junk strong one
         (out / "weak.tflite").write_bytes(open(committed, "rb").read())
         (out / "strong.pt").write_bytes(b"PK not really a zip")

@@ -10,5 +10,7 @@ Classifier pair (``offload-train classifiers`` / ``offload-train profile``, see
 - ``training.profiling``: run both as deployed, build the profile, fit the metric,
   section II breakdown, Fig. 3;
 - ``training.demo``: a demo clip of held-out test images;
-- ``training.cli``: the ``offload-train`` command.
+- ``training.cli``: the ``offload-train`` group and its ``dqn`` command;
+  ``training.pair_commands`` (``classifiers``, ``onnx``, ``profile``) and
+  ``training.figure_commands`` (``sweep``, ``plot``, ``trace``) add the rest.
 """

@@ -18,36 +18,29 @@ import this one.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 
 import click
 
+from offload.commandline import user_errors
 from offload.device.config import KEYS, ConfigError, load_toml, make_config
 
 __all__ = ["main", "execute", "device_errors", "build_config", "config_options"]
 
 
-@contextlib.contextmanager
 def device_errors():
-    """Every refusal of the loop as one ``Error: ...`` line (``click.ClickException``).
+    """Every refusal of the loop as one ``Error: ...`` line (``offload.commandline.user_errors``).
 
-    Like ``offload.cli.user_errors`` (``ValueError``: config, source, blob,
-    classifier, wire errors), plus the ``RuntimeError``s of the accelerator,
-    the watchdog and the demo, and ``OSError`` (a log path that cannot be written).
+    ``ValueError`` (config, source, blob, classifier, wire errors) and
+    ``OSError`` (a log path that cannot be written), plus the ``RuntimeError``s
+    of the accelerator, the watchdog and the demo.
     """
     from offload.classifier import EdgeTPUUnavailable
     from offload.device.demo import DemoError
     from offload.device.weak import WatchdogError
 
-    try:
-        yield
-    except (ValueError, EdgeTPUUnavailable, WatchdogError, DemoError) as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        where = f" {e.filename}" if e.filename else ""
-        raise click.ClickException(f"{where.strip() or 'I/O'}: {e.strerror or e}") from None
+    return user_errors(refusals=(EdgeTPUUnavailable, WatchdogError, DemoError))
 
 
 def config_options(command):

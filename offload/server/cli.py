@@ -13,7 +13,7 @@
 
 Every error the user can cause (missing or damaged key file, unknown model
 file, port in use, bad option values) ends in one ``Error: ...`` line and a
-non-zero exit code, never a traceback.
+non-zero exit code, never a traceback (``offload.commandline``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 import click
 
 from offload import wire
+from offload.commandline import fail, user_errors
 from offload.server.app import DEFAULTS
 from offload.server.guard import Limits
 from offload.server.keyfile import DEFAULT_OVERLAP
@@ -36,10 +37,6 @@ DEFAULT_KEYS = "keys.toml"
 _keys_option = click.option(
     "--keys", "keys_path", default=DEFAULT_KEYS, show_default=True, type=click.Path(dir_okay=False),
     help="Key file (TOML; only hashes of the keys are stored).")
-
-
-def _fail(message):
-    raise click.ClickException(str(message))
 
 
 @click.group(invoke_without_command=True)
@@ -104,32 +101,26 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
     if ctx.invoked_subcommand is not None:
         return
     from offload.server.app import create_app
-    from offload.server.keys import KeyFileError, KeyStore, reload_on_sighup
-    from offload.server.model import ModelError
+    from offload.server.keys import KeyStore, reload_on_sighup
     from offload.server.serve import (
         ServerStartError, is_loopback, load_model, serve_forever, tls_context,
     )
-    from offload.server.tls import TLSConfigError
 
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    with user_errors():  # a TLSConfigError is a ValueError
         ssl_context = tls_context(tls_cert, tls_key, tls_client_ca)
-    except TLSConfigError as exc:
-        _fail(exc)
     limits = Limits(head_timeout=head_timeout, body_timeout=body_timeout, keep_alive=keep_alive,
                     max_connections=max_connections, max_per_client=max_per_client)
     _check_open_files(limits.max_connections)
-    try:
+    with user_errors():
         store = KeyStore.from_file(keys_path, slot_s=slot_ms / 1000.0)
-    except KeyFileError as exc:
-        _fail(exc)
     if len(store) == 0:
-        _fail(f"{keys_path} holds no keys, so every request would get 401; "
-              f"add one with `offload-serve keys add NAME --keys {keys_path}`")
+        fail(f"{keys_path} holds no keys, so every request would get 401; "
+             f"add one with `offload-serve keys add NAME --keys {keys_path}`")
     if model_path is not None and not os.path.isfile(model_path):
-        _fail(f"model file {model_path} not found")
-    try:
+        fail(f"model file {model_path} not found")
+    with user_errors():  # ModelError is a ValueError
         model = load_model(model_path)
         if threads:
             from offload.server.model import StrongModel
@@ -137,8 +128,6 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
             model = StrongModel(model.path, threads=threads)
         app = create_app(model, store, max_batch=max_batch, batch_window_ms=batch_window_ms,
                          max_queue=max_queue, max_body=max_body, max_pixels=max_pixels, top_k=top_k)
-    except (ModelError, ValueError) as exc:
-        _fail(exc)
 
     def ready(url):
         limited = sum(1 for n in store.names if store.bucket(n) is not None)
@@ -156,7 +145,7 @@ def main(ctx, keys_path, host, port, model_path, max_batch, batch_window_ms, max
         serve_forever(app, host, port, log_level=log_level, on_ready=ready, limits=limits,
                       ssl_context=ssl_context)
     except ServerStartError as exc:
-        _fail(exc)
+        fail(exc)
     except KeyboardInterrupt:
         # uvicorn has already shut down gracefully and re-raised the Ctrl+C
         # for us; a requested stop is not an error. (SIGTERM ends the
@@ -211,12 +200,10 @@ def keys_add(name, keys_path, rate, depth):
 
     Only a SHA-256 hash is stored: the printed key cannot be shown again.
     """
-    from offload.server.keys import KeyFileError, add_key
+    from offload.server.keys import add_key
 
-    try:
+    with user_errors():  # a KeyFileError is a ValueError
         key = add_key(keys_path, name, rate=rate, depth=depth)
-    except KeyFileError as exc:
-        _fail(exc)
     limit = f" with a bucket of rate {rate} tokens/slot, depth {depth}" if rate is not None else ""
     click.echo(f"added key {name!r}{limit} to {keys_path}; it is shown only now:", err=True)
     click.echo(key)
@@ -229,12 +216,10 @@ def keys_list(keys_path):
 
     One line per name, tab-separated: NAME, CREATED, BUCKET, STATE.
     """
-    from offload.server.keys import KeyFileError, read_key_file
+    from offload.server.keys import read_key_file
 
-    try:
+    with user_errors():  # a KeyFileError is a ValueError
         entries = read_key_file(keys_path)
-    except KeyFileError as exc:
-        _fail(exc)
     if not entries:
         click.echo(f"{keys_path}: no keys", err=True)
     now = time.time()
@@ -255,15 +240,13 @@ def keys_rotate(name, keys_path, overlap):
     Put the new key on the device within the overlap. Both keys spend from
     NAME's one bucket.
     """
-    from offload.server.keys import KeyFileError, rotate_key
+    from offload.server.keys import rotate_key
     from offload.server.keyfile import format_time, parse_duration
 
     now = time.time()
-    try:
+    with user_errors():  # a KeyFileError is a ValueError
         overlap_s = parse_duration(overlap)
         key = rotate_key(keys_path, name, overlap_s=overlap_s, now=now)
-    except KeyFileError as exc:
-        _fail(exc)
     old = (f"the old key stays valid until {format_time(now + overlap_s)}"
            if overlap_s > 0 else "the old key no longer works")
     click.echo(f"rotated key {name!r} in {keys_path}; {old}. The new key is shown only now:",
@@ -280,12 +263,10 @@ def keys_revoke(name, keys_path):
     Use it for a lost or stolen device. The entry stays so the server can log
     that a revoked key was presented; `keys remove NAME` deletes it.
     """
-    from offload.server.keys import KeyFileError, revoke_key
+    from offload.server.keys import revoke_key
 
-    try:
+    with user_errors():  # a KeyFileError is a ValueError
         changed = revoke_key(keys_path, name)
-    except KeyFileError as exc:
-        _fail(exc)
     if changed:
         click.echo(f"revoked every key of {name!r} in {keys_path}; a running server refuses "
                    f"them within a second (at once on SIGHUP)", err=True)
@@ -298,12 +279,10 @@ def keys_revoke(name, keys_path):
 @_keys_option
 def keys_remove(name, keys_path):
     """Remove NAME and all its keys (a running server drops them within a second)."""
-    from offload.server.keys import KeyFileError, remove_key
+    from offload.server.keys import remove_key
 
-    try:
+    with user_errors():  # a KeyFileError is a ValueError
         remove_key(keys_path, name)
-    except KeyFileError as exc:
-        _fail(exc)
     click.echo(f"removed key {name!r} from {keys_path}", err=True)
 
 
@@ -335,14 +314,12 @@ def tls_init(folder, server_names, ips, devices, days, ca_days, force):
     (`--devices cam3`) or re-issues the server certificate (`--server-name ...
     --force`). Keys are written with mode 0600. See docs/security.md.
     """
-    from offload.server.tls import CA_DAYS, LEAF_DAYS, TLSConfigError, init_fleet
+    from offload.server.tls import CA_DAYS, LEAF_DAYS, init_fleet
 
-    try:
+    with user_errors():  # a TLSConfigError is a ValueError
         written = init_fleet(folder, server_names=_split_names(server_names),
                              ips=_split_names(ips), devices=_split_names(devices), force=force,
                              ca_days=ca_days or CA_DAYS, days=days or LEAF_DAYS)
-    except TLSConfigError as exc:
-        _fail(exc)
     for path, what in written:
         click.echo(f"{path}\t{what}")
 
