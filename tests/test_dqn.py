@@ -214,7 +214,7 @@ def test_stop_before_the_first_validation_still_judges_the_network(small_profile
 def test_int8_policy_agrees_with_float(small_profile):
     tr = _trainer(small_profile, iterations=30, val_streams=4, val_length=5000)
     layers = tr.run()
-    q = tr.quantize(layers)
+    q = dqn.quantize(tr, layers)
     st, H = tr.val, tr.cfg.H
     res = simulate.run_dqn(q, st, Bucket(1, 10, 40), H=H, use_interarrival=False, trace=True)
     agree = dqn.int8_agreement(layers, st, Bucket(1, 10, 40), res, H=H, use_ia=False)
@@ -253,13 +253,12 @@ def test_int8_tuning_puts_the_float_policy_on_the_int8_grid(small_profile, marko
     keeps exactly, so the int8 policy (16-bit activations) decides like it."""
     tr = _trainer(small_profile, markov=markov, int8_tune=12, val_streams=4, val_length=5000)
     tr.run()
-    layers, q = tr.int8_policy()
+    layers, q, t = dqn.int8_policy(tr)
     assert q.act_bits == 16 and tr.cfg.activation_bits == 16
     for (w, b), lay, (wf, bf) in zip(layers, q.layers, q.float_layers):
         np.testing.assert_array_equal(lay.w_int8.astype(np.float32) * lay.w_scale[:, None], w)
         np.testing.assert_array_equal(mlp.weight_grid(w), w)
         np.testing.assert_array_equal(wf, w)
-    t = tr.int8_tuning
     assert t["iterations"] == 12 and len(t["curve"]) == 12 // tr.cfg.validate_every + 1
     # The kept network is the best validated one, the rounded untuned network included.
     assert t["val_best"] == max([t["val_rounded"]] + [c["dqn"] for c in t["curve"]])
@@ -274,8 +273,8 @@ def test_int8_tuning_puts_the_float_policy_on_the_int8_grid(small_profile, marko
 def test_without_tuning_the_best_network_is_quantised_as_it_is(small_profile):
     tr = _trainer(small_profile, int8_tune=0, act_bits=8)
     tr.run()
-    layers, q = tr.int8_policy()
-    assert tr.int8_tuning is None and q.act_bits == 8
+    layers, q, tuning = dqn.int8_policy(tr)
+    assert tuning is None and q.act_bits == 8
     for (w, _), (w0, _) in zip(layers, tr.best_layers()):
         np.testing.assert_array_equal(w, w0)
 
@@ -284,7 +283,7 @@ def test_ema_judges_and_keeps_the_weight_average(small_profile, tmp_path):
     tr = _trainer(small_profile, ema=0.5)
     before = {k: v.clone() for k, v in tr.ema_state.items()}
     tr.iterate()
-    tr._update_ema()
+    tr.update_ema()
     for k, v in tr.net.state_dict().items():
         torch.testing.assert_close(tr.ema_state[k], 0.5 * before[k] + 0.5 * v)
     tr = _trainer(small_profile, tmp_path, ema=0.9, iterations=10)
@@ -561,6 +560,6 @@ def test_cli_synthetic_profile_when_asked(tmp_path):
 def test_cli_bad_arguments_get_one_clear_message(profile_file, tmp_path):
     r = _cli(["--profile", profile_file, "--out", str(tmp_path / "x.bin"), "--lr", "-1",
               *TINY_FLAGS])
-    assert r.returncode != 0 and "lr=-1" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "'--lr': -1" in r.stderr and "Traceback" not in r.stderr
     r = _cli(["--profile", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "x.bin")])
     assert r.returncode != 0 and "Traceback" not in r.stderr

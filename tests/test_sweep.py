@@ -18,7 +18,9 @@ pytest.importorskip("matplotlib")
 
 from offload import blob  # noqa: E402
 from offload.synthetic import synthetic_profile  # noqa: E402
+from training import dqn  # noqa: E402
 from training import figures as F  # noqa: E402
+from training import grid as G  # noqa: E402
 from training import sweep as S  # noqa: E402
 from training.cli import main  # noqa: E402
 
@@ -115,7 +117,8 @@ def test_two_point_grid_end_to_end(two_point_sweep):
 
 def test_rerun_skips_finished_points(two_point_sweep, profile_file, monkeypatch):
     out, _ = two_point_sweep
-    monkeypatch.setattr(S, "_train", lambda *a: pytest.fail("a finished point was retrained"))
+    monkeypatch.setattr(dqn, "train_policy",
+                        lambda *a, **kw: pytest.fail("a finished point was retrained"))
     grid = os.path.join(os.path.dirname(out), "g.toml")
     res = _cli(["sweep", grid, "--out", out, "--scale", "smoke", "--profile", profile_file,
                 "--workers", "1", "--quiet"])
@@ -126,15 +129,15 @@ def test_rerun_skips_finished_points(two_point_sweep, profile_file, monkeypatch)
 def test_resume_after_an_interruption(profile_file, tmp_path, monkeypatch):
     grid = _grid_file(str(tmp_path), TWO_DEPTHS.replace("[2, 4]", "[2, 3, 4]"))
     out = str(tmp_path / "out")
-    real, calls = S._train, []
+    real, calls = dqn.train_policy, []
 
-    def ctrl_c_on_the_second_point(*args):
+    def ctrl_c_on_the_second_point(*args, **kw):
         calls.append(args[1].depth)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kw)
 
-    monkeypatch.setattr(S, "_train", ctrl_c_on_the_second_point)
+    monkeypatch.setattr(dqn, "train_policy", ctrl_c_on_the_second_point)
     res = _cli(["sweep", grid, "--out", out, "--scale", "smoke", "--profile", profile_file,
                 "--workers", "1", "--quiet"])
     assert res.exit_code == 130, res.output
@@ -145,7 +148,8 @@ def test_resume_after_an_interruption(profile_file, tmp_path, monkeypatch):
     stamp = os.stat(os.path.join(out, "points", pid + ".json")).st_mtime_ns
 
     calls.clear()
-    monkeypatch.setattr(S, "_train", lambda *a: (calls.append(a[1].depth), real(*a))[1])
+    monkeypatch.setattr(dqn, "train_policy",
+                        lambda *a, **kw: (calls.append(a[1].depth), real(*a, **kw))[1])
     res = _cli(["sweep", grid, "--out", out, "--scale", "smoke", "--profile", profile_file,
                 "--workers", "1", "--quiet"])
     assert res.exit_code == 0, res.output
@@ -159,14 +163,14 @@ def test_resume_after_an_interruption(profile_file, tmp_path, monkeypatch):
 def test_failing_point_is_recorded_and_the_sweep_goes_on(profile_file, tmp_path, monkeypatch):
     grid = _grid_file(str(tmp_path))
     out = str(tmp_path / "out")
-    real = S._train
+    real = dqn.train_policy
 
-    def fail_at_depth_4(data, scenario, config, fingerprint):
+    def fail_at_depth_4(data, scenario, config, prof, **kw):
         if scenario.depth == 4:
             raise RuntimeError("simulated trainer failure")
-        return real(data, scenario, config, fingerprint)
+        return real(data, scenario, config, prof, **kw)
 
-    monkeypatch.setattr(S, "_train", fail_at_depth_4)
+    monkeypatch.setattr(dqn, "train_policy", fail_at_depth_4)
     res = _cli(["sweep", grid, "--out", out, "--scale", "smoke", "--profile", profile_file,
                 "--workers", "1", "--quiet"])
     line = _one_error_line(res)
@@ -179,7 +183,7 @@ def test_failing_point_is_recorded_and_the_sweep_goes_on(profile_file, tmp_path,
     rec = json.loads(open(os.path.join(out, "points", failed[0]["point"] + ".json")).read())
     assert rec["status"] == "failed" and "simulated" in rec["error"]
     # the next run retries the failed point only
-    monkeypatch.setattr(S, "_train", real)
+    monkeypatch.setattr(dqn, "train_policy", real)
     res = _cli(["sweep", grid, "--out", out, "--scale", "smoke", "--profile", profile_file,
                 "--workers", "1", "--quiet"])
     assert res.exit_code == 0, res.output
@@ -199,7 +203,7 @@ def test_ready_made_grids_follow_the_paper():
                 S.scale_config(scale, p)
     fig6 = S.points(S.ready_grid("fig6", "paper"))
     assert {p.params["rate"] for p in fig6} == {0.05, 0.1, 0.25}
-    assert sorted({p.params["depth"] for p in fig6})[::len(S._DEPTHS_PAPER) - 1] == [1.0, 20.0]
+    assert sorted({p.params["depth"] for p in fig6})[::len(G.DEPTHS_PAPER) - 1] == [1.0, 20.0]
     assert {(p.params["sp"], p.params["rprob"], p.params["choice"]) for p in fig6} == {
         (0.1, 0.1, "location-reset")}
     fig8 = S.points(S.ready_grid("fig8", "paper"))
@@ -406,7 +410,7 @@ def test_results_figures_one_line_per_policy_and_a_panel_per_facet():
     # a setting derived from x and the facets (tprob2 = tprob1 / ratio) adds no panels
     derived = [{**r, "tprob1": r["rprob"], "tprob2": r["rprob"] / (2 if r["sp"] < 0.3 else 4)}
                for r in rows if r["status"] == "done"]
-    assert len(F._facets(derived, "tprob1", ["sp", "tprob1", "tprob2"])) == 1
+    assert len(F.facet_keys(derived, "tprob1", ["sp", "tprob1", "tprob2"])) == 1
 
 
 def test_plot_command_writes_pngs(two_point_sweep, tmp_path):

@@ -20,7 +20,7 @@ import textwrap
 
 import numpy as np
 
-__all__ = ["PLOT_POLICIES", "read_results", "results_figures", "busiest_window", "trace_figure",
+__all__ = ["PLOT_POLICIES", "facet_keys", "read_results", "results_figures", "busiest_window", "trace_figure",
            "save_png"]
 
 #: Policies drawn against the swept parameter: label, colour, marker, line style.
@@ -148,7 +148,7 @@ def results_figures(rows, meta=None, policies=None, oracle=False):
         vary = _varying(prow, keys)
         x = part.get("x") or (max(vary, key=lambda k: len({repr(r.get(k)) for r in prow}))
                               if vary else "point")
-        facets = _facets(prow, x, vary, part.get("axes"))
+        facets = facet_keys(prow, x, vary, part.get("axes"))
         combos = sorted({tuple(r.get(k) for k in facets) for r in prow},
                         key=lambda c: [_sort_key(v) for v in c])
         n = len(combos)
@@ -173,8 +173,12 @@ def results_figures(rows, meta=None, policies=None, oracle=False):
     return figs
 
 
-def _facets(rows, x, vary, axes=None):
+def facet_keys(rows, x, vary, axes=None):
     """The settings that get a panel each: the part's other axes when known.
+
+    ``rows``: result rows (dicts) of one part; ``x``: the setting along the x
+    axis; ``vary``: the settings whose values differ among ``rows``;
+    ``axes``: the part's axes, when the results say them.
 
     Without them (a CSV table), every varying setting not already fixed by
     ``x`` and the facets before it (fewest values first): a setting derived
