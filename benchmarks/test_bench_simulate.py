@@ -119,8 +119,7 @@ def _windows_numpy(st, k0, k1):
 def _run_dqn_previous(nat, st):
     """``run_dqn`` before the tiled, threaded forward and the native walk and windows."""
     S, L = st.shape
-    n = np.full(S, M, np.int64)
-    total, count, hist = np.zeros(S), np.zeros(S, np.int64), np.zeros(M + 1, np.int64)
+    n, total, count, hist = simulate.walk_start(BUCKET, S)
     step = max(1, BLOCK_ROWS // S)
     for k0 in range(0, L, step):
         k1 = min(L, k0 + step)

@@ -29,8 +29,9 @@ from offload_native import walk_block, window_block
 
 __all__ = [
     "Streams", "SimResult", "make_streams", "run_thresholds", "run_thresholds_numpy", "run_dqn",
-    "dqn_inputs", "input_blocks", "walk_block_numpy", "padded_windows", "window_block_numpy",
-    "BLOCK_ROWS", "run_policy", "run_oracle", "run_lower_bound", "captured_share",
+    "dqn_inputs", "input_blocks", "walk_block_numpy", "walk_start", "padded_windows",
+    "window_block_numpy", "BLOCK_ROWS", "run_policy", "run_oracle", "run_lower_bound",
+    "captured_share",
 ]
 
 
@@ -166,6 +167,17 @@ def run_thresholds(theta, streams, bucket, *, trace=False, name="thresholds"):
     return res
 
 
+def walk_start(bucket, S):
+    """The state of ``S`` token walks before the first image: ``(n, total, count, hist)``.
+
+    ``n`` (S,) scaled tokens, every bucket full (``M``); ``total`` (S,) summed
+    reward and ``count`` (S,) offloads, zero; ``hist`` (M+1,) visits per token count.
+    """
+    M = bucket.M
+    return (np.full(S, M, np.int64), np.zeros(S), np.zeros(S, np.int64),
+            np.zeros(M + 1, np.int64))
+
+
 def run_thresholds_numpy(theta, streams, bucket, *, name="thresholds"):
     """The same as ``run_thresholds``, vectorised across streams in numpy (a loop over images).
 
@@ -174,10 +186,7 @@ def run_thresholds_numpy(theta, streams, bucket, *, name="thresholds"):
     theta = policies.threshold_vector(theta, bucket)
     N, P, M = bucket
     S, L = streams.shape
-    n = np.full(S, M, np.int64)
-    total = np.zeros(S)
-    count = np.zeros(S, np.int64)
-    hist = np.zeros(M + 1, np.int64)
+    n, total, count, hist = walk_start(bucket, S)
     for k in range(L):
         np.add.at(hist, n, 1)
         ok = n >= P
@@ -294,10 +303,7 @@ def run_dqn(network, streams, bucket, *, H, use_interarrival=True, trace=False, 
     forward, din = _forward_fn(network, H, use_interarrival, threads)
     N, P, M = bucket
     S, L = streams.shape
-    n = np.full(S, M, np.int64)
-    total = np.zeros(S)
-    count = np.zeros(S, np.int64)
-    hist = np.zeros(M + 1, np.int64)
+    n, total, count, hist = walk_start(bucket, S)
     dec = np.zeros((S, L), np.uint8) if trace else None
     tok = np.zeros((S, L), np.int32) if trace else None
     walk = walk_block if native_walk else walk_block_numpy

@@ -279,3 +279,7 @@ def dqn(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, m
         click.echo("interrupted: the blob holds the best policy so far; continue with the same "
                    "command plus --resume", err=True)
         raise SystemExit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name="offload-train")

@@ -48,6 +48,14 @@ _LOG_STEPS_QUICK = [0.001, 0.01, 0.1, 10 ** -0.5]
 #: The paper varies b "from 1 to 20" without listing its points; these are ours.
 DEPTHS_PAPER = [1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 18, 20]
 
+
+def _bucket_facets():
+    """The (r, b) grid of Figs. 6 and 9, per scale (fresh dicts: grids are edited per run)."""
+    return {"paper": [{"name": "bucket", "x": "depth",
+                       "axes": {"rate": [0.05, 0.1, 0.25], "depth": list(DEPTHS_PAPER)}}],
+            "quick": [{"name": "bucket", "x": "depth",
+                       "axes": {"rate": [0.05, 0.1, 0.25], "depth": [2, 4, 10, 20]}}]}
+
 #: The paper's evaluation figures as grids: per scale a list of parts, each with
 #: its axes (``x``: the plotted axis; ``logx``: log scale, ``2`` for base 2).
 GRIDS = {
@@ -71,10 +79,7 @@ GRIDS = {
     "fig6": {
         "title": "Fig. 6: token bucket (r, b) under correlated outputs (sp = 0.1, rprob = 0.1)",
         "base": {"choice": "location-reset", "sp": 0.1, "rprob": 0.1, "arrivals": "periodic"},
-        "paper": [{"name": "bucket", "x": "depth",
-                   "axes": {"rate": [0.05, 0.1, 0.25], "depth": DEPTHS_PAPER}}],
-        "quick": [{"name": "bucket", "x": "depth",
-                   "axes": {"rate": [0.05, 0.1, 0.25], "depth": [2, 4, 10, 20]}}],
+        **_bucket_facets(),
     },
     "fig8": {
         "title": "Fig. 8: Markov-modulated arrivals (tprob1, tprob1/tprob2 fixed), i.i.d. outputs; "
@@ -98,10 +103,7 @@ GRIDS = {
                  "i.i.d. outputs",
         "base": {"choice": "iid", "arrivals": "markov", "I1": 1, "I2": 3, "tprob1": 0.001,
                  "tprob2": 0.0005},
-        "paper": [{"name": "bucket", "x": "depth",
-                   "axes": {"rate": [0.05, 0.1, 0.25], "depth": DEPTHS_PAPER}}],
-        "quick": [{"name": "bucket", "x": "depth",
-                   "axes": {"rate": [0.05, 0.1, 0.25], "depth": [2, 4, 10, 20]}}],
+        **_bucket_facets(),
     },
     "fig11": {
         "title": "Fig. 11: combined correlation (sp 0.1, rprob 0.01; Markov 1, 3, 0.001, 0.0005), "

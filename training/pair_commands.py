@@ -26,6 +26,10 @@ __all__ = ["classifiers", "onnx", "profile", "DEFAULT_OUT", "MANIFEST", "WEAK_FI
            "STRONG_ONNX_FILE"]
 
 DEFAULT_OUT = "artifacts"
+#: ``onnx`` and ``profile`` read what ``classifiers`` wrote.
+_models_dir_option = click.option(
+    "--models-dir", default=DEFAULT_OUT, show_default=True, type=click.Path(file_okay=False),
+    help="Folder written by `offload-train classifiers` (models + classifiers.json).")
 MANIFEST = "classifiers.json"
 WEAK_FILE = "weak_int8.tflite"
 STRONG_FILE = "strong.torchscript.pt"
@@ -249,9 +253,7 @@ def _export_onnx(net, onnx_path, class_names, size, x_test, y_test, torch_acc):
 
 
 @click.command()
-@click.option("--models-dir", default=DEFAULT_OUT, show_default=True,
-              type=click.Path(file_okay=False),
-              help="Folder written by `offload-train classifiers` (models + classifiers.json).")
+@_models_dir_option
 @click.option("--strong-model", default=None,
               help="Strong TorchScript file to convert (default: from --models-dir).")
 @click.option("--out", "out_path", default=None,
@@ -318,9 +320,7 @@ def _read_manifest(models_dir):
 
 
 @click.command()
-@click.option("--models-dir", default=DEFAULT_OUT, show_default=True,
-              type=click.Path(file_okay=False),
-              help="Folder written by `offload-train classifiers` (models + classifiers.json).")
+@_models_dir_option
 @click.option("--data-dir", default=None,
               help="Image data (default: the one the classifiers were trained from).")
 @click.option("--weak-model", default=None, help="Weak .tflite (default: from --models-dir).")
