@@ -160,6 +160,28 @@ def _load_ca(cert_path, key_path):
     return cert, key
 
 
+def _checked_request(server_names, ips, devices, *, days, ca_days):
+    """The server's IP addresses, after checking every name, address and lifetime of a request."""
+    try:
+        addresses = [ipaddress.ip_address(a) for a in ips]
+    except ValueError as exc:
+        raise TLSConfigError(str(exc)) from None
+    for n in server_names:
+        if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.-]{0,252})", n):
+            raise TLSConfigError(f"bad server name {n!r}: letters, digits, '.', '-'")
+    for d in devices:
+        if not _NAME.match(d):
+            raise TLSConfigError(f"bad device name {d!r}: 1-64 letters, digits, '.', '_', '-' "
+                                 f"(the name of its API key)")
+    if len(set(devices)) != len(devices):
+        raise TLSConfigError("a device name is given twice")
+    if not (server_names or addresses or devices):
+        raise TLSConfigError("nothing to issue: give --server-name/--ip and/or --devices")
+    if not (0 < days <= ca_days):
+        raise TLSConfigError(f"leaf lifetime {days} days must be > 0 and within the CA's {ca_days}")
+    return addresses
+
+
 def init_fleet(folder, *, server_names=(), ips=(), devices=(), force=False,
                ca_days=CA_DAYS, days=LEAF_DAYS, now=None):
     """Create (or extend) a private CA in ``folder`` with a server and device certificates.
@@ -190,23 +212,7 @@ def init_fleet(folder, *, server_names=(), ips=(), devices=(), force=False,
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
     server_names, devices = list(server_names), list(devices)
-    try:
-        addresses = [ipaddress.ip_address(a) for a in ips]
-    except ValueError as exc:
-        raise TLSConfigError(str(exc)) from None
-    for n in server_names:
-        if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.-]{0,252})", n):
-            raise TLSConfigError(f"bad server name {n!r}: letters, digits, '.', '-'")
-    for d in devices:
-        if not _NAME.match(d):
-            raise TLSConfigError(f"bad device name {d!r}: 1-64 letters, digits, '.', '_', '-' "
-                                 f"(the name of its API key)")
-    if len(set(devices)) != len(devices):
-        raise TLSConfigError("a device name is given twice")
-    if not (server_names or addresses or devices):
-        raise TLSConfigError("nothing to issue: give --server-name/--ip and/or --devices")
-    if not (0 < days <= ca_days):
-        raise TLSConfigError(f"leaf lifetime {days} days must be > 0 and within the CA's {ca_days}")
+    addresses = _checked_request(server_names, ips, devices, days=days, ca_days=ca_days)
 
     ca_cert_path, ca_key_path = os.path.join(folder, "ca.pem"), os.path.join(folder, "ca.key")
     have_ca = os.path.exists(ca_cert_path) or os.path.exists(ca_key_path)
