@@ -38,7 +38,6 @@ from offload import artifacts, wire  # noqa: E402
 from offload.server.keys import add_key  # noqa: E402
 from offload.server.tls import init_fleet  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +52,10 @@ def frame():
 def _start(keys_path, extra):
     cmd = [sys.executable, "-m", "offload.server.cli", "--keys", keys_path, "--port", "0",
            "--log-level", "warning", "--threads", "1"] + extra
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+    # Run outside the checkout, whose source tree (without the compiled core) would
+    # shadow the installed package on sys.path.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                            cwd=os.path.dirname(keys_path))
     end = time.monotonic() + 60
     lines = []
     while time.monotonic() < end:

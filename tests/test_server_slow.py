@@ -235,8 +235,10 @@ def _start_server_process(keys_path):
     cmd = [sys.executable, "-m", "offload.server.cli", "--keys", keys_path, "--port", "0",
            "--log-level", "warning", "--head-timeout", "2", "--body-timeout", "2",
            "--max-connections", "900", "--max-per-client", str(PER_CLIENT), "--threads", "1"]
+    # Run outside the checkout: there the source tree (without the compiled core) would
+    # shadow the installed package on sys.path.
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=_cap_nofile,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            cwd=os.path.dirname(keys_path))
     end = time.monotonic() + 60
     lines = []
     while time.monotonic() < end:
