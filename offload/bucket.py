@@ -12,7 +12,7 @@ import numpy as np
 
 from offload_native import TokenBucket
 
-__all__ = ["scale", "Bucket", "TokenBucket", "step_reference", "refill", "slot_index"]
+__all__ = ["scale", "Bucket", "TokenBucket", "step_reference", "refill", "slot_index", "slot_start"]
 
 
 def scale(rate, depth, max_denominator=100):
@@ -188,3 +188,17 @@ def slot_index(t, t0, slot_s):
     slot ``s`` covers ``[t0 + (s - 1/2) slot_s, t0 + (s + 1/2) slot_s)``.
     """
     return int(math.floor((t - t0) / slot_s + 0.5))
+
+
+def slot_start(s, t0, slot_s):
+    """Where slot ``s`` begins (clock reading, s): ``t0 + (s - 1/2) slot_s``, in slot ``s`` by :func:`slot_index`.
+
+    In floating point that product can land a hair before the boundary as
+    :func:`slot_index` sees it (``4.3 / 0.2 + 0.5`` floors to 21, not 22); it
+    is then moved up by a few ulps until ``slot_index`` agrees, so a wait that
+    ends there never ends in the slot it was meant to leave.
+    """
+    t = t0 + (s - 0.5) * slot_s
+    while slot_index(t, t0, slot_s) < s:
+        t = math.nextafter(t, math.inf)
+    return t

@@ -146,3 +146,18 @@ def test_bucket_refuses_what_is_not_a_bucket():
                        ((1, 4, 3), "0 < N < P <= M")):
         with pytest.raises(ValueError, match=match):
             Bucket(*bad)
+
+
+@pytest.mark.parametrize("slot_s", [0.2, 0.1, 1 / 3, 0.25])
+def test_slot_start_is_where_slot_index_begins_the_slot(slot_s):
+    """``slot_start(s)`` is in slot ``s`` by ``slot_index``, within float rounding of
+    ``t0 + (s - 1/2) slot_s``, also where that product rounds below the boundary
+    (4.3 s with 0.2 s slots)."""
+    from offload.bucket import slot_index, slot_start
+
+    for t0 in (0.0, 12.7):
+        for s in range(0, 200):
+            t = slot_start(s, t0, slot_s)
+            assert slot_index(t, t0, slot_s) == s
+            assert abs(t - (t0 + (s - 0.5) * slot_s)) < 1e-9
+    assert slot_index(4.3, 0.0, 0.2) == 21 and slot_start(22, 0.0, 0.2) > 4.3

@@ -42,7 +42,7 @@ import signal
 import threading
 import time
 
-from offload.bucket import Bucket, refill, slot_index
+from offload.bucket import Bucket, refill, slot_index, slot_start
 from offload.server.keyfile import (
     NAME_PATTERN, KeyEntry, KeyFileError, OldKey, add_key, check_bucket, check_name, hash_key,
     new_key, parse_key_file,
@@ -101,7 +101,8 @@ class KeyBucket:
         Refills for the slots since the previous request, then spends ``P``
         scaled tokens when at least ``P`` are there. ``retry_after_s`` is 0
         when allowed, else the seconds until the slot in which ``n >= P`` begins
-        (slot ``s + k`` begins at ``t0 + (s + k - 1/2) slot_s``).
+        (``bucket.slot_start``: slot ``s + k`` begins at ``t0 + (s + k - 1/2) slot_s``);
+        always > 0, since that slot is a later one.
         """
         with self._lock:
             s = max(self.slot_of(now), self.slot)  # a clock never runs backwards here
@@ -111,7 +112,7 @@ class KeyBucket:
                 self.n -= self.P
                 return True, 0.0
             k = -(-(self.P - self.n) // self.N)  # slots until n >= P (ceiling division)
-            return False, max(0.0, self.t0 + (s + k - 0.5) * self.slot_s - now)
+            return False, slot_start(s + k, self.t0, self.slot_s) - now
 
     @property
     def tokens(self):
