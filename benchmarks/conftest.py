@@ -14,14 +14,7 @@ stay one module each rather than a copy per folder.
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
-from helpers import load_strong_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def strong_model():
-    """The committed strong ONNX model on one CPU thread (skips without onnxruntime or the file)."""
-    return load_strong_model()
+# Fixtures shared with tests/conftest.py, defined once in helpers.
+from helpers import frame, strong_model  # noqa: E402,F401

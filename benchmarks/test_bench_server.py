@@ -15,7 +15,6 @@ Run with ``pytest benchmarks/test_bench_server.py --benchmark-enable --benchmark
 without ``--benchmark-enable`` each one executes once, with its checks.
 """
 
-import os
 
 import numpy as np
 import pytest
@@ -27,19 +26,10 @@ cv2 = pytest.importorskip("cv2")
 
 from starlette.testclient import TestClient  # noqa: E402
 
-from offload import artifacts, wire  # noqa: E402
+from offload import wire  # noqa: E402
 from offload.server.app import create_app  # noqa: E402
 from offload.server.keys import KeyStore  # noqa: E402
 from offload.server.model import softmax, top_k  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def frame():
-    path = artifacts.find(os.path.join("demo", "frames", "000001.png"))
-    if path is None:
-        pytest.skip("demo frames not found")
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _image(frame):

@@ -18,11 +18,9 @@ answer 200 and the same classes over both).
 """
 
 import os
-import re
 import signal
 import ssl
 import subprocess
-import sys
 import threading
 import time
 
@@ -34,40 +32,16 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("cryptography")
 httpx = pytest.importorskip("httpx")
 
-from offload import artifacts, wire  # noqa: E402
+from offload import wire  # noqa: E402
 from offload.server.keys import add_key  # noqa: E402
+from offload.server.serve import start_process  # noqa: E402
 from offload.server.tls import init_fleet  # noqa: E402
 
 
 
-@pytest.fixture(scope="module")
-def frame():
-    path = artifacts.find(os.path.join("demo", "frames", "000001.png"))
-    if path is None:
-        pytest.skip("demo frames not found")
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _start(keys_path, extra):
-    cmd = [sys.executable, "-m", "offload.server.cli", "--keys", keys_path, "--port", "0",
-           "--log-level", "warning", "--threads", "1"] + extra
-    # Run outside the checkout, whose source tree (without the compiled core) would
-    # shadow the installed package on sys.path.
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(keys_path))
-    end = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < end:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on (https?://\S+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    raise RuntimeError("offload-serve did not start:\n" + "".join(lines))
+    return start_process(["--keys", keys_path, "--port", "0", "--log-level", "warning",
+                          "--threads", "1", *extra], cwd=os.path.dirname(keys_path))
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,9 @@ from hypothesis import settings
 from offload import mlp
 from offload.bucket import Bucket
 
-from helpers import dqn_inputs, load_strong_model, random_network
+from helpers import dqn_inputs, random_network
+# Fixtures shared with benchmarks/conftest.py, defined once in helpers.
+from helpers import frame, strong_model  # noqa: F401
 
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True,
                           deadline=None, max_examples=100)
@@ -56,9 +58,3 @@ def paper_net(rng):
     layers = random_network(rng, 192, Bucket(N, P, M).q_length)
     q = mlp.quantize(layers, dqn_inputs(rng, 4000), segments=(0, 96))
     return (N, P, M), layers, q
-
-
-@pytest.fixture(scope="module")
-def strong_model():
-    """The committed strong ONNX model on one CPU thread (skips without onnxruntime or the file)."""
-    return load_strong_model()

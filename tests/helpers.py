@@ -6,6 +6,9 @@ whichever conftest.py is first on ``sys.path``. The fixtures built from these
 stay in conftest.py.
 """
 
+import os
+import time
+
 import numpy as np
 import pytest
 
@@ -27,6 +30,15 @@ def random_network(rng, din, dout, hidden=(64,) * 5):
     return [(w, rng.normal(scale=0.1, size=b.shape).astype(np.float32)) for w, b in layers]
 
 
+def demo_frame():
+    """The PNG bytes of the first committed demo frame; skips without the artifacts."""
+    path = artifacts.find(os.path.join("demo", "frames", "000001.png"))
+    if path is None:
+        pytest.skip("demo frames not found")
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def load_strong_model():
     """The committed strong ONNX model on one CPU thread; skips without onnxruntime or the file."""
     pytest.importorskip("onnxruntime")
@@ -36,3 +48,48 @@ def load_strong_model():
     if path is None:
         pytest.skip("artifacts/strong.onnx not found")
     return StrongModel(path, threads=1)
+
+
+def listening_url(proc, err_path, timeout=60.0):
+    """The URL ``offload-serve --port 0`` reports on stderr (written to ``err_path``) once bound.
+
+    The server binds port 0 itself and says which port it got, so no port is
+    picked here, closed and hoped to be still free when the server binds it.
+    stderr goes to a file, not a pipe, so the server never blocks on a full pipe.
+    """
+    from offload.server.serve import LISTENING
+
+    deadline = time.monotonic() + timeout  # a guard against a hang only
+    while time.monotonic() < deadline:
+        text = err_path.read_text()
+        m = LISTENING.search(text)
+        if m:
+            return m.group(1)
+        assert proc.poll() is None, text
+        time.sleep(0.05)
+    raise AssertionError("offload-serve did not report its address")
+
+
+def spy_compare_digest(monkeypatch, keys_module):
+    """Record every ``hmac.compare_digest`` call the key store makes: the list of ``(a, b)``."""
+    seen = []
+    real = keys_module.hmac.compare_digest
+
+    def spy(a, b):
+        seen.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(keys_module.hmac, "compare_digest", spy)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def frame():
+    """PNG bytes of one committed demo frame (a Fashion-MNIST test image)."""
+    return demo_frame()
+
+
+@pytest.fixture(scope="module")
+def strong_model():
+    """The committed strong ONNX model on one CPU thread (skips without onnxruntime or the file)."""
+    return load_strong_model()

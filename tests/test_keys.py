@@ -21,6 +21,8 @@ from offload.server import keys as K
 from offload.server.cli import main as serve_main
 from offload.server.keyfile import format_time, parse_duration
 
+from helpers import listening_url, spy_compare_digest
+
 T0 = 1_800_000_000.0  # a fixed wall-clock time, Unix seconds
 HOUR = 3600.0
 
@@ -210,14 +212,7 @@ def test_refusals_stay_constant_time(tmp_path, monkeypatch):
     c = K.add_key(path, "c", now=T0)
     wall = [T0 + 10]
     store = _store(path, wall)
-    seen = []
-    real = K.hmac.compare_digest
-
-    def spy(x, y):
-        seen.append((x, y))
-        return real(x, y)
-
-    monkeypatch.setattr(K.hmac, "compare_digest", spy)
+    seen = spy_compare_digest(monkeypatch, K)
     for key, name, t in [(a, "a", T0 + 10), (a2, "a", T0 + 10), (c, "c", T0 + 10),
                          (b, None, T0 + 10), (a, None, T0 + 2 * HOUR), ("nope", None, T0)]:
         wall[0] = t
@@ -417,18 +412,6 @@ def test_live_server_applies_add_rotate_revoke(tmp_path, strong_model, caplog):
         assert status(k2) == 200  # a broken file keeps the keys in force
 
 
-def _url_from_stderr(proc, err_path, timeout=60.0):
-    deadline = time.monotonic() + timeout  # a guard against a hang only
-    while time.monotonic() < deadline:
-        text = err_path.read_text()
-        m = re.search(r"listening on (http://\S+)", text)
-        if m:
-            return m.group(1)
-        assert proc.poll() is None, text
-        time.sleep(0.05)
-    raise AssertionError("offload-serve did not report its address")
-
-
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
 def test_sighup_rereads_the_key_file_in_a_running_offload_serve(tmp_path):
     """The file is changed so that polling cannot see it (same size, same mtime): only
@@ -445,7 +428,7 @@ def test_sighup_rereads_the_key_file_in_a_running_offload_serve(tmp_path):
                                  "--port", "0", "--log-level", "info"],
                                 stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path)
     try:
-        url = _url_from_stderr(proc, err_path)
+        url = listening_url(proc, err_path)
 
         def status(key):
             return httpx.post(url + wire.CLASSIFY_PATH, content=frame, timeout=30,

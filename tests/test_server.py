@@ -38,6 +38,8 @@ from offload.server.batcher import Batcher, Overloaded  # noqa: E402
 from offload.server.cli import main as serve_main  # noqa: E402
 from offload.server.model import StrongModel, softmax  # noqa: E402
 
+from helpers import spy_compare_digest  # noqa: E402
+
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PNG = {**AUTH, "Content-Type": "image/png"}
@@ -333,14 +335,7 @@ def test_bad_key_files(tmp_path, text, message):
 
 
 def test_key_check_is_constant_time(monkeypatch):
-    seen = []
-    real = K.hmac.compare_digest
-
-    def spy(a, b):
-        seen.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(K.hmac, "compare_digest", spy)
+    seen = spy_compare_digest(monkeypatch, K)
     entries = {n: K.KeyEntry(n, K.hash_key(f"key-{n}")) for n in ("a", "b", "c")}
     store = K.KeyStore(entries)
     assert store.check("key-a") == "a"
@@ -714,19 +709,15 @@ def test_offload_serve_process_serves_and_stops(tmp_path, frames, sig, code):
     """Ctrl+C stops it with status 0; SIGTERM ends it by that signal after a graceful
     shutdown (uvicorn re-raises it), as service managers expect. No traceback either way."""
     import signal
-    import subprocess
-    import sys
+
+    from offload.server.serve import start_process
 
     keys = tmp_path / "keys.toml"
     key = K.add_key(keys, "cam")
-    proc = subprocess.Popen([sys.executable, "-m", "offload.server.cli", "--keys", str(keys),
-                             "--port", "0", "--log-level", "warning"],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # see above
+    proc, url = start_process(["--keys", str(keys), "--port", "0", "--log-level", "warning"],
+                              cwd=tmp_path)  # see above
     try:
-        line = proc.stderr.readline()  # the start-up line names the URL
-        m = re.search(r"listening on (http://\S+)", line)
-        assert m, line
-        r = httpx.post(m.group(1) + wire.CLASSIFY_PATH, content=frames[1], timeout=30,
+        r = httpx.post(url + wire.CLASSIFY_PATH, content=frames[1], timeout=30,
                        headers={"Authorization": f"Bearer {key}", "Content-Type": "image/png"})
         assert r.status_code == 200 and wire.parse_answer(r.content).top1 == 9
         proc.send_signal(getattr(signal, sig))

@@ -16,7 +16,6 @@ import re
 import resource
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
@@ -25,21 +24,13 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from offload import artifacts, wire  # noqa: E402
+from offload import wire  # noqa: E402
 from offload.server import Limits, serve_in_thread  # noqa: E402
+from offload.server.serve import start_process  # noqa: E402
 
 KEY = "slow-test-key-0123456789"
 SHORT = Limits(head_timeout=0.4, body_timeout=0.4, keep_alive=0.4)
 WAIT = 15.0  # s, socket timeout: far above any deadline here
-
-
-@pytest.fixture(scope="module")
-def frame():
-    path = artifacts.find(os.path.join("demo", "frames", "000001.png"))
-    if path is None:
-        pytest.skip("demo frames not found")
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _server(strong_model, limits=SHORT, **kw):
@@ -232,25 +223,10 @@ def _cap_nofile():
 
 
 def _start_server_process(keys_path):
-    cmd = [sys.executable, "-m", "offload.server.cli", "--keys", keys_path, "--port", "0",
-           "--log-level", "warning", "--head-timeout", "2", "--body-timeout", "2",
-           "--max-connections", "900", "--max-per-client", str(PER_CLIENT), "--threads", "1"]
-    # Run outside the checkout: there the source tree (without the compiled core) would
-    # shadow the installed package on sys.path.
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=_cap_nofile,
-                            cwd=os.path.dirname(keys_path))
-    end = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < end:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on (http://\S+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    raise AssertionError("the server did not start:\n" + "".join(lines))
+    return start_process(["--keys", keys_path, "--port", "0", "--log-level", "warning",
+                          "--head-timeout", "2", "--body-timeout", "2", "--max-connections",
+                          "900", "--max-per-client", str(PER_CLIENT), "--threads", "1"],
+                         cwd=os.path.dirname(keys_path), preexec_fn=_cap_nofile)
 
 
 def _open_slow(port, source, count, first):

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 
 from click.testing import CliRunner  # noqa: E402
 
-from offload import artifacts, wire  # noqa: E402
+from offload import wire  # noqa: E402
 from offload.server import KeyStore, Limits, ServerStartError, serve_in_thread  # noqa: E402
 from offload.server.cli import main as serve_main  # noqa: E402
 from offload.server.tls import TLSConfigError, certificate_expiry, init_fleet, server_context  # noqa: E402
@@ -41,15 +41,6 @@ def pki(tmp_path_factory):
     assert r.exit_code == 0, r.output
     init_fleet(str(root / "b"), devices=["cam1"])
     return root
-
-
-@pytest.fixture(scope="module")
-def frame():
-    path = artifacts.find(os.path.join("demo", "frames", "000001.png"))
-    if path is None:
-        pytest.skip("demo frames not found")
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _client_ctx(pki, ca="a", cert=None):

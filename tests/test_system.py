@@ -23,6 +23,7 @@ from offload import artifacts  # noqa: E402
 from offload.blob import read_blob  # noqa: E402
 
 from device_helpers import check_log, load  # noqa: E402
+from helpers import listening_url  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 
@@ -32,24 +33,6 @@ def _exe(name):
     if not os.path.exists(path):
         pytest.skip(f"{name} is not installed in this environment")
     return path
-
-
-def _listening_url(proc, err_path, timeout=60):
-    """The URL ``offload-serve --port 0`` reports on stderr once it has bound its socket.
-
-    The server binds port 0 itself and says which port it got, so no port is
-    picked here, closed and hoped to be still free when the server binds it.
-    stderr goes to a file, not a pipe, so the server never blocks on a full pipe.
-    """
-    deadline = time.monotonic() + timeout  # a guard against a hang only
-    while time.monotonic() < deadline:
-        text = err_path.read_text()
-        for line in text.splitlines():
-            if "listening on http://" in line:
-                return line.rsplit("listening on ", 1)[1].strip()
-        assert proc.poll() is None, text
-        time.sleep(0.05)
-    raise AssertionError("offload-serve did not report its address")
 
 
 def _wait_healthy(url, proc, err_path, timeout=60):
@@ -83,7 +66,7 @@ def test_the_issue_commands_as_written(tmp_path):
                                   cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err_file,
                                   text=True)
     try:
-        url = _listening_url(server, err)
+        url = listening_url(server, err)
         _wait_healthy(url, server, err)
         run = subprocess.run([_exe("offload-run"), "--video", "clip.avi", "--server",
                               url, "--key-file", "cam1.key", "--policy",

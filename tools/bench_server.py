@@ -26,7 +26,6 @@ import glob
 import json
 import os
 import platform
-import re
 import signal
 import subprocess
 import sys
@@ -34,8 +33,6 @@ import tempfile
 import time
 
 import numpy as np
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _frames():
@@ -52,24 +49,18 @@ def _frames():
 
 
 def _start_server(keys_path, max_batch, window_ms, threads):
-    cmd = [sys.executable, "-m", "offload.server.cli", "--keys", keys_path, "--port", "0",
-           "--log-level", "warning", "--max-batch", str(max_batch),
-           "--batch-window-ms", str(window_ms)]
+    """``offload-serve`` in a process of its own, run beside the key file (outside the
+    checkout, whose source tree would shadow the installed compiled core)."""
+    from offload.server.serve import ServerStartError, start_process
+
+    cmd = ["--keys", keys_path, "--port", "0", "--log-level", "warning",
+           "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms)]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"listening on (http://\S+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    sys.exit("the server did not start:\n" + "".join(lines))
+    try:
+        return start_process(cmd, cwd=os.path.dirname(keys_path))
+    except ServerStartError as exc:
+        sys.exit(str(exc))
 
 
 def _stop_server(proc):

@@ -24,7 +24,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -36,13 +39,44 @@ from offload.server.model import ModelError, StrongModel
 from offload.server.tls import TLSConfigError, server_context
 
 __all__ = ["serve_in_thread", "BackgroundServer", "bind_socket", "default_model_path",
-           "ServerStartError", "is_loopback", "tls_context", "Limits"]
+           "ServerStartError", "is_loopback", "tls_context", "Limits", "LISTENING", "start_process"]
 
 log = logging.getLogger("offload.server")
 
 
 class ServerStartError(RuntimeError):
     """The server could not start (port in use, model unusable, ...)."""
+
+
+#: What ``offload-serve`` writes on stderr once its socket is bound; with ``--port 0``
+#: it is how a script learns the port the server got (no port picked, closed and reused).
+LISTENING = re.compile(r"listening on (https?://\S+)")
+
+
+def start_process(args, *, cwd, preexec_fn=None, timeout_s=60.0):
+    """Run ``offload-serve ARGS`` (this Python) and wait until it listens: ``(process, url)``.
+
+    ``args`` should include ``--port 0``. ``cwd`` should be outside a source
+    checkout, whose tree (without the compiled core) would shadow the installed
+    package on ``sys.path``. The process's stderr stays a pipe the caller may
+    read. Raises :class:`ServerStartError` with what the server printed when it
+    exits or says nothing within ``timeout_s`` seconds.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "offload.server.cli", *args],
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, preexec_fn=preexec_fn)
+    end = time.monotonic() + timeout_s
+    lines = []
+    while time.monotonic() < end:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = LISTENING.search(line)
+        if m:
+            return proc, m.group(1)
+    proc.kill()
+    proc.wait()
+    raise ServerStartError("offload-serve did not start:\n" + "".join(lines))
 
 
 def default_model_path():
