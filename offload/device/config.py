@@ -55,6 +55,13 @@ def _check_server(url):
     return url
 
 
+def _check_size(text):
+    from offload.device.payload import parse_size
+
+    parse_size(text)
+    return str(text).strip().lower()
+
+
 def _check_device(spec):
     from offload.classifier import check_device_spec
 
@@ -115,9 +122,13 @@ class RunConfig:
     log_max_bytes: int = setting(0, "Rotate the log when it would grow past this many bytes; 0: "
                                 "never.", ge=0)
     log_backups: int = setting(3, "Rotated logs kept (LOG.1 .. LOG.N, newest first).", ge=1)
-    image_format: str = setting("png", "Encoding of offloaded frames: png (lossless) or jpeg.",
-                            choices=("png", "jpeg"))
-    jpeg_quality: int = setting(90, "JPEG quality 1..100 when image-format is jpeg.", ge=1, le=100)
+    image_format: str = setting("auto", "Encoding of offloaded frames: png (lossless), jpeg, or "
+                                "auto (jpeg for a camera or picamera, png for a video or images "
+                                "folder).", choices=("auto", "png", "jpeg"))
+    jpeg_quality: int = setting(90, "JPEG quality 1..100 when frames are sent as jpeg.", ge=1, le=100)
+    send_size: Optional[str] = setting(None, "Shrink offloaded frames to fit inside WIDTHxHEIGHT "
+                                       "pixels (aspect ratio kept, never enlarged), e.g. 236x236; "
+                                       "none: send them whole.", check=_check_size)
     top_k: int = setting(3, "Classes kept per answer in the log.", ge=1)
     max_frames: Optional[int] = setting(None, "Stop after this many frames; none: until the source "
                                           "ends.", ge=1)

@@ -66,6 +66,7 @@ from urllib.parse import urlsplit
 from offload import wire
 from offload.device.conn import Connection, Disconnected, ProtocolError, TLSError
 from offload.device.config import ConfigError
+from offload.device.payload import Payload
 from offload.device.record import Outcome
 
 __all__ = ["Sender", "Result", "retry_after_seconds", "tls_context", "is_loopback", "MAX_HOLD_S"]
@@ -186,6 +187,9 @@ class Sender:
     read_timeout : float
         Seconds for the whole answer to one frame (from sending it to its last byte).
     image_format : ``"png"`` or ``"jpeg"``; ``jpeg_quality`` 1..100.
+    send_size : (width, height), optional
+        Shrink frames to fit inside this many pixels before encoding
+        (:class:`offload.device.payload.Payload`); None: send them whole.
     n_classes : int, optional
         When given, answers with a class outside ``0..n_classes-1`` are ``bad-answer``.
     clock : callable () -> float
@@ -203,7 +207,8 @@ class Sender:
     """
 
     def __init__(self, server, key, *, queue_size=8, connect_timeout=1.0, read_timeout=2.0,
-                 image_format="png", jpeg_quality=90, n_classes=None, clock=time.monotonic,
+                 image_format="png", jpeg_quality=90, send_size=None, n_classes=None,
+                 clock=time.monotonic,
                  ca_file=None, client_cert=None, client_key=None, warn=None):
         u = urlsplit(server)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -213,7 +218,10 @@ class Sender:
         self.path = u.path.rstrip("/") + wire.CLASSIFY_PATH
         self.key = key
         self.connect_timeout, self.read_timeout = float(connect_timeout), float(read_timeout)
-        self.image_format, self.jpeg_quality = image_format, int(jpeg_quality)
+        try:
+            self.payload = Payload(fmt=image_format, quality=jpeg_quality, size=send_size)
+        except ValueError as e:
+            raise ConfigError(f"image-format: {e}") from None
         self.n_classes = n_classes
         self.clock = clock
         self.warn = warn or _stderr
@@ -390,7 +398,7 @@ class Sender:
     def _send(self, fid, image):
         t0 = time.perf_counter()
         try:
-            body, ctype = wire.encode_image(image, self.image_format, quality=self.jpeg_quality)
+            body, ctype = self.payload.encode(image)
         except wire.WireError as e:
             return Result(fid, Outcome.BAD_FRAME, error=str(e))
         encode_ms = (time.perf_counter() - t0) * 1e3
