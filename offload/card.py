@@ -218,8 +218,11 @@ class ModelCard:
                                     f"for {self.channels} channel(s); give one or {self.channels}")
 
     def origin(self, field):
-        """Where ``field``'s value came from: a file, ``"override"``, or ``"defaults"``."""
-        return dict(self.origins).get(field, "defaults")
+        """Where ``field``'s value came from: a file, ``"override"``, or ``"defaults"``.
+
+        A card made directly (no ``origins``) names its ``source`` for every field.
+        """
+        return dict(self.origins).get(field, "defaults" if self.origins else self.source)
 
     @property
     def resolved(self):
