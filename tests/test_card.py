@@ -83,11 +83,13 @@ def test_toml_card_errors_name_the_file(tmp_path):
         read_card(tmp_path / "m.tflite", override=tmp_path / "missing.toml")
 
 
-def test_fields_table_lists_every_field():
+def test_fields_table_lists_every_field_and_the_docs_show_it():
     table = C.fields_table()
     for f in C.FIELDS:
         assert f"`{f.name}`" in table
     assert "`labels_file`" in table
+    with open(os.path.join(ROOT, "docs", "classifiers.md"), encoding="utf-8") as f:
+        assert table in f.read(), "docs/classifiers.md: paste offload.card.fields_table() again"
 
 
 # --------------------------------------------------------------------------- labels
