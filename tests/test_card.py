@@ -167,6 +167,29 @@ def test_tflite_metadata_written_by_tflite_support_is_read():
     assert c.source == f"{WEAK_META} metadata > defaults" and c.origin("mean") == f"{WEAK_META} metadata"
 
 
+ECHO_GREY_META = os.path.join(ROOT, "tests", "data", "echo_grey_metadata.tflite")
+
+
+def test_tflite_metadata_grayscale_and_the_label_file_without_locale():
+    """tflite-support's lower-level writer: GRAYSCALE, mean 10 / std 2, labels.txt ('id label',
+    ids reversed) listed after labels_fr.txt (locale fr): the file without a locale is used."""
+    c = read_card(ECHO_GREY_META)
+    assert (c.channels, c.mean, c.std) == (1, (10.0,), (2.0,))
+    assert c.labels == tuple(f"v{i}" for i in range(36))
+
+
+def test_metadata_card_drives_the_fed_tensor():
+    """The echo model returns what it was fed: q = clip(floor((p - 10) / 2 / scale + 0.5)), scale 1."""
+    pytest.importorskip("ai_edge_litert")
+    from offload.classifier import WeakClassifier
+
+    clf = WeakClassifier(ECHO_GREY_META, edgetpu=False)
+    assert clf.class_names[35] == "v35" and clf.card.mean == (10.0,)
+    img = np.arange(0, 256, 7, dtype=np.uint8)[:36].reshape(6, 6)
+    want = np.clip(np.floor((img.astype(np.float64) - 10) / 2 + 0.5), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(clf.classify(img).q.reshape(6, 6), want)
+
+
 def test_model_without_metadata_gets_the_defaults():
     assert model_metadata.tflite_card_metadata(WEAK) == {"mean": None, "std": None,
                                                          "color_space": None, "labels_text": None}
@@ -376,6 +399,17 @@ def test_strong_model_card(tmp_path):
         StrongModel(dyn)
     m = StrongModel(dyn, card={"height": 4, "width": 6})
     assert m.prepare(img).shape == (3, 4, 6) and m.n_classes == 72
+
+
+def test_strong_model_nhwc_input(tmp_path):
+    """An ONNX model whose channel axis is last (a converted TF model) gets (H, W, C) items."""
+    pytest.importorskip("onnxruntime")
+    from offload.server.model import StrongModel
+
+    m = StrongModel(onnx_echo(tmp_path / "nhwc.onnx", ["batch", 5, 7, 3]), threads=1)
+    assert m.layout == "NHWC" and m.item_shape == (5, 7, 3)
+    img = np.random.default_rng(5).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(m.prepare(img), img.astype(np.float32) / np.float32(255))
 
 
 def test_offload_serve_card_flag(tmp_path):
