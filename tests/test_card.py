@@ -412,6 +412,26 @@ def test_strong_model_nhwc_input(tmp_path):
     np.testing.assert_array_equal(m.prepare(img), img.astype(np.float32) / np.float32(255))
 
 
+def test_onnx_card_without_onnx_runtime(tmp_path):
+    """read_onnx_card (the device's way to learn the strong model's input) agrees with
+    StrongModel's resolved card, on the committed model and on a crop/RGB card with a dynamic size."""
+    c = C.read_onnx_card(STRONG)
+    assert (c.height, c.width, c.channels, c.labels) == (28, 28, 1, FMNIST)
+    assert model_metadata.onnx_inputs(STRONG) == [("image", "float32", ["batch", 1, 28, 28])]
+    dyn = onnx_echo(tmp_path / "dyn.onnx", ["batch", 3, "h", "w"],
+                    card={"height": 12, "width": 16, "order": "rgb", "resize": "crop"})
+    c = C.read_onnx_card(dyn)
+    assert (c.height, c.width, c.channels, c.order, c.resize) == (12, 16, 3, "rgb", "crop")
+    ort = pytest.importorskip("onnxruntime")  # noqa: F841
+    from offload.server.model import StrongModel
+
+    assert StrongModel(dyn, threads=1).card == c
+    assert StrongModel(STRONG, threads=1).card == C.read_onnx_card(STRONG)
+    with pytest.raises(CardError, match="not a readable ONNX model"):
+        (tmp_path / "junk.onnx").write_bytes(b"\xff\xff\xff")
+        C.read_onnx_card(tmp_path / "junk.onnx")
+
+
 def test_offload_serve_card_flag(tmp_path):
     pytest.importorskip("onnxruntime")
     from click.testing import CliRunner
