@@ -422,7 +422,7 @@ def test_onnx_card_without_onnx_runtime(tmp_path):
                     card={"height": 12, "width": 16, "order": "rgb", "resize": "crop"})
     c = C.read_onnx_card(dyn)
     assert (c.height, c.width, c.channels, c.order, c.resize) == (12, 16, 3, "rgb", "crop")
-    ort = pytest.importorskip("onnxruntime")  # noqa: F841
+    pytest.importorskip("onnxruntime")
     from offload.server.model import StrongModel
 
     assert StrongModel(dyn, threads=1).card == c
