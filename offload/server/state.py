@@ -325,6 +325,9 @@ class RedisState(_State):
         except (TimeoutError, redis.TimeoutError):
             return self._failed(grant, "timeout", f"no answer within {self.timeout_s * 1e3:g} ms")
         except (redis.ConnectionError, OSError) as exc:
+            # Every pooled connection went to the same Redis: drop them all now, or
+            # each would fail once more after a restart and look like a new outage.
+            await self._pool.disconnect()
             return self._failed(grant, "connection", str(exc) or type(exc).__name__)
         except redis.RedisError as exc:
             return self._failed(grant, "error", str(exc) or type(exc).__name__)
