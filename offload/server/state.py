@@ -364,8 +364,14 @@ class RedisState(_State):
         return Decision(False, RETRY_S, "state", None)
 
     async def close(self):
-        await self._client.aclose()
-        await self._pool.disconnect()
+        """Close the connections (at the app's shutdown; a Redis already gone is no error)."""
+        import redis
+
+        try:
+            await self._client.aclose()
+            await self._pool.disconnect()
+        except (redis.RedisError, OSError):
+            pass
 
 
 def open_state(url, *, timeout_ms=DEFAULT_TIMEOUT_MS, failure=DEFAULT_FAILURE, slot_s=0.2):
