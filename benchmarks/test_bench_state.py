@@ -49,10 +49,22 @@ CALLS = 2000
 
 
 @pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
+def redis_server_b(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server.url
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server_b):
+    return redis_server_b.url
+
+
+def _cpu_s(pid):
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _fast_grant():
@@ -125,7 +137,7 @@ def servers(tmp_path_factory, redis_url):
                                 [[], redis, redis, redis]))
     try:
         urls = [u for _, u in started]
-        yield key, urls[0], urls[1:]
+        yield key, urls[0], urls[1:], [p.pid for p, _ in started]
     finally:
         for p, _ in started:
             p.terminate()
@@ -134,19 +146,29 @@ def servers(tmp_path_factory, redis_url):
 
 
 @pytest.mark.benchmark(group="state-request")
-def test_bench_request_side_by_side(benchmark, servers, frame):
-    """Loopback requests to an in-memory and a Redis offload-serve in alternating blocks."""
+def test_bench_request_side_by_side(benchmark, servers, redis_server_b, frame):
+    """Loopback requests to an in-memory and a Redis offload-serve in alternating blocks.
+
+    Also the CPU each costs per request (the server process's, and Redis's for
+    the Redis one), which a loaded machine moves far less than latency.
+    """
     blocks, per_block = (1, 20) if benchmark.disabled else (6, 150)
-    key, memory, redis = servers
-    urls = [memory, redis[0]]
+    key, memory, redis, pids = servers
+    urls, pids = [memory, redis[0]], pids[:2]
     for u in urls:
         _post_loop(u, key, frame, 10)  # warm: connections, the script in Redis
+    cpu = {"memory": 0.0, "redis": 0.0, "redis-server": 0.0}
 
     def run():
         times = {"memory": [], "redis": []}
         for _ in range(blocks):
-            for name, u in zip(times, urls):
+            for name, u, pid in zip(times, urls, pids):
+                c0 = _cpu_s(pid)
+                r0 = _cpu_s(redis_server_b.proc.pid)
                 times[name] += _post_loop(u, key, frame, per_block)
+                cpu[name] += _cpu_s(pid) - c0
+                if name == "redis":
+                    cpu["redis-server"] += _cpu_s(redis_server_b.proc.pid) - r0
         return times
 
     times = benchmark.pedantic(run, rounds=1, iterations=1)
@@ -156,6 +178,9 @@ def test_bench_request_side_by_side(benchmark, servers, frame):
             info[f"{name}_{k}"] = v
     info["added_p50_ms"] = round(info["redis_p50_ms"] - info["memory_p50_ms"], 4)
     info["added_p99_ms"] = round(info["redis_p99_ms"] - info["memory_p99_ms"], 4)
+    n = blocks * per_block
+    for name, c in cpu.items():
+        info[f"cpu_ms_per_request_{name}"] = round(c / n * 1e3, 4)
     print(f"\nstate-request, {blocks} x {per_block} requests each: {dict(info)}")
 
 
@@ -200,7 +225,7 @@ def _load(urls, key, frame, seconds, processes=4, threads=4):
 @pytest.mark.parametrize("replicas", [1, 2, 3])
 def test_bench_replica_throughput(benchmark, servers, frame, replicas):
     """Total requests/s of 1, 2, 3 offload-serve processes on one Redis."""
-    key, _, redis = servers
+    key, _, redis, _ = servers
     seconds = 0.5 if benchmark.disabled else float(os.environ.get("BENCH_REPLICA_SECONDS", 3))
     rps = benchmark.pedantic(_load, args=(redis[:replicas], key, frame, seconds), rounds=1,
                              iterations=1)
