@@ -327,3 +327,20 @@ def test_bad_state_urls_refuse_to_start(redis_server):
     assert open_state(None).kind == "memory"
     assert open_state(redis_server.url).kind == "redis"
     assert "TIME" in TAKE_SCRIPT and math.isfinite(RETRY_S)
+
+
+def test_offload_serve_refuses_a_bad_or_unreachable_state(tmp_path):
+    """One Error: line and exit 1, never a server running without its shared limits."""
+    from click.testing import CliRunner
+
+    from offload.server.cli import main as serve_main
+    from offload.server.keys import add_key
+
+    path = tmp_path / "keys.toml"
+    add_key(path, "cam", rate=0.5, depth=2)
+    for url, message in [("http://x:1/0", "must look like redis://HOST:PORT/DB"),
+                         ("redis://127.0.0.1:1/0", "cannot use Redis at redis://127.0.0.1:1/0")]:
+        r = CliRunner().invoke(serve_main, ["--keys", str(path), "--port", "0", "--state", url])
+        assert r.exit_code == 1 and r.output.startswith("Error: "), r.output
+        assert message in r.output and "Traceback" not in r.output
+        assert "listening" not in r.output
