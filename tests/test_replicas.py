@@ -24,7 +24,6 @@ is tested against a hung Redis in test_state.py.
 
 import concurrent.futures
 import http.client
-import os
 import threading
 import time
 from urllib.parse import urlsplit
