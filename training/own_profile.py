@@ -1,0 +1,174 @@
+"""``offload-train profile --images DIR``: profile ANY weak ``.tflite`` + strong ONNX pair.
+
+The pair runs exactly as the deployed system runs it: the weak model through
+:class:`offload.classifier.WeakClassifier` (the device's class) and the
+strong one through :class:`offload.server.model.StrongModel` (the server's),
+each with its model card (:mod:`offload.card`: read from the file, its
+sidecar TOML, or the ``--weak-card`` / ``--strong-card`` override), so the
+pixels profiled are the pixels the device and the server feed. Images come
+from an ImageFolder tree or a CSV of ``path,label``
+(:func:`training.data.list_labelled_images`); unreadable ones are listed and
+skipped. The images are split per class (seed ``named_seed(seed,
+"profile-split")``), the metric is fitted on the train split, and the
+profile, the section II breakdown, Fig. 3 and a demo clip are written as by
+the committed pair's ``profile`` (``training.pair_commands``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+import numpy as np
+
+from offload.commandline import fail
+
+__all__ = ["profile_own_pair", "SHOW_SKIPPED"]
+
+#: Skipped images named on the terminal (all of them go to the breakdown JSON).
+SHOW_SKIPPED = 10
+
+
+def _cards(weak_path, strong_path, weak_card, strong_card):
+    from offload.card import CardError, read_card
+
+    try:
+        return (read_card(weak_path, override=weak_card), read_card(strong_path, override=strong_card))
+    except CardError as exc:
+        fail(exc)
+
+
+def _load_models(weak_path, strong_path, cards, edgetpu, threads):
+    """``(WeakClassifier, StrongModel)`` with their cards; one error line when one is unusable."""
+    from offload.card import CardError
+    from offload.classifier import ClassifierError, EdgeTPUUnavailable, WeakClassifier
+    from offload.server.model import ModelError, StrongModel
+
+    if not str(strong_path).lower().endswith(".onnx"):
+        fail(f"{strong_path}: --strong must be an ONNX model (.onnx) with --images")
+    try:
+        weak = WeakClassifier(weak_path, edgetpu={"auto": None, "on": True, "off": False}[edgetpu],
+                              card=cards[0])
+    except (ClassifierError, EdgeTPUUnavailable, CardError) as exc:
+        fail(exc)
+    try:
+        strong = StrongModel(strong_path, card=cards[1], threads=threads)
+    except (ModelError, CardError) as exc:
+        fail(exc)
+    if weak.n_classes != strong.n_classes:
+        fail(f"{weak_path} has {weak.n_classes} classes but {strong_path} has {strong.n_classes}")
+    return weak, strong
+
+
+def _class_names(labels_path, cards, paths, n_classes):
+    """The class names in the models' output order: ``--labels``, else the cards' labels.
+
+    ``None`` (folder or CSV names, sorted) when neither declares them.
+    """
+    from offload.card import CardError, read_labels
+
+    if labels_path:
+        try:
+            names = list(read_labels(labels_path))
+        except CardError as exc:
+            fail(exc)
+        where = labels_path
+    else:
+        declared = [(p, c.labels) for p, c in zip(paths, cards) if c.labels]
+        if len(declared) == 2 and tuple(declared[0][1]) != tuple(declared[1][1]):
+            fail(f"the labels of {declared[0][0]} and {declared[1][0]} differ; pass --labels")
+        if not declared:
+            return None
+        where, names = declared[0][0], list(declared[0][1])
+    if len(names) != n_classes:
+        fail(f"{where}: {len(names)} labels for models with {n_classes} classes")
+    return names
+
+
+def _report_skipped(skipped, total, source):
+    if not skipped:
+        return
+    click.echo(f"skipped {len(skipped)} of {total} images that could not be read:", err=True)
+    for path, reason in skipped[:SHOW_SKIPPED]:
+        click.echo(f"  {path}: {reason}" if path not in reason else f"  {reason}", err=True)
+    if len(skipped) > SHOW_SKIPPED:
+        click.echo(f"  ... and {len(skipped) - SHOW_SKIPPED} more (all listed in the breakdown JSON)",
+                   err=True)
+    if len(skipped) == total:
+        fail(f"{source}: no readable image among its {total} image files "
+             f"(first: {skipped[0][1]})")
+
+
+class _LazyImages:
+    """Profiled images read back from their files on demand (the demo clip takes a few)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from training.data import read_image_file
+
+        return read_image_file(self.paths[i])
+
+
+def profile_own_pair(*, weak_model, strong_model, images, labels_path, weak_card, strong_card,
+                     out_path, k, edgetpu, val_fraction, test_fraction, seed, batch_size, threads,
+                     fig_path, demo_dir, demo_count, demo_fps, progress):
+    """The body of ``offload-train profile --images``: see the module docstring."""
+    from offload.scenario import named_seed
+    from training.data import DataError, list_labelled_images
+    from training.pair_commands import write_breakdown
+    from training.profiling import build_profile, run_pair_on_files, stratified_split
+
+    t0 = time.time()
+    if weak_model is None or strong_model is None:
+        fail("--images needs --weak W.tflite and --strong S.onnx")
+    cards = _cards(weak_model, strong_model, weak_card, strong_card)
+    weak, strong = _load_models(weak_model, strong_model, cards, edgetpu, threads)
+    names = _class_names(labels_path, cards, (weak_model, strong_model), weak.n_classes)
+    try:
+        files = list_labelled_images(images, class_names=names)
+    except DataError as exc:
+        fail(exc)
+    if len(files.class_names) != weak.n_classes:
+        fail(f"{images}: {len(files.class_names)} classes ({', '.join(files.class_names)}) "
+             f"but the models have {weak.n_classes}; pass --labels")
+    if not 1 <= k <= weak.n_classes:
+        fail(f"--top-k {k} must be between 1 and the number of classes ({weak.n_classes})")
+    click.echo(f"profiling {len(files)} images ({files.source}, {weak.n_classes} classes); "
+               f"weak {weak_model} on {'the Edge TPU' if weak.on_edgetpu else 'the CPU'}, "
+               f"strong {strong_model} (ONNX Runtime {', '.join(strong.providers)})")
+    zw, zs, kept, skipped = run_pair_on_files(weak, strong, files.paths, batch_size=batch_size,
+                                              progress=progress)
+    _report_skipped(skipped, len(files), images)
+    labels = files.labels[kept]
+    try:
+        split = stratified_split(labels, val_fraction=val_fraction, test_fraction=test_fraction,
+                                 seed=named_seed(seed, "profile-split"))
+        prof = build_profile(zw, zs, labels, split, k=k,
+                             source=f"offload-train profile: {files.source}; weak "
+                                    f"{os.path.basename(weak_model)}, strong "
+                                    f"{os.path.basename(strong_model)} (ONNX Runtime)")
+    except ValueError as exc:
+        fail(f"{images}: {exc}")
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    prof.save(out_path, compress=True)
+    kept_paths = [files.paths[i] for i in kept]
+    write_breakdown(prof, out_path, fig_path, k=k, source=files.source,
+                    on_edgetpu=weak.on_edgetpu,
+                    extra=dict(class_names=files.class_names, weak_model=weak_model,
+                               strong_model=strong_model, seed=seed,
+                               fractions=dict(validation=val_fraction, test=test_fraction),
+                               skipped=[dict(path=p, reason=r) for p, r in skipped]))
+    if demo_count > 0:
+        from training.demo import write_demo
+
+        n_demo = write_demo(demo_dir, _LazyImages(kept_paths), labels, np.flatnonzero(prof.split == 2),
+                            prof, files.class_names, count=demo_count, fps=demo_fps, scale=1,
+                            seed=seed)
+        click.echo(f"wrote a demo clip of {n_demo} held-out test images to {demo_dir}")
+    click.echo(f"done in {time.time() - t0:.0f} s")
