@@ -185,6 +185,7 @@ def _train_and_export(tmp, *, weak_width, strong_width, weak_epochs, strong_epoc
     xw, y = _tensors(train_dir, _weak_training_card(), progress=progress)
     xs, _ = _tensors(train_dir, _strong_card(), progress=progress)
     n = len(CLASS_FOLDERS)
+    torch.manual_seed(seed)  # the initial weights too: same command, same models
     weak = build_weak(WEAK_CARD["height"], n, weak_width, in_channels=3)
     train_classifier(weak, xw, y, epochs=weak_epochs, batch_size=batch_size, seed=seed,
                      desc="weak", progress=progress)
