@@ -47,7 +47,7 @@ from offload import model_metadata
 __all__ = [
     "CardError", "ModelCard", "Field", "FIELDS", "SIDECAR_SUFFIX", "ONNX_CARD_KEY",
     "ONNX_META_KEY", "read_card", "read_labels", "parse_labels", "card_from_fields",
-    "resolve", "tensor_layout", "fields_table",
+    "resolve", "tensor_layout", "fields_table", "read_onnx_card",
 ]
 
 #: A card beside the model is named after the model file plus this suffix.
@@ -218,8 +218,11 @@ class ModelCard:
                                     f"for {self.channels} channel(s); give one or {self.channels}")
 
     def origin(self, field):
-        """Where ``field``'s value came from: a file, ``"override"``, or ``"defaults"``."""
-        return dict(self.origins).get(field, "defaults")
+        """Where ``field``'s value came from: a file, ``"override"``, or ``"defaults"``.
+
+        A card made directly (no ``origins``) names its ``source`` for every field.
+        """
+        return dict(self.origins).get(field, "defaults" if self.origins else self.source)
 
     @property
     def resolved(self):
@@ -536,5 +539,32 @@ def resolve(card, *, shape, dtype, scale=0.0, zero_point=0, layout=None, n_class
                         f"{len(card.labels)} classes, but the model's output has {int(n_classes)}")
     origins = dict(card.origins)
     for name in filled:
-        origins.setdefault(name, f"{path} input tensor")
+        if name in ("mean", "std"):  # derived from the quantisation, whatever the card said
+            origins[name] = f"{path} input tensor quantisation"
+        else:
+            origins.setdefault(name, f"{path} input tensor")
     return dataclasses.replace(card, **filled, origins=tuple(origins.items()))
+
+
+def read_onnx_card(path, *, override=None):
+    """The card of an ONNX model resolved against its input tensor, without ONNX Runtime.
+
+    For code that needs the strong model's input size and conventions but
+    does not run it (the device choosing what size to send). The input's
+    shape and type come from :func:`offload.model_metadata.onnx_inputs`; the
+    class count is not checked (the output is not run).
+    """
+    path = os.fspath(path)
+    try:
+        inputs = model_metadata.onnx_inputs(path)
+    except model_metadata.MetadataError as exc:
+        raise CardError(str(exc)) from None
+    if len(inputs) != 1:
+        raise CardError(f"{path}: expected 1 input, got {len(inputs)}")
+    _, elem, dims = inputs[0]
+    if elem != "float32":  # as StrongModel: ONNX integer inputs carry no quantisation
+        raise CardError(f"{path}: the input is {elem}; strong ONNX models take float32")
+    shape = [d if isinstance(d, int) and d > 0 else None for d in dims]
+    layout = tensor_layout(shape, prefer="NCHW")
+    return resolve(read_card(path, override=override), shape=shape, dtype=np.float32,
+                   layout=layout, path=path)

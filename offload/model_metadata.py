@@ -27,7 +27,8 @@ import os
 import struct
 import zipfile
 
-__all__ = ["MetadataError", "tflite_card_metadata", "onnx_metadata_props", "TFLITE_METADATA_NAME"]
+__all__ = ["MetadataError", "tflite_card_metadata", "onnx_metadata_props", "onnx_inputs",
+           "ONNX_ELEMENT_TYPES", "TFLITE_METADATA_NAME"]
 
 #: Name of the tflite ``Metadata`` entry whose buffer holds the metadata flatbuffer.
 TFLITE_METADATA_NAME = "TFLITE_METADATA"
@@ -223,8 +224,17 @@ def _read_input(tensor, out, path):
 
 # --------------------------------------------------------------------------- ONNX
 
-_MODEL_METADATA_PROPS = 14   # onnx ModelProto.metadata_props
-_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+_MODEL_GRAPH, _MODEL_METADATA_PROPS = 7, 14      # onnx ModelProto
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2                  # StringStringEntryProto
+_GRAPH_INITIALIZER, _GRAPH_INPUT = 5, 11         # GraphProto
+_TENSOR_NAME = 8                                 # TensorProto (an initializer)
+_VALUE_NAME, _VALUE_TYPE = 1, 2                  # ValueInfoProto
+_TYPE_TENSOR = 1                                 # TypeProto.tensor_type
+_TENSOR_ELEM_TYPE, _TENSOR_SHAPE = 1, 2          # TypeProto.Tensor
+_SHAPE_DIM = 1                                   # TensorShapeProto
+_DIM_VALUE, _DIM_PARAM = 1, 2                    # TensorShapeProto.Dimension
+#: ONNX TensorProto.DataType numbers of the input types a card knows.
+ONNX_ELEMENT_TYPES = {1: "float32", 2: "uint8", 3: "int8", 10: "float16"}
 
 
 def _varint(f):
@@ -292,3 +302,77 @@ def onnx_metadata_props(path):
     except (EOFError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise MetadataError(f"{path}: not a readable ONNX model ({exc})") from None
     return props
+
+
+def _message(f, at, size):
+    """The fields of the message at ``(at, size)`` as a list (LEN values as ``(offset, size)``)."""
+    f.seek(at)
+    return list(_fields(f, at + size))
+
+
+def _text(f, span):
+    f.seek(span[0])
+    return f.read(span[1]).decode("utf-8")
+
+
+def _value_info(f, span):
+    """``(name, elem_type, dims)`` of a ValueInfoProto; a dim is an int, a name (str) or None."""
+    name, elem, dims = "", 0, []
+    for n, v in _message(f, *span):
+        if n == _VALUE_NAME and isinstance(v, tuple):
+            name = _text(f, v)
+        elif n == _VALUE_TYPE and isinstance(v, tuple):
+            for tn, tv in _message(f, *v):
+                if tn != _TYPE_TENSOR or not isinstance(tv, tuple):
+                    continue
+                for kn, kv in _message(f, *tv):
+                    if kn == _TENSOR_ELEM_TYPE and isinstance(kv, int):
+                        elem = kv
+                    elif kn == _TENSOR_SHAPE and isinstance(kv, tuple):
+                        dims = [_dimension(f, dv) for dn, dv in _message(f, *kv)
+                                if dn == _SHAPE_DIM and isinstance(dv, tuple)]
+    return name, elem, dims
+
+
+def _dimension(f, span):
+    for n, v in _message(f, *span):
+        if n == _DIM_VALUE and isinstance(v, int):
+            return v
+        if n == _DIM_PARAM and isinstance(v, tuple):
+            return _text(f, v)
+    return None
+
+
+def onnx_inputs(path):
+    """The graph inputs of an ONNX model that are not initializers, without ONNX or ONNX Runtime.
+
+    Returns a list of ``(name, element type, dims)``: the element type as
+    :data:`ONNX_ELEMENT_TYPES` names it (else ``"type N"``), each dim an int,
+    a symbolic name (str, a dynamic axis) or None. The weights are skipped by
+    their length, never read.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, 2)
+            f.seek(0)
+            graphs = [v for n, v in _fields(f, end) if n == _MODEL_GRAPH and isinstance(v, tuple)]
+            if not graphs:
+                raise ValueError("no graph")
+            inputs, weights = [], set()
+            for n, v in _message(f, *graphs[0]):
+                if n == _GRAPH_INPUT and isinstance(v, tuple):
+                    inputs.append(v)
+                elif n == _GRAPH_INITIALIZER and isinstance(v, tuple):
+                    weights.update(_text(f, tv) for tn, tv in _message(f, *v)
+                                   if tn == _TENSOR_NAME and isinstance(tv, tuple))
+            out = []
+            for span in inputs:
+                name, elem, dims = _value_info(f, span)
+                if name not in weights:
+                    out.append((name, ONNX_ELEMENT_TYPES.get(elem, f"type {elem}"), dims))
+            return out
+    except OSError as exc:
+        raise MetadataError(f"{path}: cannot read the model ({exc.strerror or exc})") from None
+    except (EOFError, ValueError) as exc:
+        raise MetadataError(f"{path}: not a readable ONNX model ({exc})") from None

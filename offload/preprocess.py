@@ -28,8 +28,9 @@ The steps, for a card :func:`offload.card.resolve` has completed:
 
 When the image needs resizing or a channel change, it first becomes float32
 ``pixel / 255`` and every step runs in float: no rounding to uint8 between
-steps. A uint8 image already of the model's size and channels is normalised
-from its exact pixel values. With the default card these are exactly the
+steps. A uint8 image already of the model's size and channels (alpha dropped
+and colour reordered if need be, both exact) is normalised from its exact
+pixel values. With the default card these are exactly the
 tensors of ``offload.classifier`` and ``offload.server.model`` before the
 card existed (the committed profile's).
 """
@@ -213,14 +214,19 @@ def _raw_pixels(pixels, dtype):
     return (q - (128 if np.dtype(dtype) == np.int8 else 0)).astype(dtype)
 
 
-def _already_fits(image, card, input_order):
-    """True when a uint8 image needs no resize and no channel change for ``card``."""
+def _exact_pixels(image, card, input_order):
+    """A uint8 image of the model's size as ``HxWxC`` pixels when only exact steps are needed
+    (dropping alpha, reordering colour), else None."""
     a = np.asarray(image)
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or a.shape[:2] != (card.height, card.width):
-        return False
+        return None
     c = 1 if a.ndim == 2 else a.shape[2]
-    return (c == 1 and card.channels == 1) or (c == 3 and card.channels == 3
-                                                 and input_order == card.order)
+    if c == 1 and card.channels == 1:
+        return a.reshape(card.height, card.width, 1)
+    if c in (3, 4) and card.channels == 3:
+        a = a[:, :, :3]
+        return a if input_order == card.order else a[:, :, ::-1]
+    return None
 
 
 def to_input(image, card, *, dtype=np.float32, scale=0.0, zero_point=0, layout="NHWC",
@@ -248,9 +254,8 @@ def to_input(image, card, *, dtype=np.float32, scale=0.0, zero_point=0, layout="
     dtype = np.dtype(dtype)
     if layout not in ("NHWC", "NCHW"):
         raise ValueError(f"layout must be NHWC or NCHW, got {layout!r}")
-    if _already_fits(image, card, input_order):
-        pixels = np.asarray(image).reshape(card.height, card.width, card.channels)
-    else:
+    pixels = _exact_pixels(image, card, input_order)
+    if pixels is None:
         pixels = fit_pixels(to_unit_float(_check_image(image)), card, input_order=input_order)
     integer = np.issubdtype(dtype, np.integer)
     if card.normalization == "tensor":

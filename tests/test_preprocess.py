@@ -303,3 +303,20 @@ def test_bad_images_and_unresolved_cards():
                                                                  normalization="tensor"))
     r = resolve(ModelCard(), shape=(1, 4, 4, 1), dtype=np.float32)
     assert preprocess.to_input(np.zeros((4, 4), np.uint8), r).shape == (1, 4, 4, 1)
+
+
+def test_model_size_uint8_is_normalised_from_exact_pixels():
+    """At the model's size, BGR, RGB and BGRA frames of one picture give the same tensor, bit for
+    bit: float32 (pixel - mean) / std of the exact pixels in the card's order."""
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    card = resolve(ModelCard(order="rgb", mean=mean, std=std), shape=(1, 3, 6, 5),
+                   dtype=np.float32, layout="NCHW")
+    bgr = colour_image(11, 6, 5)
+    rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+    bgra = np.concatenate([bgr, np.zeros((6, 5, 1), np.uint8)], axis=2)
+    want = (rgb.astype(np.float32) - np.float32(mean)) / np.float32(std)
+    want = np.transpose(want, (2, 0, 1))[None]
+    for img, order in ((bgr, "bgr"), (rgb, "rgb"), (bgra, "bgr")):
+        got = preprocess.to_input(img, card, layout="NCHW", input_order=order)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
