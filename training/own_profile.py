@@ -24,7 +24,7 @@ import numpy as np
 
 from offload.commandline import fail
 
-__all__ = ["profile_own_pair", "SHOW_SKIPPED"]
+__all__ = ["profile_own_pair", "describe_card", "SHOW_SKIPPED"]
 
 #: Skipped images named on the terminal (all of them go to the breakdown JSON).
 SHOW_SKIPPED = 10
@@ -59,6 +59,18 @@ def _load_models(weak_path, strong_path, cards, edgetpu, threads):
     if weak.n_classes != strong.n_classes:
         fail(f"{weak_path} has {weak.n_classes} classes but {strong_path} has {strong.n_classes}")
     return weak, strong
+
+
+def describe_card(card):
+    """One line of what a resolved card does to an image (printed so a user can check it)."""
+    def nums(v):
+        return f"{v[0]:g}" if len(v) == 1 else "[" + ", ".join(f"{x:g}" for x in v) + "]"
+
+    norm = f"(pixel - {nums(card.mean)}) / {nums(card.std)}"
+    if card.normalization == "tensor":
+        norm += " (the input tensor's own quantisation)"
+    return (f"{card.height}x{card.width} {'grey' if card.channels == 1 else card.order}, "
+            f"{card.resize}, {norm}; from {card.source}")
 
 
 def _class_names(labels_path, cards, paths, n_classes):
@@ -139,6 +151,8 @@ def profile_own_pair(*, weak_model, strong_model, images, labels_path, weak_card
              f"but the models have {weak.n_classes}; pass --labels")
     if not 1 <= k <= weak.n_classes:
         fail(f"--top-k {k} must be between 1 and the number of classes ({weak.n_classes})")
+    click.echo(f"weak card: {describe_card(weak.card)}")
+    click.echo(f"strong card: {describe_card(strong.card)}")
     click.echo(f"profiling {len(files)} images ({files.source}, {weak.n_classes} classes); "
                f"weak {weak_model} on {'the Edge TPU' if weak.on_edgetpu else 'the CPU'}, "
                f"strong {strong_model} (ONNX Runtime {', '.join(strong.providers)})")
