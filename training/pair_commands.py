@@ -379,7 +379,7 @@ def profile(models_dir, data_dir, weak_model, strong_model, images, labels_path,
         from training.own_profile import profile_own_pair
 
         out_path = out_path or "profile.npz"
-        here = os.path.dirname(os.path.abspath(out_path))
+        here = os.path.dirname(out_path)
         profile_own_pair(
             weak_model=weak_model, strong_model=strong_model, images=images,
             labels_path=labels_path, weak_card=weak_card, strong_card=strong_card,
