@@ -210,3 +210,30 @@ def test_profile_feeds_offload_sim_and_dqn(pair, tmp_path):
              "--test-length", "300", "--int8-tune", "2", "--threads", "1", "--device", "cpu",
              "--quiet"])
     assert out.stat().st_size > 0
+
+
+def test_profile_with_the_strong_side_a_running_server(pair, tmp_path):
+    """--strong URL: every image goes to offload-serve as a device frame; same profile as the file."""
+    from offload.server import keys as K
+    from offload.server.serve import start_process
+
+    keys = tmp_path / "keys.toml"
+    (tmp_path / "key").write_text(K.add_key(keys, "profiler") + "\n")
+    proc, url = start_process(["--keys", str(keys), "--port", "0", "--log-level", "warning",
+                               "--model", str(pair / LAYOUT["strong"]), "--threads", "1"],
+                              cwd=tmp_path)
+    try:
+        _profile(pair, pair / LAYOUT["profile"], tmp_path / "remote", "--strong", url,
+                 "--key-file", tmp_path / "key", "--top-k", "2")
+        res = _profile(pair, pair / LAYOUT["profile"], tmp_path / "few", "--strong", url,
+                       "--key-file", tmp_path / "key", "--top-k", "4", ok=False)
+        assert "answers 3 classes per image, fewer than --top-k 4" in res.output
+    finally:
+        proc.kill()
+        proc.wait()
+    _profile(pair, pair / LAYOUT["profile"], tmp_path / "local", "--top-k", "2")
+    a = Profile.load(tmp_path / "remote" / "prof" / "profile.npz")
+    b = Profile.load(tmp_path / "local" / "prof" / "profile.npz")
+    assert np.array_equal(a.weak_logits, b.weak_logits)
+    assert np.array_equal(a.strong_loss, b.strong_loss)
+    assert np.array_equal(np.minimum(a.strong_rank, 4), np.minimum(b.strong_rank, 4))

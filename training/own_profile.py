@@ -31,31 +31,57 @@ SHOW_SKIPPED = 10
 
 
 def _cards(weak_path, strong_path, weak_card, strong_card):
-    from offload.card import CardError, read_card
+    """The two cards as read (the strong one ``None`` for a server: it applies its own)."""
+    from offload.card import CardError, ModelCard, read_card
+    from training.remote_strong import is_url
 
     try:
-        return (read_card(weak_path, override=weak_card), read_card(strong_path, override=strong_card))
+        weak = read_card(weak_path, override=weak_card)
+        if is_url(strong_path):
+            if strong_card:
+                fail("--strong-card cannot apply to a server: it preprocesses with its own card")
+            return weak, ModelCard()
+        return weak, read_card(strong_path, override=strong_card)
     except CardError as exc:
         fail(exc)
 
 
-def _load_models(weak_path, strong_path, cards, edgetpu, threads):
-    """``(WeakClassifier, StrongModel)`` with their cards; one error line when one is unusable."""
+def _strong_model(strong_path, card, threads, key_file, k):
+    """The strong side: the server's own ``StrongModel`` over an ONNX file, or a running server."""
+    from offload.card import CardError
+    from offload.server.model import ModelError, StrongModel
+    from training.remote_strong import RemoteError, RemoteStrong, is_url
+
+    if is_url(strong_path):
+        if not key_file:
+            fail(f"--strong {strong_path} is a server: pass --key-file with one of its API keys")
+        try:
+            with open(key_file) as f:
+                key = f.readline().strip()
+            return RemoteStrong(strong_path, key=key, k=k)
+        except OSError as exc:
+            fail(f"{key_file}: {exc.strerror or exc}")
+        except RemoteError as exc:
+            fail(exc)
+    if not str(strong_path).lower().endswith(".onnx"):
+        fail(f"{strong_path}: --strong must be an ONNX model (.onnx) or a server URL with --images")
+    try:
+        return StrongModel(strong_path, card=card, threads=threads)
+    except (ModelError, CardError) as exc:
+        fail(exc)
+
+
+def _load_models(weak_path, strong_path, cards, edgetpu, threads, key_file, k):
+    """``(WeakClassifier, strong side)`` with their cards; one error line when one is unusable."""
     from offload.card import CardError
     from offload.classifier import ClassifierError, EdgeTPUUnavailable, WeakClassifier
-    from offload.server.model import ModelError, StrongModel
 
-    if not str(strong_path).lower().endswith(".onnx"):
-        fail(f"{strong_path}: --strong must be an ONNX model (.onnx) with --images")
     try:
         weak = WeakClassifier(weak_path, edgetpu={"auto": None, "on": True, "off": False}[edgetpu],
                               card=cards[0])
     except (ClassifierError, EdgeTPUUnavailable, CardError) as exc:
         fail(exc)
-    try:
-        strong = StrongModel(strong_path, card=cards[1], threads=threads)
-    except (ModelError, CardError) as exc:
-        fail(exc)
+    strong = _strong_model(strong_path, cards[1], threads, key_file, k)
     if weak.n_classes != strong.n_classes:
         fail(f"{weak_path} has {weak.n_classes} classes but {strong_path} has {strong.n_classes}")
     return weak, strong
@@ -129,18 +155,20 @@ class _LazyImages:
 
 def profile_own_pair(*, weak_model, strong_model, images, labels_path, weak_card, strong_card,
                      out_path, k, edgetpu, val_fraction, test_fraction, seed, batch_size, threads,
-                     fig_path, demo_dir, demo_count, demo_fps, progress):
+                     fig_path, demo_dir, demo_count, demo_fps, progress, key_file=None):
     """The body of ``offload-train profile --images``: see the module docstring."""
     from offload.scenario import named_seed
     from training.data import DataError, list_labelled_images
     from training.pair_commands import write_breakdown
     from training.profiling import build_profile, run_pair_on_files, stratified_split
+    from training.remote_strong import RemoteError, RemoteStrong
 
     t0 = time.time()
     if weak_model is None or strong_model is None:
         fail("--images needs --weak W.tflite and --strong S.onnx")
     cards = _cards(weak_model, strong_model, weak_card, strong_card)
-    weak, strong = _load_models(weak_model, strong_model, cards, edgetpu, threads)
+    weak, strong = _load_models(weak_model, strong_model, cards, edgetpu, threads, key_file, k)
+    remote = isinstance(strong, RemoteStrong)
     names = _class_names(labels_path, cards, (weak_model, strong_model), weak.n_classes)
     try:
         files = list_labelled_images(images, class_names=names)
@@ -152,12 +180,16 @@ def profile_own_pair(*, weak_model, strong_model, images, labels_path, weak_card
     if not 1 <= k <= weak.n_classes:
         fail(f"--top-k {k} must be between 1 and the number of classes ({weak.n_classes})")
     click.echo(f"weak card: {describe_card(weak.card)}")
-    click.echo(f"strong card: {describe_card(strong.card)}")
+    click.echo("strong card: " + ("applied by the server" if remote else describe_card(strong.card)))
     click.echo(f"profiling {len(files)} images ({files.source}, {weak.n_classes} classes); "
                f"weak {weak_model} on {'the Edge TPU' if weak.on_edgetpu else 'the CPU'}, "
-               f"strong {strong_model} (ONNX Runtime {', '.join(strong.providers)})")
-    zw, zs, kept, skipped = run_pair_on_files(weak, strong, files.paths, batch_size=batch_size,
-                                              progress=progress)
+               f"strong {strong_model} ({'' if remote else 'ONNX Runtime '}{', '.join(strong.providers)})")
+    try:
+        zw, zs, kept, skipped = run_pair_on_files(weak, strong, files.paths, batch_size=batch_size,
+                                                  run_batch=strong.scores if remote else None,
+                                                  progress=progress)
+    except RemoteError as exc:
+        fail(exc)
     _report_skipped(skipped, len(files), images)
     labels = files.labels[kept]
     try:
@@ -166,7 +198,7 @@ def profile_own_pair(*, weak_model, strong_model, images, labels_path, weak_card
         prof = build_profile(zw, zs, labels, split, k=k,
                              source=f"offload-train profile: {files.source}; weak "
                                     f"{os.path.basename(weak_model)}, strong "
-                                    f"{os.path.basename(strong_model)} (ONNX Runtime)")
+                                    f"{strong_model if remote else os.path.basename(strong_model)}")
     except ValueError as exc:
         fail(f"{images}: {exc}")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

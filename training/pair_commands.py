@@ -328,7 +328,8 @@ def _read_manifest(models_dir):
 @click.option("--weak-model", "--weak", "weak_model", default=None,
               help="Weak .tflite (default: from --models-dir).")
 @click.option("--strong-model", "--strong", "strong_model", default=None,
-              help="Strong model: TorchScript (default: from --models-dir), or ONNX with --images.")
+              help="Strong model: TorchScript (default: from --models-dir); with --images an ONNX "
+                   "file or a running offload-serve's URL (with --key-file).")
 @click.option("--images", default=None,
               help="Profile ANY pair (--weak W.tflite --strong S.onnx) on this ImageFolder tree "
                    "(one sub-folder per class) or CSV of path,label (paths relative to it).")
@@ -355,6 +356,8 @@ def _read_manifest(models_dir):
 @click.option("--batch-size", default=64, show_default=True,
               help="With --images: images per strong-model call.")
 @click.option("--threads", type=int, default=None, help="With --images: ONNX Runtime CPU threads.")
+@click.option("--key-file", default=None,
+              help="With --images and --strong URL (a running offload-serve): file holding its API key.")
 @click.option("--fig", "fig_path", default=None,
               help="Fig. 3 PNG (default: MODELS_DIR/fig3_entropy_metric.png; beside the profile "
                    "with --images).")
@@ -366,7 +369,7 @@ def _read_manifest(models_dir):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def profile(models_dir, data_dir, weak_model, strong_model, images, labels_path, weak_card,
             strong_card, out_path, k, edgetpu, max_profile, val_fraction, test_fraction, seed,
-            batch_size, threads, fig_path, demo_dir, demo_count, demo_fps, quiet):
+            batch_size, threads, key_file, fig_path, demo_dir, demo_count, demo_fps, quiet):
     """Profile a pair on held-out images, fit the metric, write breakdown and Fig. 3.
 
     Without --images: the pair `offload-train classifiers` made (MODELS_DIR). With
@@ -387,10 +390,10 @@ def profile(models_dir, data_dir, weak_model, strong_model, images, labels_path,
             test_fraction=test_fraction, seed=seed, batch_size=batch_size, threads=threads,
             fig_path=fig_path or os.path.join(here, "fig3_entropy_metric.png"),
             demo_dir=demo_dir or os.path.join(here, "demo"), demo_count=demo_count,
-            demo_fps=demo_fps, progress=progress)
+            demo_fps=demo_fps, progress=progress, key_file=key_file)
         return
-    if labels_path or weak_card or strong_card:
-        fail("--labels, --weak-card and --strong-card need --images")
+    if labels_path or weak_card or strong_card or key_file:
+        fail("--labels, --weak-card, --strong-card and --key-file need --images")
     require_torch()
     t0 = time.time()
     man = _read_manifest(models_dir)

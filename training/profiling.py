@@ -73,14 +73,16 @@ def run_strong(module, images, size, batch_size=512, progress=True):
     return np.concatenate(out)
 
 
-def run_pair_on_files(weak, strong, paths, *, batch_size=64, progress=True):
+def run_pair_on_files(weak, strong, paths, *, batch_size=64, run_batch=None, progress=True):
     """Both models over image files, each image decoded once as the device's camera gives it.
 
     ``weak`` is an :class:`offload.classifier.WeakClassifier` (one image at a
     time, as on the device); ``strong`` an :class:`offload.server.model.StrongModel`
     (``prepare`` then ``run`` in batches of ``batch_size``, as the server's
     batcher does). Both apply their own model card, so the pixels profiled are
-    the pixels the deployed system feeds.
+    the pixels the deployed system feeds. ``run_batch`` (a list of
+    ``strong.prepare`` results -> ``(n, n_classes)`` scores) replaces
+    ``strong.run`` (a remote server: ``training.remote_strong``).
 
     Returns
     -------
@@ -93,10 +95,11 @@ def run_pair_on_files(weak, strong, paths, *, batch_size=64, progress=True):
     from training.data import DataError, read_image_file
 
     zw, zs, kept, skipped, batch = [], [], [], [], []
+    run_batch = run_batch or (lambda xs: strong.run(np.stack(xs))[0])
 
     def flush():
         if batch:
-            zs.append(np.asarray(strong.run(np.stack(batch))[0], dtype=np.float32))
+            zs.append(np.asarray(run_batch(batch), dtype=np.float32))
             batch.clear()
 
     for i, path in enumerate(tqdm(paths, desc="weak + strong", unit="img", mininterval=0.5,
