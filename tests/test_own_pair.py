@@ -237,3 +237,42 @@ def test_profile_with_the_strong_side_a_running_server(pair, tmp_path):
     assert np.array_equal(a.weak_logits, b.weak_logits)
     assert np.array_equal(a.strong_loss, b.strong_loss)
     assert np.array_equal(np.minimum(a.strong_rank, 4), np.minimum(b.strong_rank, 4))
+
+
+# --------------------------------------------------------------------------- pieces (no models)
+
+
+def test_stratified_split_is_per_class_and_seeded():
+    from offload.scenario import named_seed
+    from training.profiling import stratified_split
+
+    y = np.repeat(np.arange(3), [10, 20, 7])
+    a = stratified_split(y, val_fraction=0.2, test_fraction=0.3, seed=named_seed(0, "profile-split"))
+    b = stratified_split(y, val_fraction=0.2, test_fraction=0.3, seed=named_seed(0, "profile-split"))
+    c = stratified_split(y, val_fraction=0.2, test_fraction=0.3, seed=named_seed(1, "profile-split"))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    for cls, n in enumerate([10, 20, 7]):
+        counts = np.bincount(a[y == cls], minlength=3)
+        assert counts[2] == round(0.3 * n) and counts[1] == round(0.2 * n) and counts.sum() == n
+    with pytest.raises(ValueError, match="leave some images for train"):
+        stratified_split(y, val_fraction=0.5, test_fraction=0.5, seed=0)
+    with pytest.raises(ValueError, match="too few images"):
+        stratified_split(np.zeros(1, int), val_fraction=0.2, test_fraction=0.3, seed=0)
+
+
+def test_csv_source_rows_and_labels(tmp_path):
+    from training.data import DataError, label_key, list_labelled_images
+
+    assert label_key("T-shirt/top") == label_key("t-shirt_top ") == "t_shirt_top"
+    (tmp_path / "a.csv").write_text("path,label\nx/1.png,Bag\ny/2.png, t-shirt/TOP\n")
+    files = list_labelled_images(tmp_path / "a.csv", class_names=["T-shirt/top", "Bag"])
+    assert files.labels.tolist() == [1, 0]
+    assert files.paths == [str(tmp_path / "x" / "1.png"), str(tmp_path / "y" / "2.png")]
+    (tmp_path / "b.csv").write_text("x/1.png,Hat\nx/2.png,Cap\nx/3.png,Bag\n")
+    with pytest.raises(DataError, match="2 labels match no class label: 'Cap', 'Hat'"):
+        list_labelled_images(tmp_path / "b.csv", class_names=["Bag"])
+    (tmp_path / "c.csv").write_text("x/1.png,Bag,extra\n")
+    with pytest.raises(DataError, match="row 1 is not 'path,label'"):
+        list_labelled_images(tmp_path / "c.csv")
+    with pytest.raises(DataError, match="image folder or CSV not found"):
+        list_labelled_images(tmp_path / "nope")
