@@ -198,7 +198,7 @@ def normalize(pixels, card):
     return ((p - mean * _ONE_255TH) / (std * _ONE_255TH)).astype(np.float32, copy=False)
 
 
-def quantize(x, dtype, scale, zero_point):
+def quantize(x, *, dtype, scale, zero_point):
     """Real values to an integer tensor: ``clip(floor(round(x / scale, 3) + 0.5) + zero_point)``."""
     info = np.iinfo(dtype)
     v = np.asarray(x, dtype=np.float64) / float(scale)
@@ -268,7 +268,7 @@ def to_input(image, card, *, dtype=np.float32, scale=0.0, zero_point=0, layout="
         if integer:
             if not scale > 0:
                 raise CardError(f"an integer ({dtype}) input tensor needs its quantisation scale")
-            x = quantize(x, dtype, scale, zero_point)
+            x = quantize(x, dtype=dtype, scale=scale, zero_point=zero_point)
         else:
             x = x.astype(dtype, copy=False)
     if layout == "NCHW":

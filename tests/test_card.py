@@ -138,7 +138,8 @@ def test_label_file_unreadable(tmp_path):
 
 _name = st.text(st.characters(categories=("L", "N", "P", "Zs"), exclude_characters="\r\n\x85"),
                 min_size=1, max_size=12).map(str.strip).filter(
-                    lambda s: s and not s[0].isdigit() and s[0] != ":" and "\u2028" not in s and "\u2029" not in s)
+                    lambda s: s and not s[0].isdigit() and s[0] != ":"
+                    and "\u2028" not in s and "\u2029" not in s)
 
 
 @given(names=st.lists(_name, min_size=2, max_size=30, unique=True),

@@ -219,7 +219,9 @@ def test_crop_fed_tensor(tmp_path_factory, H, W, h, w, seed):
     img = colour_image(seed, H, W)
     y0, y1, x0, x1 = crop_window(H, W, h, w)
     win = np.ascontiguousarray(img[y0:y1, x0:x1, ::-1]).astype(np.float32) * UNIT
-    x = cv2.resize(win, (w, h), interpolation=interp(y1 - y0, x1 - x0, h, w)) if (y1 - y0, x1 - x0) != (h, w) else win
+    x = win
+    if (y1 - y0, x1 - x0) != (h, w):
+        x = cv2.resize(win, (w, h), interpolation=interp(y1 - y0, x1 - x0, h, w))
     assert_quantised_equal(clf.classify(img).q, np.clip(x, 0, 1).astype(np.float64) * 255, np.uint8)
 
 
