@@ -174,6 +174,9 @@ def profile_own_pair(*, weak_model, strong_model, images, labels_path, weak_card
         files = list_labelled_images(images, class_names=names)
     except DataError as exc:
         fail(exc)
+    if names is None:
+        click.echo("no labels in --labels or the cards: output i is taken to be the i-th sorted "
+                   "class name of the images", err=True)
     if len(files.class_names) != weak.n_classes:
         fail(f"{images}: {len(files.class_names)} classes ({', '.join(files.class_names)}) "
              f"but the models have {weak.n_classes}; pass --labels")
