@@ -16,6 +16,10 @@ Commands
     Run both exported models over the held-out images (the weak one through
     LiteRT, as the device does), write the profile ``.npz`` with its fitted
     metric, the section II breakdown (JSON), the Fig. 3 PNG and a demo clip.
+``offload-train example-pair``
+    Make a second pair with a zoo model's conventions (RGB images written as an
+    ImageFolder tree, uint8 ``[-1, 1]`` weak input, mean/std centre-crop strong
+    model, model cards, labels file): ``training.example_pair``.
 ``offload-train dqn``
     Train the DQN offloading policy (``training.dqn``) for one scenario and
     write it as a policy blob, with a JSON report and a validation curve.
@@ -42,6 +46,7 @@ from tqdm import tqdm
 from offload.atomic import atomic_write_json
 from offload.commandline import (COMMITTED_PROFILE, committed_profile, echo_table, fail,
                                  load_scenario, require_torch, scenario_options)
+from training.example_pair import example_pair
 from training.figure_commands import plot, sweep, trace
 from training.pair_commands import classifiers, onnx, profile
 
@@ -51,7 +56,7 @@ def main():
     """Train, quantise and profile the weak/strong classifier pair (workstation, torch)."""
 
 
-for _command in (classifiers, onnx, profile, sweep, plot, trace):
+for _command in (classifiers, onnx, profile, example_pair, sweep, plot, trace):
     main.add_command(_command)
 
 
