@@ -98,11 +98,15 @@ def require_torch():
 # --------------------------------------------------------------------------- scenario, profile
 
 
-def scenario_options(command):
+def scenario_options(command=None, *, bucket=True):
     """The options every simulation command shares: profile, bucket, image choice, arrivals, seed.
 
     Defaults from ``offload.scenario.SETTINGS``, the one place they are declared.
+    ``@scenario_options(bucket=False)`` leaves out ``--rate`` and ``--depth``
+    (the fleet commands choose every camera's bucket themselves).
     """
+    if command is None:
+        return lambda c: scenario_options(c, bucket=bucket)
     d = {k: v[0] for k, v in SETTINGS.items()}
     opts = [
         click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
@@ -126,6 +130,8 @@ def scenario_options(command):
         click.option("--seed", default=d["seed"], type=int,
                      help="Seed for profile, streams and arrivals."),
     ]
+    if not bucket:
+        del opts[2:4]
     for opt in reversed(opts):
         command = opt(command)
     return command

@@ -183,11 +183,15 @@ class PolicyCache:
         return self._merged[key][0]
 
 
-def grid_points(setting, rates=GRID_RATES, depths=GRID_DEPTHS):
+def grid_points(setting, rates=GRID_RATES, depths=GRID_DEPTHS, *, step=1):
     """The grid's ``(r_i, b_i)`` that are not smaller than ``(r_g, b_p)`` (the published skip rule).
 
     A point is skipped when ``r_i <= r_g and b_i < b_p`` or ``r_i < r_g and b_i <= b_p``.
+    ``step`` keeps every ``step``-th rate and depth (a coarse look; 1 = the whole grid).
     """
+    if int(step) < 1:
+        raise ValueError(f"grid step {step}: need >= 1")
+    rates, depths = rates[::int(step)], depths[::int(step)]
     r_g, b_p = setting.switch_rate, setting.depth_per_camera
     return [(r, b) for r in rates for b in depths
             if not ((r <= r_g and b < b_p) or (r < r_g and b <= b_p))]
@@ -254,8 +258,11 @@ def hierarchical(datas, setting, streams, train_streams, cache, *, feedback="non
 
 
 def run_strategies(datas, setting, *, length, n_seq, train_length, train_seq, cache=None,
-                   order="fixed", seed=0, names=STRATEGIES, progress=False):
-    """Every strategy in ``names`` on the same test streams: ``(results by name, searches)``."""
+                   order="fixed", seed=0, names=STRATEGIES, grid_step=1, progress=False):
+    """Every strategy in ``names`` on the same test streams: ``(results by name, searches)``.
+
+    ``grid_step``: the hierarchical searches' grid (``grid_points(step=...)``).
+    """
     cache = PolicyCache() if cache is None else cache
     if len(datas) != setting.cameras:
         raise ValueError(f"{len(datas)} camera data for {setting.cameras} cameras")
@@ -271,9 +278,9 @@ def run_strategies(datas, setting, *, length, n_seq, train_length, train_seq, ca
             out[name] = pooled(datas, setting, test, cache, order=order, seed=seed)
         elif name in ("hierarchical", "hierarchical-retry-after"):
             fb = "retry-after" if name.endswith("retry-after") else "none"
-            out[name], searches[name] = hierarchical(datas, setting, test, train, cache,
-                                                     feedback=fb, order=order, seed=seed,
-                                                     name=name, progress=progress)
+            out[name], searches[name] = hierarchical(
+                datas, setting, test, train, cache, feedback=fb, order=order, seed=seed,
+                name=name, points=grid_points(setting, step=grid_step), progress=progress)
         else:
             raise ValueError(f"unknown strategy {name!r} (one of {', '.join(STRATEGIES)})")
     return out, searches
