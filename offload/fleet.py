@@ -91,6 +91,14 @@ class FleetResult:
     refused: np.ndarray       # int64: of them, refused by the switch
     images: np.ndarray        # int64: images that arrived
     weak_loss_total: np.ndarray  # float64: weak loss summed over those images
+    stream_reward: np.ndarray = None  # float64 (S,): each stream's reward per image, all cameras
+
+    @property
+    def reward_se(self):
+        """Standard error of ``reward`` from the spread of the streams' rewards (NaN for one stream)."""
+        s = self.stream_reward
+        return float(np.std(s, ddof=1) / np.sqrt(len(s))) if s is not None and len(s) > 1 \
+            else float("nan")
 
     @property
     def reward(self):
@@ -212,8 +220,9 @@ def _result(name, buckets, out, stack):
     idx = np.maximum(images - 1, 0)  # (S, K): the last image that arrived
     weak = stack.weak_cumsum[np.arange(K)[None, :], np.arange(S)[:, None], idx]
     weak = np.where(images > 0, weak, 0.0).sum(axis=0)
+    per_stream = total.sum(axis=1) / np.maximum(1, images.sum(axis=1))
     return FleetResult(name, list(buckets), total.sum(axis=0), sent.sum(axis=0),
-                       refused.sum(axis=0), images.sum(axis=0), weak)
+                       refused.sum(axis=0), images.sum(axis=0), weak, per_stream)
 
 
 def run_fleet(cameras, switch, *, name="fleet", buckets=None, order="fixed", seed=0,

@@ -108,13 +108,15 @@ def fleet_rows(results):
               help="Images per training stream of the hierarchical search.")
 @click.option("--train-streams", default=8, type=click.IntRange(1),
               help="Training streams per camera of the hierarchical search.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Local processes for the grid's MDP solves.")
 @click.option("--grid-step", default=1, type=click.IntRange(1),
               help="Search every n-th rate and depth of the published grid (1: all of it).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write the table as JSON.")
 def fleet(cameras, switch_rate, switch_depth_per_camera, profile_path, synthetic, choice, spread,
           rprob, arrivals, markov, seed, camera_profiles, order, names, length, streams,
-          train_length, train_streams, grid_step, json_path):
+          train_length, train_streams, workers, grid_step, json_path):
     """Compare fleet strategies: K cameras behind one switch bucket (r_g, K * b_p)."""
     setting = fleet_setting(cameras, switch_rate, switch_depth_per_camera)
     paths = camera_profiles or ([profile_path] if profile_path else [])
@@ -128,7 +130,8 @@ def fleet(cameras, switch_rate, switch_depth_per_camera, profile_path, synthetic
         results, searches = strategies.run_strategies(
             datas, setting, length=length, n_seq=streams, train_length=train_length,
             train_seq=train_streams, order=order, seed=seed,
-            names=list(names) or list(strategies.STRATEGIES), grid_step=grid_step, progress=True)
+            names=list(names) or list(strategies.STRATEGIES), grid_step=grid_step, workers=workers,
+            progress=True)
     for name, s in searches.items():
         click.echo(f"{name}: best of {len(s['points'])} grid buckets on the training streams: "
                    f"r_i={s['best'][0]:g} b_i={s['best'][1]:g}", err=True)

@@ -174,6 +174,30 @@ class PolicyCache:
             self._theta[key] = (bucket, theta, data)  # data kept alive: its id is the key
         return self._theta[key][:2]
 
+    def prefetch(self, data, buckets, *, workers=1, progress=False):
+        """Solve the MDPs of every ``(rate, depth)`` in ``buckets`` not yet cached.
+
+        ``workers > 1`` solves them in that many local processes (each bucket's
+        value iteration is independent; the results are the same numbers).
+        """
+        todo = [rb for rb in dict.fromkeys(buckets)
+                if (id(data), float(rb[0]), float(rb[1]), True) not in self._theta]
+        if workers <= 1 or len(todo) < 2:
+            for rb in tqdm(todo, desc="MDP policies", unit="bucket", leave=False,
+                           disable=None if progress else True):
+                self.mdp(data, *rb)
+            return
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        args = [(data.train, rb, data.arrivals()) for rb in todo]
+        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+            it = pool.map(_solve, args, chunksize=max(1, len(args) // (4 * workers)))
+            for rb, theta in tqdm(zip(todo, it), total=len(todo), desc="MDP policies",
+                                  unit="bucket", leave=False, disable=None if progress else True):
+                self._theta[(id(data), float(rb[0]), float(rb[1]), True)] = (
+                    Bucket.from_rate(*rb), theta, data)
+
     def merged(self, datas):
         """One ``CameraData`` of every camera's training images together (the pooled policy's)."""
         key = tuple(id(d) for d in datas)
@@ -181,6 +205,12 @@ class PolicyCache:
             train = tuple(np.concatenate([d.train[j] for d in datas]) for j in (0, 1))
             self._merged[key] = (CameraData("merged", datas[0].scenario, train, ()), datas)
         return self._merged[key][0]
+
+
+def _solve(args):
+    """One MDP solve in a worker process: ``((metric, reward), (rate, depth), arrivals) -> theta``."""
+    train, (rate, depth), arrivals = args
+    return policies.mdp_thresholds(*train, Bucket.from_rate(rate, depth), interarrival=arrivals)
 
 
 def grid_points(setting, rates=GRID_RATES, depths=GRID_DEPTHS, *, step=1):
@@ -222,15 +252,19 @@ def pooled(datas, setting, streams, cache, *, order="fixed", seed=0):
 
 
 def grid_search(datas, setting, train_streams, cache, *, feedback="none", order="fixed", seed=0,
-                points=None, progress=False):
+                points=None, workers=1, progress=False):
     """Training reward of every grid point (every camera the same ``(r_i, b_i)``).
 
     Returns ``(points, rewards)``: the ``(r_i, b_i)`` searched (``grid_points``
-    unless given) and the fleet's mean reward per image at each on the training streams.
+    unless given) and the fleet's mean reward per image at each on the training
+    streams. The MDP policies are solved first (``PolicyCache.prefetch``, in
+    ``workers`` local processes), then the fleet runs in this process.
     """
     points = grid_points(setting) if points is None else list(points)
     if not points:
         raise ValueError("the search grid has no bucket at least as large as (r_g, b_p)")
+    for d in dict.fromkeys(datas):
+        cache.prefetch(d, points, workers=workers, progress=progress)
     rewards = np.empty(len(points))
     stack = fleet.stack_streams(train_streams)
     for j, rb in enumerate(tqdm(points, desc="fleet grid", unit="bucket", leave=False,
@@ -242,14 +276,15 @@ def grid_search(datas, setting, train_streams, cache, *, feedback="none", order=
 
 
 def hierarchical(datas, setting, streams, train_streams, cache, *, feedback="none", order="fixed",
-                 seed=0, name="hierarchical", points=None, progress=False):
+                 seed=0, name="hierarchical", points=None, workers=1, progress=False):
     """The grid's best ``(r_i, b_i)`` on the training streams, run on ``streams``.
 
     Returns ``(FleetResult, search)``; ``search`` holds the grid points, their
     training rewards and the best point.
     """
     pts, rewards = grid_search(datas, setting, train_streams, cache, feedback=feedback,
-                               order=order, seed=seed, points=points, progress=progress)
+                               order=order, seed=seed, points=points, workers=workers,
+                               progress=progress)
     best = pts[int(np.argmax(rewards))]  # first of equals, as the published nanargmax
     buckets = [best] * len(datas)
     res = fleet.run_fleet(_cameras(datas, streams, buckets, cache), setting.switch, name=name,
@@ -258,10 +293,12 @@ def hierarchical(datas, setting, streams, train_streams, cache, *, feedback="non
 
 
 def run_strategies(datas, setting, *, length, n_seq, train_length, train_seq, cache=None,
-                   order="fixed", seed=0, names=STRATEGIES, grid_step=1, progress=False):
+                   order="fixed", seed=0, names=STRATEGIES, grid_step=1, workers=1,
+                   progress=False):
     """Every strategy in ``names`` on the same test streams: ``(results by name, searches)``.
 
-    ``grid_step``: the hierarchical searches' grid (``grid_points(step=...)``).
+    ``grid_step``: the hierarchical searches' grid (``grid_points(step=...)``);
+    ``workers``: local processes for its MDP solves.
     """
     cache = PolicyCache() if cache is None else cache
     if len(datas) != setting.cameras:
@@ -280,7 +317,8 @@ def run_strategies(datas, setting, *, length, n_seq, train_length, train_seq, ca
             fb = "retry-after" if name.endswith("retry-after") else "none"
             out[name], searches[name] = hierarchical(
                 datas, setting, test, train, cache, feedback=fb, order=order, seed=seed,
-                name=name, points=grid_points(setting, step=grid_step), progress=progress)
+                name=name, points=grid_points(setting, step=grid_step), workers=workers,
+                progress=progress)
         else:
             raise ValueError(f"unknown strategy {name!r} (one of {', '.join(STRATEGIES)})")
     return out, searches

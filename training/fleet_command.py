@@ -123,12 +123,14 @@ def _write(out, files):
 @click.option("--streams", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--train-length", default=4000, show_default=True, type=click.IntRange(2))
 @click.option("--train-streams", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="Local processes for the grid's MDP solves.")
 @click.option("--grid-step", default=1, show_default=True, type=click.IntRange(1),
               help="Search every n-th rate and depth of the published grid.")
 def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_camera,
           profile_path, synthetic, choice, spread, rprob, arrivals, markov, seed, strategy, out,
           prefix, switch_name, keys_path, length, streams, train_length, train_streams,
-          grid_step):
+          workers, grid_step):
     """Provision K cameras behind one link: every camera's bucket, policy blob and key line."""
     from offload.cli import threshold_policy_blob
 
@@ -145,7 +147,7 @@ def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_cam
         results, searches = strategies.run_strategies(
             datas, setting, length=length, n_seq=streams, train_length=train_length,
             train_seq=train_streams, seed=seed, names=_compared(strategy), grid_step=grid_step,
-            cache=cache, progress=True)
+            workers=workers, cache=cache, progress=True)
     chosen = results[strategy]
     files = {}
     with user_errors("blob"):
