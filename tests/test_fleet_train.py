@@ -94,3 +94,34 @@ def test_existing_output_is_never_overwritten(tmp_path):
     r = train("-K", 2, "--switch-rate", 0.1, "--out", tmp_path / "f", *SMALL)
     assert r.exit_code != 0 and "not an empty folder" in r.output
     assert os.listdir(tmp_path / "f") == ["keep.txt"]
+
+
+TINY_DQN = ["T=5", "layers=1", "width=8", "iterations=4", "steps=2", "batch=32", "validate_every=2",
+            "train_streams=1", "train_length=600", "val_streams=1", "val_length=300",
+            "test_streams=1", "test_length=300", "int8_tune=0", "threads=1", "calib_states=200"]
+
+
+def test_bounded_dqn_search_trains_only_at_the_best_buckets(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "f"
+    args = ["-K", 2, "--switch-rate", 0.1, "--out", out, "--dqn-top", 1, "--dqn-preset", "paper",
+            *SMALL]
+    for s in TINY_DQN:
+        args += ["--dqn-set", s]
+    r = train(*args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "fleet.json").read_text())
+    cands = rep["dqn_search"]["candidates"]
+    assert len(cands) == 1  # one DQN training: the threshold search's best bucket
+    hier = next(e for e in rep["results"] if e["strategy"] == "hierarchical")
+    assert [cands[0]["rate"], cands[0]["depth"]] == [hier["buckets"][0]["rate"],
+                                                     hier["buckets"][0]["depth"]]
+    assert "hierarchical-dqn" in [e["strategy"] for e in rep["results"]]
+    kind = "dqn" if rep["dqn_search"]["dqn_chosen"] else "thresholds"
+    assert blob.read_blob(out / "cam1.blob").kind == kind
+
+
+def test_dqn_search_needs_a_hierarchical_strategy(tmp_path):
+    r = train("-K", 2, "--switch-rate", 0.1, "--out", tmp_path / "f", "--strategy", "isolated",
+              "--dqn-top", 1, *SMALL)
+    assert r.exit_code != 0 and "--dqn-top" in r.output

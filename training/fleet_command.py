@@ -123,6 +123,13 @@ def _write(out, files):
 @click.option("--streams", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--train-length", default=4000, show_default=True, type=click.IntRange(2))
 @click.option("--train-streams", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--dqn-top", default=0, show_default=True, type=click.IntRange(0),
+              help="Also train a DQN (torch) at the threshold search's N best buckets and keep "
+                   "it where it beats thresholds on the training streams (training.fleet_dqn).")
+@click.option("--dqn-preset", default="quick", show_default=True,
+              help="DQN preset for --dqn-top (offload-train dqn --preset).")
+@click.option("--dqn-set", "dqn_set", multiple=True, metavar="KEY=VALUE",
+              help="A DQN setting for --dqn-top, e.g. iterations=200 (repeatable).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="Local processes for the grid's MDP solves.")
 @click.option("--grid-step", default=1, show_default=True, type=click.IntRange(1),
@@ -130,11 +137,11 @@ def _write(out, files):
 def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_camera,
           profile_path, synthetic, choice, spread, rprob, arrivals, markov, seed, strategy, out,
           prefix, switch_name, keys_path, length, streams, train_length, train_streams,
-          workers, grid_step):
+          dqn_top, dqn_preset, dqn_set, workers, grid_step):
     """Provision K cameras behind one link: every camera's bucket, policy blob and key line."""
-    from offload.cli import threshold_policy_blob
-
     _check_out(out)
+    if dqn_top and strategy == "isolated":
+        fail("--dqn-top searches hierarchical buckets: use it with --strategy hierarchical")
     setting = _setting(cameras, switch_rate, switch_depth_per_camera, link_bps, image_bytes, fps)
     # As offload-train dqn: the committed profile unless --profile or --synthetic N is given.
     synthetic = synthetic if _given("synthetic") else None
@@ -148,16 +155,16 @@ def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_cam
             datas, setting, length=length, n_seq=streams, train_length=train_length,
             train_seq=train_streams, seed=seed, names=_compared(strategy), grid_step=grid_step,
             workers=workers, cache=cache, progress=True)
-    chosen = results[strategy]
-    files = {}
-    with user_errors("blob"):
-        for d, n, (r, b) in zip(datas, names, chosen.buckets):
-            bucket, theta = cache.mdp(d, r, b)
-            pol = threshold_policy_blob(prof, theta, bucket, "mdp", {
-                "rate": r, "depth": b, "profile": label, "fleet": {
-                    "camera": n, "cameras": cameras, "switch": switch_name,
-                    "strategy": strategy}})
-            files[f"{n}.blob"] = blob.to_bytes(pol)
+    chosen, pols, dqn_report = results[strategy], None, None
+    if dqn_top:
+        dqn_res, pols, dqn_report = _dqn_search(
+            datas, prof, setting, searches[strategy], top=dqn_top, preset=dqn_preset,
+            overrides=dqn_set, seed=seed, lengths=(length, streams, train_length, train_streams))
+        results["hierarchical-dqn"] = dqn_res
+        if pols is not None:
+            chosen, strategy = dqn_res, "hierarchical-dqn"
+    files = _blobs(datas, names, chosen.buckets, cache, prof, label, pols, meta={
+        "cameras": cameras, "switch": switch_name, "strategy": strategy})
     lines = key_lines(setting, chosen.buckets, names, switch_name, keys_path)
     files["keys.sh"] = ("#!/bin/sh\n# offload-train fleet: the switch, then one key per camera"
                         "\nset -e\n" + "\n".join(lines) + "\n").encode()
@@ -165,7 +172,7 @@ def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_cam
               "cameras": [{"name": n, "rate": r, "depth": b, "blob": f"{n}.blob"}
                           for n, (r, b) in zip(names, chosen.buckets)],
               "results": [res.row() for res in results.values()],
-              "slot_ms_per_frame": (1000.0 / fps) if fps else None}
+              "slot_ms_per_frame": (1000.0 / fps) if fps else None, "dqn_search": dqn_report}
     files["fleet.json"] = json.dumps(report, indent=2).encode()
     with user_errors("writing"):
         _write(out, files)
@@ -175,6 +182,64 @@ def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_cam
         click.echo(line)
     slot = f" (offload-serve --slot-ms {1000.0 / fps:g}: one slot per frame)" if fps else ""
     click.echo(f"wrote {out}/: {cameras} policy blobs, keys.sh, fleet.json{slot}", err=True)
+
+
+def _blobs(datas, names, buckets, cache, prof, label, dqn_policies, *, meta):
+    """Each camera's policy blob (bytes by file name): its MDP thresholds, or the chosen DQN."""
+    from offload.cli import threshold_policy_blob
+
+    files = {}
+    with user_errors("blob"):
+        for i, (d, n, (r, b)) in enumerate(zip(datas, names, buckets)):
+            fleet_meta = {"camera": n, **meta}
+            if dqn_policies is not None:
+                pol = dqn_policies[i]
+                pol.meta = {**pol.meta, "profile": label, "fleet": fleet_meta}
+            else:
+                bucket, theta = cache.mdp(d, r, b)
+                pol = threshold_policy_blob(prof, theta, bucket, "mdp", {
+                    "rate": r, "depth": b, "profile": label, "fleet": fleet_meta})
+            files[f"{n}.blob"] = blob.to_bytes(pol)
+    return files
+
+
+def _dqn_search(datas, prof, setting, search, *, top, preset, overrides, seed, lengths):
+    """The bounded DQN search (``training.fleet_dqn``): ``(test result, blobs or None, report)``.
+
+    Blobs are returned only when a DQN fleet beats the best threshold fleet on
+    the training streams; the test result is the best DQN fleet's either way.
+    """
+    from offload.commandline import require_torch
+    from training import fleet_dqn
+
+    require_torch()
+    length, n_seq, train_length, train_seq = lengths
+    with user_errors("--dqn-set"):
+        overrides = fleet_dqn.parse_overrides(overrides)
+    train = strategies.fleet_streams(datas, purpose="training", length=train_length,
+                                     n_seq=train_seq)
+    test = strategies.fleet_streams(datas, purpose="test", length=length, n_seq=n_seq)
+    trained, rows = {}, []
+    with user_errors("dqn"):
+        for b in fleet_dqn.dqn_candidates(search, top):
+            click.echo(f"dqn: training a DQN for r_i={b[0]:g} b_i={b[1]:g}...", err=True)
+            res, pols = fleet_dqn.dqn_fleet(datas, [prof] * len(datas), setting, b, train,
+                                            preset=preset, overrides=overrides, seed=seed,
+                                            policies=trained)
+            thr = float(search["train_reward"][search["points"].index(b)])
+            rows.append({"rate": b[0], "depth": b[1], "dqn_train_reward": res.reward,
+                         "thresholds_train_reward": thr})
+        best = max(rows, key=lambda r: r["dqn_train_reward"])
+        bucket = (best["rate"], best["depth"])
+        res, pols = fleet_dqn.dqn_fleet(datas, [prof] * len(datas), setting, bucket, test,
+                                        preset=preset, overrides=overrides, seed=seed,
+                                        policies=trained)
+    wins = best["dqn_train_reward"] > float(np.max(search["train_reward"]))
+    click.echo(f"dqn: best DQN fleet r_i={bucket[0]:g} b_i={bucket[1]:g}: training reward "
+               f"{best['dqn_train_reward']:.5f} vs thresholds' best "
+               f"{float(np.max(search['train_reward'])):.5f}: "
+               f"{'DQN blobs written' if wins else 'threshold blobs kept'}", err=True)
+    return res, (pols if wins else None), {"candidates": rows, "dqn_chosen": bool(wins)}
 
 
 def _given(param):
