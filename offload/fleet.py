@@ -35,8 +35,8 @@ from offload.scenario import named_seed
 from offload_native import fleet_walk
 
 __all__ = ["Camera", "FleetResult", "StreamStack", "stack_streams", "run_fleet", "run_pooled",
-           "fleet_walk_numpy",
-           "turn_order", "dqn_send_table", "FEEDBACK", "ORDERS"]
+           "fleet_walk_numpy", "turn_order", "dqn_send_table", "ceiling_send_table", "FEEDBACK",
+           "ORDERS"]
 
 #: What a camera does when the switch refuses its send (``run_fleet(feedback=...)``):
 #: nothing (the published model); wait the Retry-After the 429 announces; or
@@ -338,3 +338,18 @@ def dqn_send_table(policy, streams, *, int8=True, threads=None):
              else mlp.forward_float(policy.qmlp.float_layers, x))
         out[:, k0:k1] = policy.bucket.prefers_send(np.asarray(q, np.float32).reshape(S, k1 - k0, -1))
     return out
+
+
+def ceiling_send_table(ceiling, streams, bucket):
+    """A ceiling's (``offload.ceiling``) decisions on ``streams``: bool ``(S, L, M-P+1)``.
+
+    The ceiling knows each image's hidden generator state, so ``streams``
+    must come from ``make_streams(..., hidden=True)``; it offloads iff the
+    image's expected reward is at least ``theta[g, s, n]`` (as ``run_ceiling``).
+    """
+    if streams.location is None or streams.arrival_state is None:
+        raise ValueError("a ceiling camera needs streams with their hidden state "
+                         "(make_streams(..., hidden=True))")
+    g = ceiling.bin_of(streams.location)
+    s = streams.arrival_state.astype(np.int64)
+    return streams.raw_metric[:, :, None] >= ceiling.theta[:, :, bucket.P:][g, s]

@@ -224,3 +224,26 @@ def test_bad_inputs_are_refused():
         fleet.run_fleet([always(b, s)], b, feedback="retry")
     with pytest.raises(ValueError, match="at least one camera"):
         fleet.run_fleet([], b)
+
+
+def test_ceiling_camera_matches_run_ceiling():
+    from offload import ceiling
+    from offload.profile import TEST
+    from offload.scenario import Scenario
+    from offload.synthetic import synthetic_profile
+
+    prof = synthetic_profile(2000, seed=5)
+    te = prof.indices(TEST)
+    m = prof.standardized_metric().astype(np.float32)
+    sc = Scenario(0.2, 3.0, "location-reset", 0.2, 0.05)
+    st = sc.streams(m[te], prof.reward[te], prof.weak_loss[te], length=400, n_seq=3,
+                    raw_metric=prof.metric[te], hidden=True)
+    c = ceiling.ceiling_policy(prof.metric[te], sc, metric=m[te], bins=16)
+    cam = fleet.Camera(st, sc.bucket, send=fleet.ceiling_send_table(c, st, sc.bucket))
+    res = fleet.run_fleet([cam], Bucket(99, 100, 100_000))
+    want = ceiling.run_ceiling(c, st, sc.bucket)
+    assert res.switch_refusals == 0
+    assert res.reward == pytest.approx(want.mean_reward, rel=1e-12)
+    with pytest.raises(ValueError, match="hidden state"):
+        fleet.ceiling_send_table(c, Streams(st.metric, st.reward, st.weak_loss, st.interarrival),
+                                 sc.bucket)
