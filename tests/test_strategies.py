@@ -157,3 +157,16 @@ def test_fleet_result_row_names_every_camera_bucket(synthetic_camera):
     assert row["buckets"] == [{"rate": 0.1, "depth": 2.0}] * 2
     assert sum(row["share"]) == pytest.approx(1.0)
     assert isinstance(res, fleet.FleetResult)
+
+
+def test_offload_sim_fleet_heterogeneous_profiles(tmp_path):
+    for i in (1, 2):
+        synthetic_profile(2000, seed=i).save(tmp_path / f"p{i}.npz")
+    out = tmp_path / "h.json"
+    r = sim("fleet", "-K", 3, "--camera-profile", tmp_path / "p1.npz", "--camera-profile",
+            tmp_path / "p2.npz", "--length", 400, "--streams", 2, "--strategy", "isolated",
+            "--strategy", "pooled", "--json", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert [p.endswith(n) for p, n in zip(doc["profiles"], ["p1.npz", "p2.npz", "p1.npz"])] == [
+        True] * 3
