@@ -19,11 +19,12 @@ import sys
 
 import click
 
-from offload import blob, policies, simulate
+from offload import blob, simulate
 from offload.atomic import atomic_write_text
 from offload.fleet_command import fleet
 from offload.commandline import (check_policy_names, echo_table, fit_thresholds, load_scenario,
-                                 run_named_policy, scenario_options, user_errors)
+                                 run_named_policy, scenario_options, threshold_policy_blob,
+                                 user_errors)
 
 BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
 #: Policies run only when asked for by name.
@@ -34,18 +35,6 @@ REFERENCES = ("baseline", "oracle", "oracle-metric")
 #: The simulator's refusals; a ``MemoryError`` says which options to shrink.
 sim_errors = functools.partial(user_errors,
                                memory_hint="use fewer or shorter streams (--streams, --length)")
-
-
-def threshold_policy_blob(prof, theta, bucket, name, meta):
-    """A thresholds ``blob.Policy`` carrying the profile's metric pipeline."""
-    if prof.lut_x is None:
-        raise click.ClickException(
-            "the profile has no entropy->metric table (imported metrics only): "
-            "the device could not compute metrics, so no blob is written")
-    return blob.Policy("thresholds", *bucket, float(prof.metric_mean), float(prof.metric_std),
-                       prof.lut_x, prof.lut_y, tinv=float(prof.tinv or 1.0),
-                       theta=policies.threshold_vector(theta, bucket),
-                       meta={"name": name, **meta})
 
 
 # A group that runs its own command when no subcommand is named: ``offload-sim

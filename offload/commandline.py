@@ -12,6 +12,8 @@
   defaults from ``offload.scenario.SETTINGS``) checked into one ``Scenario``;
 - ``select_profile``: ``--profile PATH``, else ``--synthetic N``, else the
   committed ``artifacts/profile.npz``;
+- ``threshold_policy_blob``: a threshold policy as a blob with the profile's
+  metric pipeline (``offload-sim --write-blob``, ``offload-train fleet``);
 - ``fit_thresholds`` and ``run_named_policy``: the user's ``--policy`` words
   (``mdp``, ``baseline`` or a policy blob file) run on test streams; kept
   here rather than in ``offload.simulate`` because they turn option words
@@ -35,7 +37,8 @@ from offload.scenario import SETTINGS, Scenario, ScenarioError
 
 __all__ = ["fail", "user_errors", "os_error_line", "require_torch", "TORCH_MISSING", "scenario_options",
            "load_scenario", "select_profile", "committed_profile", "COMMITTED_PROFILE",
-           "fit_thresholds", "run_named_policy", "check_policy_names", "format_table",
+           "fit_thresholds", "run_named_policy", "check_policy_names", "threshold_policy_blob",
+           "format_table",
            "echo_table", "format_cell"]
 
 #: How to get torch when a training command needs it (README: install).
@@ -253,6 +256,24 @@ def run_named_policy(what, streams, scenario, *, thresholds, name=None, trace=Fa
             f"(r={scenario.rate}, b={scenario.depth})")
     theta = pol.theta if pol.kind == "thresholds" else None
     return simulate.run_policy(pol, streams, trace=trace, name=name, progress=progress), theta
+
+
+def threshold_policy_blob(prof, theta, bucket, name, meta):
+    """A thresholds ``blob.Policy`` carrying the profile's metric pipeline.
+
+    For ``offload-sim --write-blob`` and ``offload-train fleet``; a profile
+    without an entropy->metric table is refused (``click.ClickException``).
+    """
+    from offload import blob, policies
+
+    if prof.lut_x is None:
+        raise click.ClickException(
+            "the profile has no entropy->metric table (imported metrics only): "
+            "the device could not compute metrics, so no blob is written")
+    return blob.Policy("thresholds", *bucket, float(prof.metric_mean), float(prof.metric_std),
+                       prof.lut_x, prof.lut_y, tinv=float(prof.tinv or 1.0),
+                       theta=policies.threshold_vector(theta, bucket),
+                       meta={"name": name, **meta})
 
 
 # --------------------------------------------------------------------------- tables

@@ -27,7 +27,8 @@ import click
 import numpy as np
 
 from offload import blob, strategies
-from offload.commandline import echo_table, fail, scenario_options, select_profile, user_errors
+from offload.commandline import (echo_table, fail, scenario_options, select_profile,
+                                 threshold_policy_blob, user_errors)
 from offload.fleet_command import MAX_CAMERAS, fleet_rows, fleet_setting, load_cameras
 
 __all__ = ["fleet", "link_switch_rate", "key_lines"]
@@ -186,8 +187,6 @@ def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_cam
 
 def _blobs(datas, names, buckets, cache, prof, label, dqn_policies, *, meta):
     """Each camera's policy blob (bytes by file name): its MDP thresholds, or the chosen DQN."""
-    from offload.cli import threshold_policy_blob
-
     files = {}
     with user_errors("blob"):
         for i, (d, n, (r, b)) in enumerate(zip(datas, names, buckets)):
