@@ -24,7 +24,7 @@ from offload.atomic import atomic_write_text
 from offload.commandline import echo_table, fail, scenario_options, select_profile, user_errors
 from offload.scenario import Scenario, ScenarioError
 
-__all__ = ["fleet", "fleet_setting", "load_cameras", "fleet_rows", "MAX_CAMERAS"]
+__all__ = ["fleet", "fleet_setting", "load_cameras", "fleet_rows", "run_blobs", "MAX_CAMERAS"]
 
 #: Cameras one fleet may have (the switch's turn order is stored as uint8).
 MAX_CAMERAS = 255
@@ -66,6 +66,29 @@ def load_cameras(setting, profile_paths, synthetic, choice, spread, rprob, arriv
     return [datas[i % len(datas)] for i in range(setting.cameras)]
 
 
+def run_blobs(datas, setting, paths, *, length, n_seq, order, seed):
+    """The fleet with camera ``i`` running policy blob ``paths[i mod n]``, on the strategies' test streams."""
+    from offload import blob, fleet
+
+    test = strategies.fleet_streams(datas, purpose="test", length=length, n_seq=n_seq)
+    cams, buckets = [], []
+    for i, st in enumerate(test):
+        path = paths[i % len(paths)]
+        with user_errors():
+            pol = blob.read_blob(path)
+        with user_errors(path):
+            if pol.kind == "thresholds":
+                cams.append(fleet.Camera(st, pol.bucket, theta=pol.theta, name=path))
+            else:
+                cams.append(fleet.Camera(st, pol.bucket, send=fleet.dqn_send_table(pol, st),
+                                         name=path))
+        N, P, M = pol.bucket
+        buckets.append((pol.meta.get("rate", N / P), pol.meta.get("depth", M / P)))
+    with user_errors("blobs"):
+        return fleet.run_fleet(cams, setting.switch, name="blobs", buckets=buckets, order=order,
+                               seed=seed)
+
+
 def _buckets_cell(buckets):
     """``r/b`` of the cameras' buckets: one value when all are the same."""
     words = ["switch" if b is None else f"{b[0]:g}/{b[1]:g}" for b in buckets]
@@ -97,6 +120,9 @@ def fleet_rows(results):
               type=click.Path(dir_okay=False),
               help="Heterogeneous cameras: camera i uses the (i mod n)-th of these profiles "
                    "(repeatable); default: --profile for every camera.")
+@click.option("--camera-blob", "camera_blobs", multiple=True, type=click.Path(dir_okay=False),
+              help="Also run these policy blobs, camera i the (i mod n)-th (thresholds or DQN, "
+                   "each with its own bucket; e.g. offload-train fleet's): strategy 'blobs'.")
 @click.option("--order", type=click.Choice(["fixed", "random"]), default="fixed",
               help="Switch turn order per slot: 0..K-1 (published), or random per slot.")
 @click.option("--strategy", "names", multiple=True,
@@ -115,8 +141,8 @@ def fleet_rows(results):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write the table as JSON.")
 def fleet(cameras, switch_rate, switch_depth_per_camera, profile_path, synthetic, choice, spread,
-          rprob, arrivals, markov, seed, camera_profiles, order, names, length, streams,
-          train_length, train_streams, workers, grid_step, json_path):
+          rprob, arrivals, markov, seed, camera_profiles, camera_blobs, order, names, length,
+          streams, train_length, train_streams, workers, grid_step, json_path):
     """Compare fleet strategies: K cameras behind one switch bucket (r_g, K * b_p)."""
     setting = fleet_setting(cameras, switch_rate, switch_depth_per_camera)
     paths = camera_profiles or ([profile_path] if profile_path else [])
@@ -132,6 +158,9 @@ def fleet(cameras, switch_rate, switch_depth_per_camera, profile_path, synthetic
             train_seq=train_streams, order=order, seed=seed,
             names=list(names) or list(strategies.STRATEGIES), grid_step=grid_step, workers=workers,
             progress=True)
+    if camera_blobs:
+        results["blobs"] = run_blobs(datas, setting, camera_blobs, length=length, n_seq=streams,
+                                     order=order, seed=seed)
     for name, s in searches.items():
         click.echo(f"{name}: best of {len(s['points'])} grid buckets on the training streams: "
                    f"r_i={s['best'][0]:g} b_i={s['best'][1]:g}", err=True)

@@ -125,3 +125,25 @@ def test_dqn_search_needs_a_hierarchical_strategy(tmp_path):
     r = train("-K", 2, "--switch-rate", 0.1, "--out", tmp_path / "f", "--strategy", "isolated",
               "--dqn-top", 1, *SMALL)
     assert r.exit_code != 0 and "--dqn-top" in r.output
+
+
+def test_provisioned_blobs_run_in_offload_sim_fleet(tmp_path):
+    # End to end: offload-train fleet's blobs, run by offload-sim fleet --camera-blob on the
+    # same profile and streams, give exactly the hierarchical row both commands report.
+    from offload.cli import sim_main
+
+    out = tmp_path / "f"
+    r = train("-K", 3, "--switch-rate", 0.1, "--switch-depth-per-camera", 1, "--out", out, *SMALL)
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "fleet.json").read_text())
+    hier = next(e for e in rep["results"] if e["strategy"] == "hierarchical")
+    j = tmp_path / "sim.json"
+    args = ["fleet", "-K", 3, "--switch-rate", 0.1, "--switch-depth-per-camera", 1,
+            "--strategy", "isolated", "--json", j, *SMALL]
+    for i in (1, 2, 3):
+        args += ["--camera-blob", out / f"cam{i}.blob"]
+    r = CliRunner().invoke(sim_main, [str(a) for a in args], catch_exceptions=True)
+    assert r.exit_code == 0, r.output
+    blobs = next(e for e in json.loads(j.read_text())["results"] if e["strategy"] == "blobs")
+    for k in ("avg_loss", "reward", "switch_refusals", "share", "buckets"):
+        assert blobs[k] == hier[k], k
