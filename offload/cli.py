@@ -21,10 +21,10 @@ import click
 
 from offload import blob, simulate
 from offload.atomic import atomic_write_text
-from offload.fleet_command import fleet
 from offload.commandline import (check_policy_names, echo_table, fit_thresholds, load_scenario,
                                  run_named_policy, scenario_options, threshold_policy_blob,
                                  user_errors)
+from offload.fleet_command import fleet
 
 BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
 #: Policies run only when asked for by name.

@@ -116,8 +116,6 @@ def scenario_options(command=None, *, bucket=True):
                      help="Profile .npz: this project's (offload.profile) or either published layout (MDP or DQN paper), told apart by its keys; default: a synthetic profile."),
         click.option("--synthetic", default=20000, type=click.IntRange(20),
                      help="Images in the synthetic profile when no --profile is given."),
-        click.option("--rate", default=d["rate"], type=float, help="Token rate r (tokens per slot)."),
-        click.option("--depth", default=d["depth"], type=float, help="Bucket depth b (tokens)."),
         click.option("--choice", type=click.Choice(["iid", "location-reset"]),
                      default=d["choice"], help="Image choice process."),
         click.option("--sp", "spread", default=d["sp"], type=click.FloatRange(0, 1),
@@ -133,8 +131,13 @@ def scenario_options(command=None, *, bucket=True):
         click.option("--seed", default=d["seed"], type=int,
                      help="Seed for profile, streams and arrivals."),
     ]
-    if not bucket:
-        del opts[2:4]
+    if bucket:  # after --profile and --synthetic, as they always were
+        opts[2:2] = [
+            click.option("--rate", default=d["rate"], type=float,
+                         help="Token rate r (tokens per slot)."),
+            click.option("--depth", default=d["depth"], type=float,
+                         help="Bucket depth b (tokens)."),
+        ]
     for opt in reversed(opts):
         command = opt(command)
     return command
