@@ -10,7 +10,8 @@ The strategies pick every camera's bucket and policy:
   training streams over the published grid (``GRID_RATES`` x ``GRID_DEPTHS``,
   skipping buckets smaller than ``(r_g, b_p)``), with the MDP policy for it;
 * **pooled**: one decision maker with the bucket ``(r_g, b_g)`` over the
-  merged stream (the MDP policy for it): a ceiling;
+  merged stream (the MDP policy for it): a ceiling (its MDP assumes an image
+  on every camera turn: exact for periodic arrivals);
 * **hierarchical-retry-after**: hierarchical, searched and run with cameras
   that honour the Retry-After of a switch refusal (``fleet.FEEDBACK``).
 
