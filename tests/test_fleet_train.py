@@ -147,3 +147,20 @@ def test_provisioned_blobs_run_in_offload_sim_fleet(tmp_path):
     blobs = next(e for e in json.loads(j.read_text())["results"] if e["strategy"] == "blobs")
     for k in ("avg_loss", "reward", "switch_refusals", "share", "buckets"):
         assert blobs[k] == hier[k], k
+
+
+def test_key_lines_configure_the_server(tmp_path):
+    # The keys.sh lines, run through offload-serve's own command line, give the switch and keys.
+    import shlex
+
+    from offload.server.cli import main as serve_main
+
+    out, keys = tmp_path / "f", tmp_path / "keys.toml"
+    r = train("-K", 2, "--switch-rate", 0.1, "--out", out, "--keys", keys, *SMALL)
+    assert r.exit_code == 0, r.output
+    for line in (out / "keys.sh").read_text().splitlines():
+        if line.startswith("offload-serve "):
+            res = CliRunner().invoke(serve_main, shlex.split(line)[1:], catch_exceptions=True)
+            assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(serve_main, ["keys", "switch", "list", "--keys", str(keys)])
+    assert res.output.split() == ["uplink", "rate=0.2", "depth=4", "cam1,cam2"]
