@@ -31,6 +31,9 @@ Commands
     (``training.figures``).
 ``offload-train trace``
     Two policies' decisions on one simulated stream (the paper's Figs. 7, 10, 11).
+``offload-train fleet``
+    Provision K cameras behind one link (``training.fleet_command``): each
+    camera's bucket and policy blob, and the server's key and switch lines.
 
 Every error the user can cause (missing data, malformed IDX, wrong model file)
 ends in one ``click`` error message, no traceback.
@@ -48,6 +51,7 @@ from offload.commandline import (COMMITTED_PROFILE, committed_profile, echo_tabl
                                  load_scenario, require_torch, scenario_options)
 from training.example_pair import example_pair
 from training.figure_commands import plot, sweep, trace
+from training.fleet_command import fleet
 from training.pair_commands import classifiers, onnx, profile
 
 
@@ -56,7 +60,7 @@ def main():
     """Train, quantise and profile the weak/strong classifier pair (workstation, torch)."""
 
 
-for _command in (classifiers, onnx, profile, example_pair, sweep, plot, trace):
+for _command in (classifiers, onnx, profile, example_pair, sweep, plot, trace, fleet):
     main.add_command(_command)
 
 
