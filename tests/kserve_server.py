@@ -13,30 +13,23 @@ It serves two models on loopback:
   shape) is refused with KServe's ``InvalidInput`` (HTTP 400);
 * ``broken``: the same metadata, but its ``predict`` raises (HTTP 500).
 
-With ``--port 0`` a free port is chosen; once the port is known this prints
-``kserve-test-server listening on http://127.0.0.1:PORT`` on stdout (KServe
-then still loads; wait for ``/v2/health/ready``). Imports nothing of
-``offload``.
+With ``--port 0`` (the default) the system picks a free port as the server
+binds it, and uvicorn says which on stderr: ``Uvicorn running on
+http://127.0.0.1:PORT`` (:data:`LISTENING` matches it); then wait for
+``/v2/health/ready``. Imports nothing of ``offload``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
+import re
 import sys
 
 import numpy as np
 
-LISTENING = "kserve-test-server listening on "
-
-
-def _free_port():
-    # Bind, read, close: the port is free for the server a moment later (loopback only,
-    # the tests' own machine; a clash would show as a server that does not start).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: uvicorn's line once the socket is bound (group 1: the URL).
+LISTENING = re.compile(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
 
 
 def _onnx_model_class():
@@ -116,10 +109,9 @@ def main(argv=None):
     rest.uvicorn.Config = LoopbackConfig
 
     name = args.name or os.path.splitext(os.path.basename(args.model))[0]
-    port = args.port or _free_port()
+    port = args.port
     model_class = _onnx_model_class()
     models = [model_class(name, args.model), model_class("broken", args.model, broken=True)]
-    print(LISTENING + f"http://127.0.0.1:{port}", flush=True)
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1,
                                 enable_docs_url=False)
     server.start(models)

@@ -55,6 +55,12 @@ def _check_server(url):
     return url
 
 
+def _check_model_name(name):
+    from offload.oip import check_model_name
+
+    return check_model_name(name)
+
+
 def _check_device(spec):
     from offload.classifier import check_device_spec
 
@@ -83,6 +89,16 @@ class RunConfig:
     server: Optional[str] = setting(None, "Edge server base URL, e.g. https://10.0.0.2:8443 (plain "
                                       "http:// only on loopback or a trusted network); none: "
                                       "local-only, never offload.", check=_check_server)
+    protocol: str = setting("v1", "Protocol to the server: v1 (the frame as an image to "
+                            "/v1/classify, offload-serve) or v2 (Open Inference Protocol, KServe "
+                            "v2: the strong model's input tensor to /v2/models/NAME/infer; "
+                            "Triton, KServe, MLServer, offload-serve).", choices=("v1", "v2"))
+    server_model: Optional[str] = setting(None, "v2: the model's name on the server "
+                                          "(/v2/models/NAME); offload-serve's is its model file's "
+                                          "stem, e.g. strong.", check=_check_model_name)
+    v2_binary: str = setting("auto", "v2: binary tensor extension: auto (binary until the server "
+                             "refuses it, then JSON), on, off (JSON).",
+                             choices=("auto", "on", "off"))
     ca_file: Optional[str] = setting(None, "PEM file of the CA certificate(s) an https:// server's "
                                      "certificate must chain to; none: the system store.")
     client_cert: Optional[str] = setting(None, "PEM file of this device's TLS client certificate "
@@ -318,7 +334,8 @@ def make_config(file_values=None, overrides=None):
     ------
     ConfigError
         An unknown key, a value of the wrong type or range, two frame
-        sources, or both ``key`` and ``key-file``; the message names the key.
+        sources, both ``key`` and ``key-file``, ``protocol = "v2"`` with a
+        server but no ``server-model`` (or one without v2); the message names the key.
     """
     merged = {k.name: k.default for k in KEYS}
     for origin, table in (("config file", file_values or {}), ("option", overrides or {})):
@@ -341,6 +358,11 @@ def make_config(file_values=None, overrides=None):
         raise ConfigError(f"{tls_given[0]}: only applies to an https:// server")
     if v["client-key"] is not None and v["client-cert"] is None:
         raise ConfigError("client-key: needs client-cert")
+    if v["protocol"] == "v2" and v["server"] and v["server-model"] is None:
+        raise ConfigError("server-model: --protocol v2 needs the model's name on the server "
+                          "(--server-model NAME)")
+    if v["protocol"] != "v2" and v["server-model"] is not None:
+        raise ConfigError("server-model: only applies to --protocol v2")
     if v["fps"] is not None and v["images"] is None:
         raise ConfigError("fps: only applies to an images folder")
     return RunConfig(**{_BY_NAME[name].attr: x for name, x in v.items()})
