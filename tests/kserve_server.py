@@ -11,7 +11,10 @@ It serves two models on loopback:
 * ``--name`` (default: the model file's stem): ONNX Runtime on the CPU over
   ``--model``; a tensor that is not the model's input (name, datatype,
   shape) is refused with KServe's ``InvalidInput`` (HTTP 400);
-* ``broken``: the same metadata, but its ``predict`` raises (HTTP 500).
+* ``broken``: the same metadata, but its ``predict`` raises (HTTP 500);
+* ``loose``: metadata that takes any height and width (``[-1, C, -1, -1]``),
+  but ONNX Runtime still needs the model's own: another size is refused with
+  ``InvalidInput`` (HTTP 400), as a server refuses a wrong-shape tensor.
 
 With ``--port 0`` (the default) the system picks a free port as the server
 binds it, and uvicorn says which on stderr: ``Uvicorn running on
@@ -42,9 +45,9 @@ def _onnx_model_class():
     class OnnxModel(kserve.Model):
         """One ONNX model run by ONNX Runtime; ``broken`` models raise in ``predict``."""
 
-        def __init__(self, name, path, *, broken=False):
+        def __init__(self, name, path, *, broken=False, loose=False):
             super().__init__(name)
-            self.path, self.broken = path, broken
+            self.path, self.broken, self.loose = path, broken, loose
             self.load()
 
         def load(self):
@@ -58,7 +61,10 @@ def _onnx_model_class():
                     "shape": [s if isinstance(s, int) else -1 for s in t.shape]}
 
         def get_input_types(self):
-            return [self._spec(self.input)]
+            spec = self._spec(self.input)
+            if self.loose:
+                spec["shape"] = spec["shape"][:2] + [-1] * (len(spec["shape"]) - 2)
+            return [spec]
 
         def get_output_types(self):
             return [self._spec(self.output)]
@@ -111,7 +117,8 @@ def main(argv=None):
     name = args.name or os.path.splitext(os.path.basename(args.model))[0]
     port = args.port
     model_class = _onnx_model_class()
-    models = [model_class(name, args.model), model_class("broken", args.model, broken=True)]
+    models = [model_class(name, args.model), model_class("broken", args.model, broken=True),
+              model_class("loose", args.model, loose=True)]
     server = kserve.ModelServer(http_port=port, enable_grpc=False, workers=1,
                                 enable_docs_url=False)
     server.start(models)
