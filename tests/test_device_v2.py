@@ -35,8 +35,9 @@ from kserve_server import LISTENING  # noqa: E402
 STRONG = os.path.join(ROOT, "artifacts", "strong.onnx")
 KSERVE_PYTHON = os.environ.get("OFFLOAD_KSERVE_PYTHON") or os.path.join(
     ROOT, ".venv-kserve", "bin", "python")
-#: Longest wait for the KServe server to bind and to be ready (its imports take seconds).
-START_S = 180.0
+#: Longest wait for the KServe server to bind and be ready, both together (its imports take
+#: seconds; within pytest-timeout's 300 s per test, so a server that never starts fails here).
+START_S = 150.0
 
 
 class KServe:
@@ -51,9 +52,10 @@ class KServe:
             self.proc = subprocess.Popen(
                 [KSERVE_PYTHON, os.path.join(ROOT, "tests", "kserve_server.py"), "--model",
                  STRONG, "--port", "0"], stdout=subprocess.DEVNULL, stderr=err, cwd=workdir)
+        end = time.monotonic() + START_S
         try:
-            self.url = self._wait_listening()
-            self._wait_ready()
+            self.url = self._wait_listening(end)
+            self._wait_ready(end)
         except BaseException:
             self.kill()
             raise
@@ -62,8 +64,7 @@ class KServe:
         with open(self.err_path, errors="replace") as f:
             return f.read()
 
-    def _wait_listening(self):
-        end = time.monotonic() + START_S
+    def _wait_listening(self, end):
         while time.monotonic() < end:
             m = LISTENING.search(self._log())
             if m:
@@ -73,10 +74,9 @@ class KServe:
             time.sleep(0.1)
         pytest.fail("the KServe test server did not start:\n" + self._log()[-3000:])
 
-    def _wait_ready(self):
+    def _wait_ready(self, end):
         import httpx
 
-        end = time.monotonic() + START_S
         while time.monotonic() < end:
             try:
                 if httpx.get(self.url + oip.ready_path(), timeout=5).status_code == 200:
@@ -333,9 +333,16 @@ class _JSONOnlyV2(http.server.BaseHTTPRequestHandler):
         probs[int(x.sum()) % 10] = 0.55  # already a distribution: kept as it is
         if self.server.answer == "eleven":
             probs = np.full(11, 1 / 11)
-        self._reply(200, {"model_name": "strong", "outputs": [
-            {"name": "probs", "datatype": "FP32", "shape": [1, probs.size],
-             "data": probs.tolist()}]})
+        if self.server.answer == "huge":  # a Content-Length over the device's cap: never read
+            self.send_response(200)
+            self.send_header("Content-Length", str(oip.MAX_ANSWER_BYTES + 1))
+            self.end_headers()
+            return
+        out = {"name": "probs", "datatype": "FP32", "shape": [1, probs.size],
+               "data": probs.tolist()}
+        if self.server.answer == "deep":
+            out["data"] = [[[[[[[[[[[[[[[[[[0.1]]]]]]]]]]]]]]]]]]
+        self._reply(200, {"model_name": "strong", "outputs": [out]})
 
 
 @pytest.fixture
@@ -378,14 +385,21 @@ def test_binary_on_does_not_fall_back_and_off_never_tries(json_only, frames):
     assert json_only.seen == [True, True, False, False]
 
 
-def test_an_answer_with_other_classes_is_a_bad_answer(json_only, frames):
-    json_only.answer = "eleven"
+@pytest.mark.parametrize("answer, message", [
+    ("eleven", "has 11 classes, the weak model 10"),
+    ("huge", f"over the limit of {oip.MAX_ANSWER_BYTES}"),
+    ("deep", "nested deeper than 14 levels"),
+])
+def test_bad_answers_are_bad_answer_and_the_sender_goes_on(json_only, frames, answer, message):
+    json_only.answer = answer
     s, _ = _sender(f"http://127.0.0.1:{json_only.server_address[1]}", binary="off")
     try:
-        (r,) = _send(s, frames[:1])
+        results = list(_send(s, frames[:2]))
+        alive = s.alive
     finally:
         s.close(1)
-    assert r.outcome is Outcome.BAD_ANSWER and "has 11 classes, the weak model 10" in r.error
+    assert [r.outcome for r in results] == [Outcome.BAD_ANSWER] * 2 and alive
+    assert message in results[0].error
 
 
 # ----------------------------------------------------------------------------- configuration
