@@ -95,7 +95,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != f"Bearer {srv.key}":
             return self._send(401, wire.error_body("bad key"))
         try:
-            wire.decode_image(body, self.headers.get("Content-Type"))
+            srv.requests[-1]["shape"] = wire.decode_image(body, self.headers.get("Content-Type")).shape
         except wire.WireError as e:
             return self._send(400, wire.error_body(e))
         cls = srv.answer_class(int(fid)) if fid is not None else 0

@@ -416,6 +416,8 @@ def test_v2_config_keys():
         make_config(overrides={"protocol": "v2", "server-model": "a/b"})
     with pytest.raises(ConfigError, match="v2-binary: must be one of auto, on, off"):
         make_config(overrides={"v2-binary": "maybe"})
+    with pytest.raises(ConfigError, match="send-size: only applies to --protocol v1"):
+        make_config(overrides={"protocol": "v2", "send-size": "64x64"})
     assert make_config(overrides={"model": MODEL}).model == MODEL  # the weak model keeps --model
 
 

@@ -61,6 +61,13 @@ def _check_model_name(name):
     return check_model_name(name)
 
 
+def _check_size(text):
+    from offload.device.payload import parse_size
+
+    parse_size(text)
+    return str(text).strip().lower()
+
+
 def _check_device(spec):
     from offload.classifier import check_device_spec
 
@@ -131,9 +138,13 @@ class RunConfig:
     log_max_bytes: int = setting(0, "Rotate the log when it would grow past this many bytes; 0: "
                                 "never.", ge=0)
     log_backups: int = setting(3, "Rotated logs kept (LOG.1 .. LOG.N, newest first).", ge=1)
-    image_format: str = setting("png", "Encoding of offloaded frames: png (lossless) or jpeg.",
-                            choices=("png", "jpeg"))
-    jpeg_quality: int = setting(90, "JPEG quality 1..100 when image-format is jpeg.", ge=1, le=100)
+    image_format: str = setting("auto", "Encoding of offloaded frames: png (lossless), jpeg, or "
+                                "auto (jpeg for a camera or picamera, png for a video or images "
+                                "folder).", choices=("auto", "png", "jpeg"))
+    jpeg_quality: int = setting(90, "JPEG quality 1..100 when frames are sent as jpeg.", ge=1, le=100)
+    send_size: Optional[str] = setting(None, "Shrink offloaded frames to fit inside WIDTHxHEIGHT "
+                                       "pixels (aspect ratio kept, never enlarged), e.g. 236x236; "
+                                       "none: send them whole.", check=_check_size)
     top_k: int = setting(3, "Classes kept per answer in the log.", ge=1)
     max_frames: Optional[int] = setting(None, "Stop after this many frames; none: until the source "
                                           "ends.", ge=1)
@@ -363,6 +374,9 @@ def make_config(file_values=None, overrides=None):
                           "(--server-model NAME)")
     if v["protocol"] != "v2" and v["server-model"] is not None:
         raise ConfigError("server-model: only applies to --protocol v2")
+    if v["protocol"] == "v2" and v["send-size"] is not None:
+        raise ConfigError("send-size: only applies to --protocol v1 (v2 sends the model's input "
+                          "tensor, whose size the model's metadata gives)")
     if v["fps"] is not None and v["images"] is None:
         raise ConfigError("fps: only applies to an images folder")
     return RunConfig(**{_BY_NAME[name].attr: x for name, x in v.items()})

@@ -36,6 +36,7 @@ from offload.blob import read_blob
 from offload.device.capture import open_source
 from offload.device.config import ConfigError, RunConfig, make_config, read_key
 from offload.device.framelog import FrameLog
+from offload.device.payload import parse_size, resolve_format
 from offload.device.policy import FrameMetric, Policy
 from offload.device.record import FrameRecord, Outcome
 from offload.device.sender import Sender
@@ -252,7 +253,9 @@ def _open_loop(stack, cfg, blob, key, stats, *, model_path, source, make_classif
                                           n_classes=watchdog.n_classes, warn=say)
         sender = Sender(cfg.server, key, queue_size=cfg.queue_size,
                         connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
-                        image_format=cfg.image_format, jpeg_quality=cfg.jpeg_quality,
+                        image_format=resolve_format(cfg.image_format, cfg.source[0]),
+                        jpeg_quality=cfg.jpeg_quality,
+                        send_size=None if cfg.send_size is None else parse_size(cfg.send_size),
                         n_classes=watchdog.n_classes, ca_file=cfg.ca_file,
                         client_cert=cfg.client_cert, client_key=cfg.client_key, warn=say,
                         protocol=protocol)

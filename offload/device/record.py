@@ -87,6 +87,7 @@ class FrameRecord:
     final_source: Optional[str] = None
     outcome: Optional[Outcome] = None
     http_status: Optional[int] = None
+    sent_bytes: Optional[int] = None
     strong_top: Optional[list] = None
     strong_batch: Optional[int] = None
     error: Optional[str] = None
@@ -130,6 +131,10 @@ class FrameRecord:
         """Take the sender's ``Result``: outcome, queue and network times, the strong answer."""
         self.outcome, self.http_status = result.outcome, result.http_status
         self.ms["queue"] = None if result.queue_ms is None else round(result.queue_ms, 4)
+        if result.encode_ms is not None:
+            self.ms["encode"] = round(result.encode_ms, 4)
+        if result.request_bytes is not None:
+            self.sent_bytes = int(result.request_bytes)
         if result.transmission_ms is not None:
             self.ms["transmission"] = round(result.transmission_ms, 4)
         a = result.answer
@@ -158,4 +163,5 @@ class FrameRecord:
 #: Fields a record carries only when they apply (a decision, an answer, an event, an error).
 _OMITTED_WHEN_NONE = frozenset({"event", "slot", "slots", "weak_top", "entropy", "metric",
                                 "metric_std", "n_before", "n_after", "tokens_before",
-                                "tokens_after", "strong_top", "strong_batch", "error"})
+                                "tokens_after", "sent_bytes", "strong_top", "strong_batch",
+                                "error"})

@@ -70,6 +70,7 @@ from urllib.parse import urlsplit
 from offload import wire
 from offload.device.conn import Connection, Disconnected, ProtocolError, TLSError
 from offload.device.config import ConfigError
+from offload.device.payload import Payload
 from offload.device.record import Outcome
 
 __all__ = ["Sender", "Result", "ImageProtocol", "Failed", "retry_after_seconds", "tls_context",
@@ -159,7 +160,7 @@ class Failed(Exception):
 
 
 class ImageProtocol:
-    """``POST /v1/classify`` with the frame as an image (``offload.wire``), the default protocol.
+    """``POST /v1/classify`` with the frame as an image (``offload.device.payload``), the default protocol.
 
     A protocol tells the sender what one frame's request is and how to read
     its answer: ``start(exchange)`` (at construction, in the caller's thread)
@@ -173,8 +174,8 @@ class ImageProtocol:
 
     max_answer_bytes = wire.MAX_ANSWER_BYTES
 
-    def __init__(self, *, image_format="png", jpeg_quality=90, n_classes=None, base=""):
-        self.image_format, self.jpeg_quality = image_format, int(jpeg_quality)
+    def __init__(self, payload, *, n_classes=None, base=""):
+        self.payload = payload  # offload.device.payload.Payload: size and encoding of the image
         self.n_classes = n_classes
         self.path = base + wire.CLASSIFY_PATH
 
@@ -185,7 +186,7 @@ class ImageProtocol:
         pass
 
     def encode(self, fid, image):
-        body, ctype = wire.encode_image(image, self.image_format, quality=self.jpeg_quality)
+        body, ctype = self.payload.encode(image)
         return self.path, body, {"Content-Type": ctype, wire.FRAME_ID_HEADER: str(fid)}
 
     def parse(self, resp):
@@ -241,6 +242,9 @@ class Sender:
     read_timeout : float
         Seconds for the whole answer to one frame (from sending it to its last byte).
     image_format : ``"png"`` or ``"jpeg"``; ``jpeg_quality`` 1..100.
+    send_size : (width, height), optional
+        Shrink frames to fit inside this many pixels before encoding
+        (:class:`offload.device.payload.Payload`); None: send them whole.
     n_classes : int, optional
         When given, answers with a class outside ``0..n_classes-1`` are ``bad-answer``.
     protocol : callable (base path) -> protocol, optional
@@ -264,7 +268,8 @@ class Sender:
     """
 
     def __init__(self, server, key, *, queue_size=8, connect_timeout=1.0, read_timeout=2.0,
-                 image_format="png", jpeg_quality=90, n_classes=None, clock=time.monotonic,
+                 image_format="png", jpeg_quality=90, send_size=None, n_classes=None,
+                 clock=time.monotonic,
                  ca_file=None, client_cert=None, client_key=None, warn=None, protocol=None):
         u = urlsplit(server)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -273,8 +278,11 @@ class Sender:
         self.host, self.port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
         base = u.path.rstrip("/")
         if protocol is None:
-            self.protocol = ImageProtocol(image_format=image_format, jpeg_quality=jpeg_quality,
-                                          n_classes=n_classes, base=base)
+            try:
+                payload = Payload(fmt=image_format, quality=jpeg_quality, size=send_size)
+            except ValueError as e:
+                raise ConfigError(f"image-format: {e}") from None
+            self.protocol = ImageProtocol(payload, n_classes=n_classes, base=base)
         else:
             self.protocol = protocol(base)
         self.key = key

@@ -34,10 +34,11 @@ from offload.device.record import Outcome
 __all__ = ["Stats", "StatusLine", "format_summary", "STAGES"]
 
 #: Stage keys of a record's ``ms`` field, in Table I order (then the device's own).
-STAGES = ("weak", "policy", "transmission", "strong", "metric", "queue")
+STAGES = ("weak", "policy", "transmission", "strong", "metric", "queue", "encode")
 _TABLE_I = {"weak": "weak inference", "policy": "policy / decision",
             "transmission": "transmission", "strong": "strong inference",
-            "metric": "metric (entropy, table)", "queue": "send queue wait"}
+            "metric": "metric (entropy, table)", "queue": "send queue wait",
+            "encode": "frame resize + encode"}
 
 
 class _Moments:
@@ -79,6 +80,8 @@ class Stats:
         self.strong_err_answered = 0
         self.weak_err_answered = 0
         self.tokens = None
+        self.sent_bytes = 0            # request bodies put on the link
+        self.requests = 0
         self.first_t = self.last_t = None
         self.t_start = time.monotonic()
 
@@ -96,6 +99,9 @@ class Stats:
             self.events[rec.event.split(":")[0]] += 1
         if rec.tokens_after is not None:
             self.tokens = rec.tokens_after
+        if rec.sent_bytes is not None:
+            self.sent_bytes += rec.sent_bytes
+            self.requests += 1
         label = rec.label
         weak = rec.weak_top
         if label is not None:
@@ -130,6 +136,9 @@ class Stats:
             "failures": dict(sorted(self.failures.items())),
             "weak_events": dict(self.events),
             "tokens_final": self.tokens,
+            "sent_bytes": {"total": self.sent_bytes, "requests": self.requests,
+                           "mean": round(self.sent_bytes / self.requests, 1)
+                           if self.requests else None},
         }
         if self.labelled:
             L, A = self.labelled, self.answered_labelled
@@ -224,6 +233,10 @@ def format_summary(s):
                  f"({_fmt(sh['not_offloaded'] and 100 * sh['not_offloaded'], 1)}%), "
                  f"strong answers {s['answered']}")
     lines.append("outcomes: " + ", ".join(f"{k} {v}" for k, v in s["outcomes"].items()))
+    sent = s.get("sent_bytes") or {}
+    if sent.get("requests"):
+        lines.append(f"on the link: {sent['total']} bytes in {sent['requests']} requests "
+                     f"({sent['mean']:.0f} bytes per offloaded frame)")
     if s["failures"]:
         lines.append("offload failures: " + ", ".join(f"{k} {v}" for k, v in s["failures"].items()))
     if s.get("weak_events"):
