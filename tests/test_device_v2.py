@@ -433,3 +433,62 @@ def test_server_not_up_at_start_is_a_warning_then_refused(frames):
             s.close(1)
     assert len(said) == 1 and said[0].startswith("warning: v2 server not ready at start")
     assert r.outcome is Outcome.REFUSED
+
+
+class _Dies(BaseException):
+    """Not an Exception: escapes the sender's per-frame handler and ends its thread."""
+
+
+class _Frame:
+    """A frame whose pixels cannot be read: raises ``exc`` when made into an array."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __array__(self, *a, **k):
+        raise self.exc
+
+
+def test_failures_while_making_the_tensor_keep_the_sender_going(frames):
+    with serve_in_thread(api_key=KEY) as srv:
+        s, said = _sender(srv.url)
+        try:
+            (broke,) = _send(s, [_Frame(RuntimeError("the camera buffer broke"))])
+            assert s.submit(1, _Frame(_Dies("gone")))
+            for _ in range(500):  # bounded: at most 5 s
+                if not s.alive:
+                    break
+                threading.Event().wait(0.01)
+            assert not s.alive
+            assert s.submit(2, frames[0])  # noticed here: a new thread
+            got = {r.frame_id: r for r in (s.results.get(timeout=30) for _ in range(2))}
+            restarts = s.restarts
+        finally:
+            s.close(1)
+    assert broke.outcome is Outcome.ERROR and "the camera buffer broke" in broke.error
+    assert got[1].outcome is Outcome.ERROR and "sender thread died (_Dies: gone)" in got[1].error
+    assert got[2].outcome is Outcome.SENT and restarts == 1
+    assert len(said) == 1 and "sender thread died" in said[0]
+
+
+def test_v2_over_tls_verifies_like_v1(tmp_path, frames):
+    from tls_helpers import make_pki
+
+    pki = make_pki(tmp_path)
+    with serve_in_thread(api_key=KEY, tls_cert=pki.server_cert, tls_key=pki.server_key) as srv:
+        assert srv.url.startswith("https://")
+        s, said = _sender(srv.url, ca_file=pki.ca)
+        try:
+            (ok,) = _send(s, frames[:1])
+        finally:
+            s.close(1)
+        # another CA: the start check's handshake fails, said once; nothing is sent
+        bad, bad_said = _sender(srv.url, ca_file=pki.other_ca)
+        try:
+            refused = list(_send(bad, frames[:2]))
+        finally:
+            bad.close(1)
+    assert ok.label == "sent" and said == []
+    assert [r.outcome for r in refused] == [Outcome.TLS_ERROR] * 2
+    tls_lines = [m for m in bad_said if "certificate verify failed" in m]
+    assert len(tls_lines) == 1 and tls_lines[0].startswith("error: TLS handshake")

@@ -140,10 +140,10 @@ class V2Protocol:
             if e.http_status == 404:
                 raise ConfigError(f"server-model: {e.error} (is it a v2 server with a model "
                                   f"{self.model!r}?)") from None
+            if e.outcome is Outcome.TLS_ERROR:
+                raise  # the sender says it, as for v1
             self.warn(f"warning: v2 server not ready at start ({e.error}); frames are tried "
                       "when it is")
-            if e.outcome is Outcome.TLS_ERROR:
-                raise
         except oip.OIPError as e:
             raise ConfigError(f"server-model: {e}") from None
 
