@@ -41,6 +41,7 @@ def _onnx_model_class():
     from kserve.errors import InvalidInput
 
     datatypes = {"tensor(float)": "FP32", "tensor(uint8)": "UINT8", "tensor(int8)": "INT8"}
+    dtypes = {"FP32": np.float32, "UINT8": np.uint8, "INT8": np.int8}
 
     class OnnxModel(kserve.Model):
         """One ONNX model run by ONNX Runtime; ``broken`` models raise in ``predict``."""
@@ -74,7 +75,7 @@ def _onnx_model_class():
                 raise RuntimeError("this test model always fails")
             x = payload.inputs[0].as_numpy()
             want = self._spec(self.input)
-            if payload.inputs[0].name != self.input.name or x.dtype != np.float32 \
+            if payload.inputs[0].name != self.input.name or x.dtype != dtypes[want["datatype"]] \
                     or x.ndim != len(want["shape"]) \
                     or any(w not in (-1, g) for w, g in zip(want["shape"], x.shape)):
                 raise InvalidInput(f"input must be {want}, got {payload.inputs[0].name} "
