@@ -5,7 +5,7 @@ background thread encodes each frame and POSTs it over one keep-alive
 HTTP/1.1 connection (``offload.device.conn``: plain for ``http://``, TLS for
 ``https://``), with ``Authorization: Bearer KEY``. What a request is comes
 from the sender's *protocol*: :class:`ImageProtocol` (the default) encodes the
-frame (``offload.wire.encode_image``) for ``SERVER/v1/classify``;
+frame (``offload.device.payload``) for ``SERVER/v1/classify``;
 ``offload.device.oipclient.V2Protocol`` sends the model's input tensor to an
 Open Inference Protocol (KServe v2) server's ``/v2/models/NAME/infer``.
 Every rule below holds for both. Every frame handed to ``submit`` comes back
