@@ -407,10 +407,10 @@ def _json_data(values, dtype, shape, name):
         raise OIPError(f"tensor {name!r}: data must be {_BY_DTYPE[dtype]} values"
                        + ("" if dtype.kind == "b" else " (finite, in range)")
                        + f", got {a.dtype.kind!r}-kind values")
-    out = a.astype(dtype).reshape(shape)
-    if dtype.kind == "f" and not np.isfinite(out).all():  # 1e39 is finite, but not as FP32
+    if dtype.kind == "f" and np.abs(a.astype(np.float64)).max() > np.finfo(dtype).max:
+        # 1e39 is a finite number, but not as FP32
         raise OIPError(f"tensor {name!r}: data has values beyond {_BY_DTYPE[dtype]}'s range")
-    return out
+    return a.astype(dtype).reshape(shape)
 
 
 # -------------------------------------------------------------------- metadata
