@@ -4,20 +4,17 @@ Torch-free. The model is loaded with ``ai_edge_litert.interpreter.Interpreter``;
 the Coral Edge TPU is reached through LiteRT's
 ``load_delegate("libedgetpu.so.1")`` (never the unrelated PyPI "pycoral").
 
-Image convention (shared with ``training/``, which calls :func:`prepare_image`
-so that training and the device see the same pixels):
-
-- An image is a NumPy array ``HxW``, ``HxWx1``, ``HxWx3`` (BGR, as OpenCV
-  reads it) or ``HxWx4`` (BGRA); ``uint8`` pixels (0..255) or floats in
-  ``[0, 1]``.
-- It is turned into floats in ``[0, 1]``, into the model's channel count
-  (greyscale by OpenCV's BGR->grey weights, or grey replicated to 3 channels),
-  and resized to the model's input height x width (``cv2.INTER_AREA`` when
-  shrinking, ``cv2.INTER_LINEAR`` when enlarging).
-- The model's float input is that ``[0, 1]`` image; an int8 (or uint8) input
-  tensor receives ``clip(round(x / scale) + zero_point)`` with the tensor's
-  own scale and zero point (half-way cases round up, after snapping
-  ``x / scale`` to 1/1000 of a step so float noise cannot flip them).
+What the model expects is its model card (:mod:`offload.card`): read from the
+file's TFLite metadata, a ``<model>.card.toml`` beside it, or the defaults,
+and checked against the input tensor at start. Images become the input
+tensor only through :func:`offload.preprocess.to_input`, the one
+preprocessing module that the server and profiling use too. With the default
+card (no metadata, no card file): the image in ``[0, 1]``, in the model's
+channel count (greyscale by OpenCV's BGR->grey weights, or grey replicated),
+resized to the input size (``cv2.INTER_AREA`` when shrinking,
+``cv2.INTER_LINEAR`` when enlarging), quantised with the input tensor's scale
+and zero point. :func:`prepare_image` remains for training code, which needs
+the same pixels without a model file.
 
 The output is the model's int8 logits and their dequantised values
 ``(q - zero_point) * scale``, which is what the profile stores and what the
@@ -32,6 +29,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from offload import preprocess
+from offload.card import CardError, ModelCard, read_card, resolve, tensor_layout
 
 __all__ = [
     "ClassifierError",
@@ -108,24 +108,21 @@ class EdgeTPUUnavailable(RuntimeError):
 def to_unit_float(image):
     """Pixels as float32 in ``[0, 1]``: ``uint8 / 255``, floats checked and kept.
 
-    Raises
-    ------
-    ClassifierError
-        For other dtypes, non-finite floats or floats outside ``[0, 1]``.
+    A thin wrapper of :func:`offload.preprocess.to_unit_float` (the one
+    preprocessing module) that raises :class:`ClassifierError`.
     """
-    a = np.asarray(image)
-    if a.dtype == np.uint8:
-        return a.astype(np.float32) * np.float32(1.0 / 255.0)
-    if np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float32, copy=False)
-        if a.size and (not np.all(np.isfinite(a)) or a.min() < 0.0 or a.max() > 1.0):
-            raise ClassifierError("float images must hold finite values in [0, 1]")
-        return a
-    raise ClassifierError(f"images must be uint8 (0..255) or float in [0, 1], got dtype {a.dtype}")
+    try:
+        return preprocess.to_unit_float(image)
+    except preprocess.ImageError as exc:
+        raise ClassifierError(str(exc)) from None
 
 
 def prepare_image(image, height, width, channels=1, *, bgr=True):
-    """An image as the model's float input: ``height x width x channels`` in ``[0, 1]``.
+    """An image as the default card's float input: ``height x width x channels`` in ``[0, 1]``.
+
+    A thin wrapper of :func:`offload.preprocess.fit_pixels` with a card of
+    that size and the default conventions (BGR order kept inside), for
+    training code that needs the device's pixels without a model file.
 
     Parameters
     ----------
@@ -142,34 +139,14 @@ def prepare_image(image, height, width, channels=1, *, bgr=True):
     -------
     ndarray of float32, shape ``(height, width, channels)``
     """
-    import cv2
-
-    x = to_unit_float(image)
-    if x.ndim == 3 and x.shape[2] == 1:
-        x = x[:, :, 0]
-    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in (3, 4)):
-        raise ClassifierError(
-            f"an image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {np.shape(image)}"
-        )
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ClassifierError(f"empty image, shape {np.shape(image)}")
-    if x.ndim == 3:
-        x = np.ascontiguousarray(x[:, :, :3])
-        if channels == 1:
-            x = cv2.cvtColor(x, cv2.COLOR_BGR2GRAY if bgr else cv2.COLOR_RGB2GRAY)
-        elif not bgr:
-            x = x[:, :, ::-1]  # keep BGR order inside
     if channels not in (1, 3):
         raise ClassifierError(f"models with {channels} input channels are not supported")
-    if (x.shape[0], x.shape[1]) != (height, width):
-        shrink = height <= x.shape[0] and width <= x.shape[1]
-        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-        x = cv2.resize(np.ascontiguousarray(x), (int(width), int(height)), interpolation=interp)
-    if x.ndim == 2:
-        x = x[:, :, None]
-        if channels == 3:
-            x = np.repeat(x, 3, axis=2)
-    return np.clip(x, 0.0, 1.0).astype(np.float32, copy=False)
+    try:
+        card = ModelCard(height=height, width=width, channels=channels)
+        return preprocess.fit_pixels(preprocess.to_unit_float(image), card,
+                                     input_order="bgr" if bgr else "rgb")
+    except (preprocess.ImageError, CardError) as exc:
+        raise ClassifierError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- classifier
@@ -222,15 +199,21 @@ class WeakClassifier:
         Which Edge TPU to use, passed as the delegate's ``device`` option:
         ``usb``, ``usb:N``, ``pci`` or ``pci:N`` (default: the first found).
     class_names : sequence of str, optional
-        Names of the output classes, for display.
+        Names of the output classes, for display (default: the card's labels).
     bgr : bool
         Colour input images are BGR (OpenCV's order); False for RGB.
+    card : ModelCard, str, os.PathLike or dict, optional
+        The model card: a :class:`~offload.card.ModelCard` used as it is, or
+        a TOML card file / dict of fields overriding what the model carries
+        (:func:`offload.card.read_card`). Resolved against the input tensor
+        at start; ``card`` is then the resolved card.
 
     Raises
     ------
     ClassifierError
         The file is missing, not a LiteRT model, or not a one-image-in,
-        one-vector-out classifier.
+        one-vector-out classifier, or its card is wrong or contradicts its
+        input tensor (the message names both).
     EdgeTPUUnavailable
         ``edgetpu=True`` and ``libedgetpu.so.1`` could not be loaded, or the
         model is Edge-TPU-compiled and the delegate is not there (the message
@@ -238,7 +221,7 @@ class WeakClassifier:
     """
 
     def __init__(self, model_path, edgetpu=None, *, num_threads=None, class_names=None, bgr=True,
-                 device=None):
+                 device=None, card=None):
         self.model_path = os.fspath(model_path)
         self.bgr = bool(bgr)
         if edgetpu not in (None, True, False):
@@ -298,6 +281,10 @@ class WeakClassifier:
                 ) from exc
             raise ClassifierError(f"{self.model_path} is not a usable LiteRT model: {exc}") from exc
 
+        self._read_tensors(class_names, card)
+
+    def _read_tensors(self, class_names, card):
+        """Check the model's input and output tensors and resolve its card against them."""
         ins, outs = self._interp.get_input_details(), self._interp.get_output_details()
         if len(ins) != 1 or len(outs) != 1:
             raise ClassifierError(
@@ -307,13 +294,6 @@ class WeakClassifier:
         shape = [int(s) for s in self._in["shape"]]
         if len(shape) != 4 or shape[0] != 1:
             raise ClassifierError(f"{self.model_path}: input must be a 1-image 4-D tensor, got {shape}")
-        if shape[3] in (1, 3):
-            self.layout, (self.height, self.width, self.channels) = "NHWC", shape[1:]
-        elif shape[1] in (1, 3):
-            self.layout = "NCHW"
-            self.channels, self.height, self.width = shape[1:]
-        else:
-            raise ClassifierError(f"{self.model_path}: cannot tell the channel axis of input {shape}")
         oshape = [int(s) for s in self._out["shape"]]
         if len(oshape) != 2 or oshape[0] != 1 or oshape[1] < 2:
             raise ClassifierError(f"{self.model_path}: output must be 1 x n_classes, got {oshape}")
@@ -330,7 +310,17 @@ class WeakClassifier:
             raise ClassifierError(
                 f"{len(class_names)} class names for a model with {self.n_classes} outputs"
             )
-        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        try:
+            self.layout = tensor_layout(shape)
+            read = read_card(self.model_path, override=card)
+            self.card = resolve(read, shape=shape, dtype=self.input_dtype, scale=self.input_scale,
+                                zero_point=self.input_zero_point, layout=self.layout,
+                                n_classes=self.n_classes, path=self.model_path)
+        except CardError as exc:
+            raise ClassifierError(str(exc)) from None
+        self.height, self.width, self.channels = self.card.height, self.card.width, self.card.channels
+        names = class_names if class_names is not None else self.card.labels
+        self.class_names = None if names is None else [str(c) for c in names]
 
     # ------------------------------------------------------------------ details
 
@@ -350,22 +340,13 @@ class WeakClassifier:
     # ------------------------------------------------------------------ inference
 
     def quantize_input(self, image):
-        """The input tensor for ``image``: resized, channel-converted and quantised."""
-        x = prepare_image(image, self.height, self.width, self.channels, bgr=self.bgr)
-        if self.layout == "NCHW":
-            x = np.transpose(x, (2, 0, 1))
-        x = x[None]
-        if self.input_dtype == np.float32:
-            return x.astype(np.float32)
-        info = np.iinfo(self.input_dtype)
-        v = x.astype(np.float64) / self.input_scale
-        # Resized pixels often fall exactly half-way between two int8 steps
-        # (a 2x2 average of uint8 values is a multiple of 1/4). Snap to 1/1000
-        # of a step before rounding half up, so that float noise between
-        # equivalent inputs (uint8 vs float, grey vs grey-in-BGR) cannot flip
-        # the rounding.
-        q = np.floor(np.round(v, 3) + 0.5) + self.input_zero_point
-        return np.clip(q, info.min, info.max).astype(self.input_dtype)
+        """The input tensor for ``image``: :func:`offload.preprocess.to_input` with the model's card."""
+        try:
+            return preprocess.to_input(image, self.card, dtype=self.input_dtype,
+                                       scale=self.input_scale, zero_point=self.input_zero_point,
+                                       layout=self.layout, input_order="bgr" if self.bgr else "rgb")
+        except (preprocess.ImageError, CardError) as exc:
+            raise ClassifierError(str(exc)) from None
 
     def classify(self, image):
         """Run the model on one image; returns :class:`WeakOutput` (int8 and float logits)."""

@@ -116,11 +116,13 @@ def _direct(session, frame):
     return oip.to_distribution(session.run(None, {"image": x})[0])
 
 
-def _sender(url, *, model="strong", binary="auto", n_classes=10, key=KEY, plan_for=None, **kw):
+def _sender(url, *, model="strong", binary="auto", n_classes=10, key=KEY, plan_for=None,
+            card=None, **kw):
     said = []
     s = Sender(url, key, read_timeout=10.0, connect_timeout=5.0, warn=said.append,
                protocol=V2Protocol.factory(model=model, binary=binary, n_classes=n_classes,
-                                           plan_for=plan_for, warn=said.append), **kw)
+                                           card=card, plan_for=plan_for, warn=said.append),
+               **kw)
     return s, said
 
 
@@ -416,6 +418,8 @@ def test_v2_config_keys():
         make_config(overrides={"protocol": "v2", "server-model": "a/b"})
     with pytest.raises(ConfigError, match="v2-binary: must be one of auto, on, off"):
         make_config(overrides={"v2-binary": "maybe"})
+    with pytest.raises(ConfigError, match="server-card: only applies to --protocol v2"):
+        make_config(overrides={"server-card": "strong.card.toml"})
     with pytest.raises(ConfigError, match="send-size: only applies to --protocol v1"):
         make_config(overrides={"protocol": "v2", "send-size": "64x64"})
     assert make_config(overrides={"model": MODEL}).model == MODEL  # the weak model keeps --model
@@ -492,3 +496,51 @@ def test_v2_over_tls_verifies_like_v1(tmp_path, frames):
     assert [r.outcome for r in refused] == [Outcome.TLS_ERROR] * 2
     tls_lines = [m for m in bad_said if "certificate verify failed" in m]
     assert len(tls_lines) == 1 and tls_lines[0].startswith("error: TLS handshake")
+
+
+# ----------------------------------------------------------------------------- the server model's card
+
+def test_a_card_that_contradicts_the_metadata_is_refused_naming_both(kserve, tmp_path):
+    card = tmp_path / "strong.card.toml"
+    card.write_text("height = 64\nwidth = 64\n")
+    with pytest.raises(ConfigError, match=r"server-card: .*card's height 64 .*contradicts the "
+                                          r"model's input tensor, whose height is 28"):
+        _sender(kserve.url, card=str(card))
+    with pytest.raises(ConfigError, match=r"server-card: .*cannot read the card"):
+        _sender(kserve.url, card=str(tmp_path / "missing.toml"))
+
+
+def test_a_dynamic_size_needs_the_card_and_then_works(kserve, tmp_path, frames, session):
+    # "loose" says [-1, 1, -1, -1]: the defaults cannot know the size ...
+    with pytest.raises(ConfigError, match=r"server-card: .*height is dynamic"):
+        _sender(kserve.url, model="loose")
+    card = tmp_path / "loose.card.toml"
+    card.write_text("height = 28\nwidth = 28\n")
+    s, said = _sender(kserve.url, model="loose", card=str(card))  # ... a card does
+    try:
+        (r,) = _send(s, frames[:1])
+    finally:
+        s.close(1)
+    assert r.label == "sent" and r.answer.top1 == int(np.argmax(_direct(session, frames[0])))
+
+
+def test_the_cards_mean_and_std_reach_the_model(kserve, tmp_path, frames, session):
+    import cv2
+
+    card = tmp_path / "strong.card.toml"
+    card.write_text("mean = [10.0]\nstd = [2.0]\n")
+    s, _ = _sender(kserve.url, card=str(card))
+    try:
+        results = list(_send(s, frames[:4]))
+    finally:
+        s.close(1)
+    moved = []
+    for r, f in zip(results, frames):
+        # independently: OpenCV's grey of the 28x28 BGR frame, in pixel units, (p - 10) / 2
+        grey = cv2.cvtColor(f.astype(np.float32) / 255.0, cv2.COLOR_BGR2GRAY) * 255.0
+        x = ((grey - 10.0) / 2.0).astype(np.float32)[None, None]
+        p = oip.to_distribution(session.run(None, {"image": x})[0])
+        assert r.answer.top1 == int(np.argmax(p))
+        np.testing.assert_allclose(r.answer.scores[0], p.max(), atol=1e-4)
+        moved.append(abs(r.answer.scores[0] - _direct(session, f).max()))
+    assert max(moved) > 1e-3  # not what the default card gives

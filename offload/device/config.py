@@ -103,6 +103,10 @@ class RunConfig:
     server_model: Optional[str] = setting(None, "v2: the model's name on the server "
                                           "(/v2/models/NAME); offload-serve's is its model file's "
                                           "stem, e.g. strong.", check=_check_model_name)
+    server_card: Optional[str] = setting(None, "v2: model card (TOML) of the server's model: how "
+                                         "a frame becomes its input tensor (size, colour order, "
+                                         "mean/std, resize; docs/classifiers.md); none: the card "
+                                         "defaults, resolved against its metadata.")
     v2_binary: str = setting("auto", "v2: binary tensor extension: auto (binary until the server "
                              "refuses it, then JSON), on, off (JSON).",
                              choices=("auto", "on", "off"))
@@ -372,8 +376,9 @@ def make_config(file_values=None, overrides=None):
     if v["protocol"] == "v2" and v["server"] and v["server-model"] is None:
         raise ConfigError("server-model: --protocol v2 needs the model's name on the server "
                           "(--server-model NAME)")
-    if v["protocol"] != "v2" and v["server-model"] is not None:
-        raise ConfigError("server-model: only applies to --protocol v2")
+    for name in ("server-model", "server-card"):
+        if v["protocol"] != "v2" and v[name] is not None:
+            raise ConfigError(f"{name}: only applies to --protocol v2")
     if v["protocol"] == "v2" and v["send-size"] is not None:
         raise ConfigError("send-size: only applies to --protocol v1 (v2 sends the model's input "
                           "tensor, whose size the model's metadata gives)")

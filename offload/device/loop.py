@@ -250,7 +250,8 @@ def _open_loop(stack, cfg, blob, key, stats, *, model_path, source, make_classif
             from offload.device.oipclient import V2Protocol
 
             protocol = V2Protocol.factory(model=cfg.server_model, binary=cfg.v2_binary,
-                                          n_classes=watchdog.n_classes, warn=say)
+                                          card=cfg.server_card, n_classes=watchdog.n_classes,
+                                          warn=say)
         sender = Sender(cfg.server, key, queue_size=cfg.queue_size,
                         connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
                         image_format=resolve_format(cfg.image_format, cfg.source[0]),

@@ -12,13 +12,16 @@ At start (``start``, before the sender's thread runs) and, until it has
 succeeded, before each frame (``prepare``):
 
 1. ``GET /v2/health/ready`` must answer 200;
-2. ``GET /v2/models/NAME`` gives the metadata; the tensor the device will
-   send must fit its one input (shape, ``-1`` matching any size, and
-   datatype), and an output's class count must be the weak model's.
+2. ``GET /v2/models/NAME`` gives the metadata; the model card
+   (``server-card``, else the defaults) is resolved against its one input,
+   the tensor the device will send must fit that input (shape, ``-1``
+   matching any size, and datatype), and the output's class count must be
+   the weak model's.
 
 At start a server that does not answer (or is not ready) is a warning: frames
-are tried when it comes; one that has no model ``NAME`` or whose model does
-not fit is a ``ConfigError`` naming both, and the run does not start.
+are tried when it comes; one that has no model ``NAME``, whose model does not
+fit, or whose metadata contradicts the card is a ``ConfigError`` naming both,
+and the run does not start.
 
 The answer's output tensor (the metadata's first output, or the one answered)
 is one row of class scores; :func:`offload.oip.to_distribution` keeps it if it
@@ -42,6 +45,7 @@ from typing import Callable
 import numpy as np
 
 from offload import oip, wire
+from offload.card import CardError
 from offload.device.config import ConfigError
 from offload.device.record import Outcome
 from offload.device.sender import Failed
@@ -63,34 +67,42 @@ class TensorPlan:
     make: Callable
 
 
-def default_plan(spec):
-    """The tensor for a model input ``spec`` (an ``oip.TensorSpec``): float32 NCHW, pixels in ``[0, 1]``.
+def default_plan(spec, *, card=None):
+    """The tensor for a model input ``spec`` (an ``oip.TensorSpec``): its model card applied to the frame.
 
-    The one place the v2 client turns a frame into the model's input: the
-    committed strong model's convention (``offload.server.model``: OpenCV
-    resize to the input's ``H x W``, BGR -> grey by OpenCV's weights for one
-    channel, ``pixels / 255``), with the size taken from the metadata. A
-    model card (``offload.preprocess.to_input``) replaces this function.
+    The one place the v2 client turns a frame into the model's input:
+    :func:`offload.preprocess.to_input` (the server's and profiling's
+    preprocessing too) with the model card ``card`` (a TOML card file, a
+    dict of fields or a ``ModelCard``: the ``server-card`` key; None: the
+    card defaults, ``pixels / 255`` as the committed pair was trained)
+    resolved against the metadata's shape (NCHW unless the channel axis is
+    plainly last; ``-1`` sizes must then be declared by the card).
 
     Raises
     ------
     OIPError
-        The input is not ``FP32 [batch, C, H, W]`` with C 1 or 3 and a known H, W.
+        The input is not a 4-D FP32 image tensor.
+    CardError
+        The card cannot be read, or contradicts the metadata (naming both).
     """
-    from offload.classifier import prepare_image
+    from offload import preprocess
+    from offload.card import read_card, resolve, tensor_layout
 
-    shape = tuple(spec.shape)
-    if spec.datatype != "FP32" or len(shape) != 4 or shape[1] not in (1, 3) \
-            or shape[2] < 1 or shape[3] < 1:
-        raise oip.OIPError(f"the device sends FP32 [1, C, H, W] tensors (C 1 or 3, H and W "
-                           f"known); the model's input is {spec}")
-    c, h, w = (int(s) for s in shape[1:])
+    if spec.datatype != "FP32" or len(spec.shape) != 4:
+        raise oip.OIPError(f"the device sends FP32 image tensors [1, C, H, W] or [1, H, W, C]; "
+                           f"the model's input is {spec}")
+    where = f"v2 model input {spec}"
+    shape = [None if s < 0 else int(s) for s in spec.shape]  # -1: dynamic
+    layout = tensor_layout(shape, prefer="NCHW")
+    resolved = resolve(read_card(where, override=card), shape=shape, dtype=np.float32,
+                       layout=layout, path=where)
+    h, w, c = resolved.height, resolved.width, resolved.channels
+    item = (c, h, w) if layout == "NCHW" else (h, w, c)
 
     def make(image):
-        x = prepare_image(image, h, w, c)  # H x W x C float32 in [0, 1]
-        return np.ascontiguousarray(np.transpose(x, (2, 0, 1)))[None]
+        return preprocess.to_input(image, resolved, layout=layout)
 
-    return TensorPlan((1, c, h, w), "FP32", make)
+    return TensorPlan((1, *item), "FP32", make)
 
 
 class V2Protocol:
@@ -106,22 +118,25 @@ class V2Protocol:
         Binary tensors (module docstring).
     n_classes : int, optional
         The weak model's class count: the output must have as many.
+    card : str, dict or ModelCard, optional
+        The server model's card for :func:`default_plan` (``server-card``).
     plan_for : callable (oip.TensorSpec) -> TensorPlan
-        How frames become the input tensor (default :func:`default_plan`).
+        How frames become the input tensor (default: :func:`default_plan`
+        with ``card``).
     warn : callable (str) -> None
         Messages for people.
     """
 
     max_answer_bytes = oip.MAX_ANSWER_BYTES
 
-    def __init__(self, base, *, model, binary="auto", n_classes=None, plan_for=None,
+    def __init__(self, base, *, model, binary="auto", n_classes=None, card=None, plan_for=None,
                  warn=print):
         if binary not in BINARY_MODES:
             raise ConfigError(f"v2-binary: must be one of {', '.join(BINARY_MODES)}, got {binary!r}")
         self.base, self.model = base, oip.check_model_name(model)
         self.mode, self.binary = binary, binary != "off"
         self.n_classes, self.warn = n_classes, warn
-        self.plan_for = plan_for or default_plan
+        self.plan_for = plan_for or (lambda spec: default_plan(spec, card=card))
         self.metadata = self.plan = self.input = self.output = None
         self._binary_ok = False   # a binary request has been answered 200
         self._told = set()
@@ -144,6 +159,8 @@ class V2Protocol:
                 raise  # the sender says it, as for v1
             self.warn(f"warning: v2 server not ready at start ({e.error}); frames are tried "
                       "when it is")
+        except CardError as e:
+            raise ConfigError(f"server-card: {e}") from None
         except oip.OIPError as e:
             raise ConfigError(f"server-model: {e}") from None
 
@@ -152,7 +169,7 @@ class V2Protocol:
             return
         try:
             self._fetch(exchange)
-        except oip.OIPError as e:
+        except (oip.OIPError, CardError) as e:
             self._tell("metadata", f"error: {e}; frames keep their weak answers")
             raise Failed(Outcome.BAD_ANSWER, str(e)) from None
 

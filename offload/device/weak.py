@@ -48,25 +48,31 @@ class WeakSpec:
     note : str or None, the one warning ``auto`` gave when it fell back
     """
 
-    def __init__(self, model, accelerator, device=None, cpu_model=None, threads=None, note=None):
+    def __init__(self, model, accelerator, device=None, cpu_model=None, threads=None, note=None,
+                 card=None):
         self.model, self.accelerator, self.device = model, accelerator, device
         self.cpu_model, self.threads, self.note = cpu_model, threads, note
+        self.card = card
 
     def make(self):
         return WeakClassifier(self.model, edgetpu=self.accelerator == "edgetpu",
-                              device=self.device, num_threads=self.threads)
+                              device=self.device, num_threads=self.threads, card=self.card)
 
     def make_cpu(self):
         if self.cpu_model is None:
             raise ClassifierError(f"no CPU model to fall back to for {self.model}")
-        return WeakClassifier(self.cpu_model, edgetpu=False, num_threads=self.threads)
+        return WeakClassifier(self.cpu_model, edgetpu=False, num_threads=self.threads,
+                              card=self.card)
 
 
-def open_weak(model, accelerator="auto", device=None, threads=None):
+def open_weak(model, accelerator="auto", device=None, threads=None, card=None):
     """Resolve the accelerator and load the weak classifier once.
 
     Returns ``(classifier, spec)``. ``auto`` emits exactly one
-    :class:`AcceleratorWarning` when it falls back to the CPU.
+    :class:`AcceleratorWarning` when it falls back to the CPU. ``card``
+    (a ModelCard, a TOML card file or a dict of fields) overrides the model's
+    own card, as in :class:`offload.classifier.WeakClassifier`; the CPU
+    fallback gets the same card.
 
     Raises
     ------
@@ -86,16 +92,16 @@ def open_weak(model, accelerator="auto", device=None, threads=None):
             raise EdgeTPUUnavailable(
                 f"{model} is compiled for the Edge TPU and cannot run with --accelerator cpu; "
                 f"use its CPU model {twin or '(the uncompiled .tflite)'}")
-        spec = WeakSpec(model, "cpu", cpu_model=model, threads=threads)
+        spec = WeakSpec(model, "cpu", cpu_model=model, threads=threads, card=card)
         return spec.make(), spec
     if accelerator == "edgetpu":
         spec = WeakSpec(model, "edgetpu", device, cpu_model=twin if twin and os.path.isfile(twin)
-                        else None, threads=threads)
+                        else None, threads=threads, card=card)
         return spec.make(), spec
     if accelerator != "auto":
         raise ValueError(f"accelerator must be auto, edgetpu or cpu, got {accelerator!r}")
     try:
-        spec = WeakSpec(model, "edgetpu", device, threads=threads,
+        spec = WeakSpec(model, "edgetpu", device, threads=threads, card=card,
                         cpu_model=twin if twin and os.path.isfile(twin) else None)
         return spec.make(), spec
     except EdgeTPUUnavailable as e:
@@ -110,7 +116,7 @@ def open_weak(model, accelerator="auto", device=None, threads=None):
         cpu = model
     note = (f"Edge TPU not available ({reason}); running the weak model {cpu} on the CPU")
     warnings.warn(note, AcceleratorWarning, stacklevel=2)
-    spec = WeakSpec(cpu, "cpu", cpu_model=cpu, threads=threads, note=note)
+    spec = WeakSpec(cpu, "cpu", cpu_model=cpu, threads=threads, note=note, card=card)
     return spec.make(), spec
 
 

@@ -26,7 +26,8 @@ Open Inference Protocol (KServe v2, bodies in ``offload.oip``) for the one model
     ``GET /v2/health/live``, ``GET /v2/health/ready`` (503 while shutting
     down), ``GET /v2`` (server metadata, ``extensions`` lists
     ``binary_tensor_data``), ``GET /v2/models/NAME`` (metadata: input
-    ``[-1, C, H, W]`` FP32, output ``[-1, n_classes]`` FP32 logits),
+    ``[-1, C, H, W]`` or ``[-1, H, W, C]`` FP32, the model's layout, with the size
+    its card resolved; output ``[-1, n_classes]`` FP32 logits),
     ``GET /v2/models/NAME/ready``: no key needed, as ``/healthz``.
     ``POST /v2/models/NAME/infer``: the same gate as classify, in the same
     order (401, 413 on the declared length, 429 + ``Retry-After`` spending
@@ -170,8 +171,7 @@ class _V2Model:
         stem = os.path.splitext(os.path.basename(model.path))[0]
         self.name = oip.check_model_name(name if name is not None else stem)
         self.model = model
-        self.input = oip.TensorSpec(model.input_name, "FP32",
-                                    (-1, model.channels, model.height, model.width))
+        self.input = oip.TensorSpec(model.input_name, "FP32", (-1, *model.item_shape))
         self.output = oip.TensorSpec(model.output_name, "FP32", (-1, model.n_classes))
         self.metadata = oip.ModelMetadata(self.name, (self.input,), (self.output,),
                                           platform="onnxruntime_onnx")

@@ -50,6 +50,9 @@ _keys_option = click.option(
 @click.option("--model-name", default=None,
               help="Name of the model on the Open Inference Protocol (v2) endpoints, "
                    "/v2/models/NAME [default: the model file's stem, e.g. strong].")
+@click.option("--card", "card_path", default=None, type=click.Path(dir_okay=False),
+              help="Model card (TOML) overriding what the model declares: input size, colour "
+                   "order, mean/std, resize mode, labels (docs/classifiers.md, \"Model card\").")
 @click.option("--max-batch", default=DEFAULTS["max_batch"], show_default=True,
               type=click.IntRange(1), help="Most images per model call (1: no micro-batching).")
 @click.option("--batch-window-ms", default=DEFAULTS["batch_window_ms"], show_default=True,
@@ -93,7 +96,8 @@ _keys_option = click.option(
               type=click.IntRange(1),
               help="Open connections from one client address; more are refused at once.")
 @click.pass_context
-def main(ctx, keys_path, host, port, model_path, model_name, max_batch, batch_window_ms, max_queue, max_body,
+def main(ctx, keys_path, host, port, model_path, model_name, card_path, max_batch, batch_window_ms,
+         max_queue, max_body,
          max_pixels, top_k, slot_ms, threads, log_level, tls_cert, tls_key, tls_client_ca,
          head_timeout, body_timeout, keep_alive, max_connections, max_per_client):
     """Serve the strong classifier (POST /v1/classify, the v2 protocol's /v2/..., GET /healthz, GET /metrics).
@@ -123,12 +127,19 @@ def main(ctx, keys_path, host, port, model_path, model_name, max_batch, batch_wi
              f"add one with `offload-serve keys add NAME --keys {keys_path}`")
     if model_path is not None and not os.path.isfile(model_path):
         fail(f"model file {model_path} not found")
+    if card_path is not None and not os.path.isfile(card_path):
+        fail(f"card file {card_path} not found")
     with user_errors():  # ModelError is a ValueError
-        model = load_model(model_path)
-        if threads:
+        if threads or card_path:
             from offload.server.model import StrongModel
+            from offload.server.serve import default_model_path
 
-            model = StrongModel(model.path, threads=threads)
+            path = model_path or default_model_path()
+            if path is None:
+                fail("no --model given and the committed strong.onnx was not found")
+            model = StrongModel(path, threads=threads or None, card=card_path)
+        else:
+            model = load_model(model_path)
         app = create_app(model, store, max_batch=max_batch, batch_window_ms=batch_window_ms,
                          max_queue=max_queue, max_body=max_body, max_pixels=max_pixels, top_k=top_k,
                          model_name=model_name)

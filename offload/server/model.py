@@ -6,11 +6,16 @@ writes it from the trained network, see docs/classifiers.md): input
 ``(batch, n_classes)``; its ``metadata_props`` entry ``offload.json`` holds
 the class names and input shape.
 
-Preprocessing is the one training used (``training.train.images_to_tensor``):
-a greyscale ``uint8`` image already ``H x W`` becomes ``pixels / 255``; any
-other image (another size, colour, float) goes through
-:func:`offload.classifier.prepare_image` (OpenCV area/linear resize, BGR ->
-grey by OpenCV's weights), the device's own convention.
+What the model expects is its model card (:mod:`offload.card`): the
+``offload.card`` entry of its ``metadata_props`` (read through ONNX Runtime's
+``custom_metadata_map``; the class names of ``offload.json`` become the
+labels), a ``<model>.card.toml`` beside it, an override (``offload-serve
+--card FILE``), else the defaults, checked against the input tensor at
+start. Images become the input through :func:`offload.preprocess.to_input`,
+the device's and profiling's preprocessing too; with the default card that is
+``pixels / 255`` for a grey uint8 image of the input size and, for any other,
+the device's float resize (OpenCV area/linear, BGR -> grey by OpenCV's
+weights), the convention training used.
 
 ONNX Runtime runs on CUDA when ``CUDAExecutionProvider`` is available (the
 ``onnxruntime-gpu`` package and a GPU), else on the CPU.
@@ -25,7 +30,9 @@ import time
 
 import numpy as np
 
-from offload.classifier import ClassifierError, prepare_image
+from offload import preprocess
+from offload.card import CardError, read_card, resolve, tensor_layout
+from offload.preprocess import ImageError
 
 __all__ = ["ModelError", "StrongModel", "softmax", "top_k", "default_providers", "META_NAME"]
 
@@ -93,15 +100,20 @@ class StrongModel:
         Let ONNX Runtime's idle CPU threads spin-wait for the next call
         (False by default: on a small edge box they would take the cores the
         event loop and the image decoding need).
+    card : ModelCard, str, os.PathLike or dict, optional
+        A card used as it is, or a TOML file / dict of fields overriding what
+        the model carries (:func:`offload.card.read_card`). ``card`` is then
+        the card resolved against the input tensor.
 
     Raises
     ------
     ModelError
-        Missing file, not an ONNX model, or not a one-image-in,
-        one-vector-out classifier.
+        Missing file, not an ONNX model, not a one-image-in,
+        one-vector-out classifier, or a card that is wrong or contradicts the
+        input tensor (the message names both).
     """
 
-    def __init__(self, path, *, providers=None, threads=None, spin=False):
+    def __init__(self, path, *, providers=None, threads=None, spin=False, card=None):
         import onnxruntime as ort
 
         self.path = os.fspath(path)
@@ -124,28 +136,46 @@ class StrongModel:
                              f"got {len(ins)} and {len(outs)}")
         self.input_name, self.output_name = ins[0].name, outs[0].name
         shape = list(ins[0].shape)
-        if ins[0].type != "tensor(float)" or len(shape) != 4 or shape[1] not in (1, 3) \
-                or not all(isinstance(s, int) for s in shape[1:]):
-            raise ModelError(f"{self.path}: input must be float32 (batch, C, H, W), got "
-                             f"{ins[0].type} {shape}")
-        self.channels, self.height, self.width = (int(s) for s in shape[1:])
+        if ins[0].type != "tensor(float)" or len(shape) != 4:
+            raise ModelError(f"{self.path}: input must be float32 (batch, C, H, W) or "
+                             f"(batch, H, W, C), got {ins[0].type} {shape}")
         meta_map = self.session.get_modelmeta().custom_metadata_map or {}
         try:
             self.meta = json.loads(meta_map.get(META_NAME, "{}"))
         except json.JSONDecodeError:
             self.meta = {}
+        try:
+            # ONNX models are NCHW unless the channel axis is plainly last.
+            self.layout = tensor_layout(shape, prefer="NCHW")
+            read = read_card(self.path, override=card, metadata=meta_map)
+            provisional = resolve(read, shape=shape, dtype=np.float32, layout=self.layout,
+                                  path=self.path)
+        except CardError as exc:
+            raise ModelError(str(exc)) from None
+        self.height, self.width, self.channels = (provisional.height, provisional.width,
+                                                  provisional.channels)
         # Learn the class count (and check a batch really passes) with one zero image.
         try:
-            out = self._run(np.zeros((1, self.channels, self.height, self.width), np.float32))
+            out = self._run(np.zeros((1, *self.item_shape), np.float32))
         except Exception as exc:  # noqa: BLE001 - any ORT failure means an unusable model
             raise ModelError(f"{self.path}: a test image does not run ({_ort_message(exc)})") from None
         if out.ndim != 2 or out.shape[0] != 1 or out.shape[1] < 2:
             raise ModelError(f"{self.path}: output must be (batch, n_classes), got {out.shape}")
         self.n_classes = int(out.shape[1])
-        names = self.meta.get("class_names")
-        self.class_names = ([str(c) for c in names]
-                            if isinstance(names, list) and len(names) == self.n_classes else None)
+        try:
+            self.card = resolve(read, shape=shape, dtype=np.float32, layout=self.layout,
+                                n_classes=self.n_classes, path=self.path)
+        except CardError as exc:
+            raise ModelError(str(exc)) from None
+        self.class_names = None if self.card.labels is None else list(self.card.labels)
         self.providers = self.session.get_providers()
+
+    @property
+    def item_shape(self):
+        """One image's input tensor shape without the batch axis: ``(C, H, W)`` or ``(H, W, C)``."""
+        if self.layout == "NCHW":
+            return (self.channels, self.height, self.width)
+        return (self.height, self.width, self.channels)
 
     @property
     def name(self):
@@ -153,20 +183,15 @@ class StrongModel:
         return os.path.basename(self.path)
 
     def prepare(self, image):
-        """One decoded image (``HxW`` grey or ``HxWx3`` BGR, uint8) -> float32 ``(C, H, W)``.
+        """One decoded image (``HxW`` grey or ``HxWx3`` BGR, uint8) -> float32 :attr:`item_shape`.
 
-        Training's rule: an ``H x W`` grey uint8 image is divided by 255 (no
-        resize); everything else goes through ``prepare_image``.
+        :func:`offload.preprocess.to_input` with the model's card (the
+        device's and profiling's preprocessing).
         """
-        a = np.asarray(image)
-        if (self.channels == 1 and a.dtype == np.uint8 and a.ndim == 2
-                and a.shape == (self.height, self.width)):
-            return (a.astype(np.float32) / 255.0)[None]
         try:
-            x = prepare_image(a, self.height, self.width, self.channels)
-        except ClassifierError as exc:
+            return preprocess.to_input(image, self.card, layout=self.layout)[0]
+        except (ImageError, CardError) as exc:
             raise ModelError(str(exc)) from None
-        return np.ascontiguousarray(np.transpose(x, (2, 0, 1)))
 
     def _run(self, batch):
         return self.session.run([self.output_name], {self.input_name: batch})[0]
