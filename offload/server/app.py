@@ -33,7 +33,7 @@ Open Inference Protocol (KServe v2, bodies in ``offload.oip``) for the one model
     order (401, 413 on the declared length, 429 + ``Retry-After`` spending
     one token per request, 413 while streaming), then 404 for another model
     name, 400 for a body that is not the protocol or a tensor that is not
-    the model's input (one FP32 ``[n, C, H, W]`` tensor, ``1 <= n <=
+    the model's input (one FP32 ``[n, C, H, W]`` (or NHWC) tensor, ``1 <= n <=
     max_batch``); each of the ``n`` rows joins the micro-batcher as a
     classify image does (503 when its queue is full). The answer is the
     model's output, logits, as JSON or, when asked
@@ -177,7 +177,7 @@ class _V2Model:
                                           platform="onnxruntime_onnx")
 
     def read(self, body, header_length, opts):
-        """``(request, batch (n, C, H, W) float32)`` of an infer body; :class:`oip.OIPError` if bad."""
+        """``(request, batch (n, *item_shape) float32)`` of an infer body; :class:`oip.OIPError` if bad."""
         per_row = math.prod(self.input.shape[1:])
         req = oip.decode_infer(body, header_length, max_elements=opts["max_batch"] * per_row,
                                max_bytes=opts["max_body"])
