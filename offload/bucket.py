@@ -15,7 +15,7 @@ from offload_native import TokenBucket
 __all__ = ["scale", "Bucket", "TokenBucket", "step_reference", "refill", "slot_index", "slot_start"]
 
 
-def scale(rate, depth, max_denominator=100):
+def scale(rate, depth, max_denominator=100, *, any_rate=False):
     """Turn a real ``(rate, depth)`` into integer ``(N, P, M)`` (SPEC section 1).
 
     For each denominator ``P'`` in ``1..max_denominator`` the error is
@@ -29,6 +29,10 @@ def scale(rate, depth, max_denominator=100):
         Tokens per time slot, ``0 < rate < 1``.
     depth : float
         Bucket depth in tokens, ``depth >= 1``.
+    any_rate : bool
+        Allow ``rate >= 1`` too (then ``N >= P``): a server switch that
+        several devices send through refills more than one send per slot.
+        A device's decision layouts (:class:`Bucket`) need ``rate < 1``.
 
     Returns
     -------
@@ -48,8 +52,9 @@ def scale(rate, depth, max_denominator=100):
         raise ValueError(f"rate={rate!r} and depth={depth!r} must be numbers") from None
     if not (math.isfinite(rate) and math.isfinite(depth)):
         raise ValueError(f"rate={rate} and depth={depth} must be finite")
-    if not 0 < rate < 1:
-        raise ValueError(f"rate={rate} tokens/slot must be in (0, 1)")
+    if not (0 < rate and (any_rate or rate < 1)):
+        raise ValueError(f"rate={rate} tokens/slot must be "
+                         f"{'> 0' if any_rate else 'in (0, 1)'}")
     if depth < 1:
         raise ValueError(f"depth={depth} tokens must be >= 1")
     best = None
@@ -62,7 +67,7 @@ def scale(rate, depth, max_denominator=100):
     N, M = math.floor(rate * p), math.floor(depth * p)
     g = math.gcd(math.gcd(N, p), M) or 1
     N, P, M = N // g, p // g, M // g
-    if N == 0 or N >= P or M < P:
+    if N == 0 or (N >= P and not any_rate) or M < P:
         raise ValueError(
             f"rate={rate}, depth={depth} give N={N}, P={P}, M={M}: no valid bucket "
             f"(need 0 < N < P <= M); use a rate of at least 1/{max_denominator}")

@@ -66,6 +66,7 @@ __all__ = [
     "content_type_ok",
     "answer_body",
     "error_body",
+    "refused_by",
     "check_answer_shape",
     "check_json_shape",
     "load_json",
@@ -247,9 +248,34 @@ def answer_body(classes, scores, *, names=None, inference_ms, batch_size, frame_
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def error_body(message):
-    """The JSON body (``bytes``) of an error answer."""
-    return json.dumps({"error": str(message)}, separators=(",", ":")).encode()
+def error_body(message, *, refused_by=None, bucket=None):
+    """The JSON body (``bytes``) of an error answer.
+
+    A 429 also says which bucket refused the request: ``refused_by`` is
+    ``"key"`` (the key's own bucket) or ``"switch"`` (the shared bucket named
+    ``bucket`` that several keys send through).
+    """
+    obj = {"error": str(message)}
+    if refused_by is not None:
+        obj["refused_by"] = str(refused_by)
+        if bucket is not None:
+            obj["bucket"] = str(bucket)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def refused_by(body):
+    """``"key"``, ``"switch"``, ... from an error answer's body (``bytes``), or ``None``.
+
+    Never raises: a body that is not the server's JSON says nothing.
+    """
+    if not isinstance(body, (bytes, bytearray)) or len(body) > MAX_ANSWER_BYTES:
+        return None
+    try:
+        obj = json.loads(bytes(body).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    who = obj.get("refused_by") if isinstance(obj, dict) else None
+    return who if isinstance(who, str) else None
 
 
 def check_answer_shape(body):

@@ -38,6 +38,8 @@ if command -v apt-get >/dev/null 2>&1; then
     if [ "$extras" = "all" ]; then pkgs="$pkgs dataset-fashion-mnist"; fi
     # offload-firmware build (sfdisk, mtools, debugfs) and its tests' synthetic images (mkfs.vfat).
     if [ "$extras" = "all" ]; then pkgs="$pkgs fdisk mtools dosfstools e2fsprogs"; fi
+    # The Redis the server tests start on a loopback port (offload-serve --state redis://).
+    if [ "$extras" = "all" ]; then pkgs="$pkgs redis-server"; fi
     missing=""
     for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
     if [ -n "$missing" ]; then

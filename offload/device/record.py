@@ -31,6 +31,8 @@ class Outcome(enum.Enum):
     NET_ERROR = "net-error"           # any other network error
     TLS_ERROR = "tls-error"           # TLS refused: chain, host name, expiry, or no TLS at all
     HTTP = "http"                     # a non-200 status: logged as ``http-<status>``
+    SWITCH_REFUSED = "switch-refused"  # a 429 from the link the device shares (the server's
+                                       # switch), not from its own bucket: its token is spent
     REDIRECT = "redirect"             # a 3xx answer: not followed
     HELD_OFF = "held-off"             # not sent: Retry-After still running
     BAD_ANSWER = "bad-answer"         # a 200 answer that breaks the wire format

@@ -23,6 +23,7 @@ Outcomes (``Result.outcome``, an :class:`offload.device.record.Outcome`):
 ``TLS_ERROR``    ``https://`` only: the certificate chain, host name or dates do not verify,
                  the server speaks no TLS, or refused this device's certificate; nothing was sent
 ``HTTP``         the server answered with status ``Result.http_status`` (401, 429, 500, ...)
+``SWITCH_REFUSED`` a 429 whose body says the shared switch refused it (``wire.refused_by``)
 ``REDIRECT``     the server answered 3xx; redirects are never followed
 ``HELD_OFF``     not sent: the server asked to wait (``Retry-After`` on a 429 or 503)
 ``BAD_ANSWER``   an answer that breaks HTTP/1.1, the wire format or a bound (too large,
@@ -539,7 +540,9 @@ class Sender:
             wait = retry_after_seconds(resp.header("Retry-After")) if status in (429, 503) else None
             if wait:
                 self._hold_until = max(self._hold_until, self.clock() + wait)
-            return Result(fid, Outcome.HTTP, http_status=status, transmission_ms=rtt_ms,
+            switch = status == 429 and wire.refused_by(resp.body) == "switch"
+            return Result(fid, Outcome.SWITCH_REFUSED if switch else Outcome.HTTP,
+                          http_status=status, transmission_ms=rtt_ms,
                           error=resp.body[:200].decode("utf-8", "replace"), **times)
         try:
             ans = self.protocol.parse(resp)

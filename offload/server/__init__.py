@@ -4,7 +4,8 @@ Modules, one concept each:
 
 - ``model``: the ONNX strong model (ONNX Runtime, CUDA when present) and its preprocessing;
 - ``batcher``: micro-batching of concurrent requests into one model call;
-- ``keys``: the TOML key file (hashes only) and per-key token buckets;
+- ``keys``: the TOML key file (hashes only), per-key token buckets and switches;
+- ``state``: where the buckets live: in memory, or in Redis shared by replicas;
 - ``images``: request bodies to images, picture size checked before decoding;
 - ``app``: the Starlette app (classify, ``/healthz``, ``/metrics``);
 - ``guard``: per-connection deadlines, connection caps and TLS under uvicorn;

@@ -14,8 +14,11 @@ Endpoints (``offload.wire`` documents the bodies):
     JSON and counts in ``/metrics``): ``Authorization: Bearer KEY`` (401),
     ``Content-Type`` image/jpeg or image/png (415), declared
     ``Content-Length`` over ``max_body`` (413, nothing read), the key's
-    token bucket (429 + ``Retry-After``; a request that gets this far spends
-    a token, as a device spends one when it sends), the body streamed in and
+    token bucket then its switch's (429 + ``Retry-After``, the body's
+    ``refused_by`` saying ``key`` or ``switch``; a request that gets this far
+    spends a token, as a device spends one when it sends; with ``--state
+    redis://`` the buckets are shared by every replica, ``offload.server.state``;
+    503 when that state cannot be reached and fails closed), the body streamed in and
     counted (413 as soon as it passes ``max_body``), image header and decode
     (400), batch queue room (503). Then the image joins a micro-batch
     (``offload.server.batcher``) and the answer is the top-k classes.
@@ -48,7 +51,12 @@ Open Inference Protocol (KServe v2, bodies in ``offload.oip``) for the one model
     call), ``offload_queue_depth``; and, from the connection guard
     (``offload.server.guard``), ``offload_deadline_hits_total{phase}``,
     ``offload_connections_refused_total{reason}``,
-    ``offload_tls_failures_total{error}`` and ``offload_open_connections``.
+    ``offload_tls_failures_total{error}`` and ``offload_open_connections``;
+    and, from the bucket state (``offload.server.state``),
+    ``offload_key_requests_total{key,result}``,
+    ``offload_switch_requests_total{switch,result}``, ``offload_state_seconds``
+    (Redis round trip), ``offload_state_failures_total{reason}``,
+    ``offload_state_fallbacks_total{mode}`` and ``offload_state_up``.
     Each app has its own
     ``CollectorRegistry``, so several apps in one process do not collide.
 """
@@ -79,6 +87,7 @@ from offload.server.batcher import Batcher, Overloaded
 from offload.server.images import DEFAULT_MAX_PIXELS, decode_body, image_size
 from offload.server.keys import KeyStore
 from offload.server.model import ModelError, StrongModel, softmax, top_k
+from offload.server.state import MemoryState
 
 __all__ = ["create_app", "DEFAULTS", "DEADLINE_SCOPE_KEY", "CLIENT_CERT_SCOPE_KEY"]
 
@@ -145,6 +154,23 @@ class _Metrics:
 def _error(status, message, headers=None):
     return Response(wire.error_body(message), status_code=status, media_type="application/json",
                     headers=headers)
+
+
+def _refused(decision):
+    """The answer to a request its bucket, its switch or the shared state refused."""
+    wait = decision.wait_s
+    # Retry-After is whole seconds (RFC 9110); the message has the exact time.
+    headers = {"Retry-After": str(max(1, int(np.ceil(wait))))}
+    if decision.refused_by == "state":
+        return _error(503, "the shared rate-limit state does not answer; try again", headers)
+    if decision.refused_by == "switch":
+        what = f"switch {decision.bucket!r} (a link several keys share)"
+    else:
+        what = f"key {decision.bucket!r}"
+    return Response(wire.error_body(f"rate limit of {what}: its bucket is empty; the next token "
+                                    f"is there in {wait:.3f} s",
+                                    refused_by=decision.refused_by, bucket=decision.bucket),
+                    status_code=429, media_type="application/json", headers=headers)
 
 
 def _pixels(body, content_type):
@@ -216,9 +242,11 @@ class _V2Model:
 class _Service:
     """The state behind one app: model, keys, batcher, metrics, options."""
 
-    def __init__(self, model, keys, opts, registry):
+    def __init__(self, model, keys, opts, registry, state):
         self.model, self.keys, self.opts = model, keys, opts
         self.metrics = _Metrics(registry)
+        self.state = state
+        state.bind(registry)
         self.batcher = Batcher(self._run_batch, max_batch=opts["max_batch"],
                                window_s=opts["batch_window_ms"] / 1000.0,
                                max_queue=opts["max_queue"], on_batch=self._on_batch)
@@ -278,16 +306,11 @@ class _Service:
                                f"{self.opts['max_body']} bytes")
         return None
 
-    @staticmethod
-    def _spend(grant):
-        """Take the key's token: None, or the 429 answer with ``Retry-After``."""
-        allowed, wait = grant.take()  # the bucket of the key set that accepted the key
-        if allowed:
-            return None
-        # Retry-After is whole seconds (RFC 9110); the message has the exact time.
-        return _error(429, f"rate limit of key {grant.name!r}: its bucket is empty; the next token "
-                           f"is there in {wait:.3f} s",
-                      {"Retry-After": str(max(1, int(np.ceil(wait))))})
+    async def _spend(self, grant):
+        """Take the key's token (and its switch's): None, or the refusal (429 + ``Retry-After``, 503)."""
+        # The buckets of the key set that accepted the key: its own, then its switch's.
+        decision = await self.state.admit(grant)
+        return None if decision.allowed else _refused(decision)
 
     async def _read_body(self, request):
         """``(body, None)``, or ``(None, answer)`` for 413 past ``max_body``, 408 or 499."""
@@ -318,7 +341,7 @@ class _Service:
         frame_id = request.headers.get(wire.FRAME_ID_HEADER)
         if frame_id is not None and len(frame_id) > MAX_FRAME_ID:
             return _error(400, f"{wire.FRAME_ID_HEADER} longer than {MAX_FRAME_ID} characters")
-        refused = self._spend(grant)
+        refused = await self._spend(grant)
         if refused is not None:
             return refused
         body, refused = await self._read_body(request)
@@ -369,7 +392,7 @@ class _Service:
         if name != self.v2.name:
             return _error(404, f"no model {name[:oip.MAX_NAME_CHARS]!r} here (this server has "
                                f"{self.v2.name!r})")
-        refused = self._declared_too_large(request) or self._spend(grant)
+        refused = self._declared_too_large(request) or await self._spend(grant)
         if refused is not None:
             return refused
         body, refused = await self._read_body(request)
@@ -423,7 +446,7 @@ class _Service:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(model, keys, *, registry=None, **options):
+def create_app(model, keys, *, registry=None, state=None, **options):
     """The Starlette app of the edge server.
 
     Parameters
@@ -434,6 +457,9 @@ def create_app(model, keys, *, registry=None, **options):
         Accepted keys (``KeyStore.from_file(path)`` or ``KeyStore.single(key)``).
     registry : prometheus_client.CollectorRegistry, optional
         Where the metrics live (a new one by default).
+    state : offload.server.state.MemoryState or RedisState, optional
+        Where the buckets live (``offload.server.state.open_state``); in this
+        process by default. Closed when the app stops.
     **options
         ``max_batch`` (inputs per model call, 32), ``batch_window_ms`` (2.0),
         ``max_queue`` (1024 waiting inputs before 503), ``max_body`` (bytes,
@@ -459,7 +485,8 @@ def create_app(model, keys, *, registry=None, **options):
         raise TypeError("keys must be an offload.server.keys.KeyStore")
     if not isinstance(model, StrongModel):
         model = StrongModel(model)
-    service = _Service(model, keys, opts, registry or CollectorRegistry())
+    state = MemoryState() if state is None else state
+    service = _Service(model, keys, opts, registry or CollectorRegistry(), state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -470,6 +497,7 @@ def create_app(model, keys, *, registry=None, **options):
             keys.stop_watching()
         service.stopping = True
         await service.batcher.stop()
+        await state.close()
 
     async def json_http_error(request, exc):
         return _error(exc.status_code, exc.detail or "error", getattr(exc, "headers", None))

@@ -2,12 +2,16 @@
 
 ::
 
-    offload-serve keys add camera-01 --keys keys.toml [--rate 0.1 --depth 4]   # prints the key
+    offload-serve keys add camera-01 --keys keys.toml [--rate 0.1 --depth 4] [--switch uplink]
+    offload-serve keys switch add uplink --rate 1.2 --depth 16 --keys keys.toml   # a shared link
+    offload-serve keys switch list --keys keys.toml
+    offload-serve keys switch remove uplink --keys keys.toml [--detach]
     offload-serve keys list --keys keys.toml
     offload-serve keys rotate camera-01 --keys keys.toml [--overlap 24h]   # prints the new key
     offload-serve keys revoke camera-01 --keys keys.toml
     offload-serve keys remove camera-01 --keys keys.toml
     offload-serve --keys keys.toml [--host 127.0.0.1] [--port 8080] [--model strong.onnx] ...
+    offload-serve --keys keys.toml --state redis://127.0.0.1:6379/0   # replicas share the buckets
     offload-serve tls init tls/ --server-name edge.lan --ip 10.0.0.2 --devices cam1,cam2
     offload-serve --keys keys.toml --host 0.0.0.0 --tls-cert tls/server.pem --tls-key tls/server.key
 
@@ -29,6 +33,7 @@ from offload.commandline import fail, user_errors
 from offload.server.app import DEFAULTS
 from offload.server.guard import Limits
 from offload.server.keyfile import DEFAULT_OVERLAP
+from offload.server.state import DEFAULT_FAILURE, DEFAULT_TIMEOUT_MS, FAILURE_MODES
 
 _LIMITS = Limits()
 
@@ -69,6 +74,16 @@ _keys_option = click.option(
               help="Classes in each answer (at most what a device accepts in one answer).")
 @click.option("--slot-ms", default=200.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="Time slot of the per-key token buckets, ms.")
+@click.option("--state", "state_url", default=None, metavar="URL",
+              help="Keep every key bucket and switch in Redis (redis://HOST:PORT/DB), shared "
+                   "by all replicas [default: in this process].")
+@click.option("--state-timeout-ms", default=DEFAULT_TIMEOUT_MS, show_default=True,
+              type=click.FloatRange(0, min_open=True),
+              help="Longest wait for Redis per request, ms; then --state-failure decides.")
+@click.option("--state-failure", default=DEFAULT_FAILURE, show_default=True,
+              type=click.Choice(FAILURE_MODES),
+              help="Redis unreachable: open = this replica's own buckets decide; "
+                   "closed = refuse (503).")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
               help="ONNX Runtime CPU threads (0: its default, all cores).")
 @click.option("--log-level", default="info", show_default=True,
@@ -96,9 +111,9 @@ _keys_option = click.option(
               type=click.IntRange(1),
               help="Open connections from one client address; more are refused at once.")
 @click.pass_context
-def main(ctx, keys_path, host, port, model_path, model_name, card_path, max_batch, batch_window_ms,
-         max_queue, max_body,
-         max_pixels, top_k, slot_ms, threads, log_level, tls_cert, tls_key, tls_client_ca,
+def main(ctx, keys_path, host, port, model_path, model_name, card_path, max_batch,
+         batch_window_ms, max_queue, max_body, max_pixels, top_k, slot_ms, state_url,
+         state_timeout_ms, state_failure, threads, log_level, tls_cert, tls_key, tls_client_ca,
          head_timeout, body_timeout, keep_alive, max_connections, max_per_client):
     """Serve the strong classifier (POST /v1/classify, the v2 protocol's /v2/..., GET /healthz, GET /metrics).
 
@@ -129,6 +144,11 @@ def main(ctx, keys_path, host, port, model_path, model_name, card_path, max_batc
         fail(f"model file {model_path} not found")
     if card_path is not None and not os.path.isfile(card_path):
         fail(f"card file {card_path} not found")
+    from offload.server.state import open_state
+
+    with user_errors():  # a StateError is a ValueError: never serve unlimited by mistake
+        state = open_state(state_url, timeout_ms=state_timeout_ms, failure=state_failure,
+                           slot_s=slot_ms / 1000.0)
     with user_errors():  # ModelError is a ValueError
         if threads or card_path:
             from offload.server.model import StrongModel
@@ -142,13 +162,14 @@ def main(ctx, keys_path, host, port, model_path, model_name, card_path, max_batc
             model = load_model(model_path)
         app = create_app(model, store, max_batch=max_batch, batch_window_ms=batch_window_ms,
                          max_queue=max_queue, max_body=max_body, max_pixels=max_pixels, top_k=top_k,
-                         model_name=model_name)
+                         state=state, model_name=model_name)
 
     def ready(url):
         limited = sum(1 for n in store.names if store.bucket(n) is not None)
         click.echo(f"offload-serve: {model.name} (v2: /v2/models/{app.state.service.v2.name}) "
                    f"on {', '.join(model.providers)}; "
-                   f"{len(store)} keys ({limited} rate-limited, {slot_ms:g} ms slots); "
+                   f"{len(store)} keys ({limited} rate-limited, {slot_ms:g} ms slots), "
+                   f"{len(store.switches)} switches, {state.describe()}; "
                    f"micro-batches up to {max_batch} within {batch_window_ms:g} ms; "
                    f"listening on {url}", err=True)
         if ssl_context is None and not is_loopback(host):
@@ -211,7 +232,9 @@ def keys():
               help="Token-bucket rate of this key, tokens per slot (0 < rate < 1); with --depth.")
 @click.option("--depth", type=float, default=None,
               help="Token-bucket depth, tokens (>= 1); with --rate.")
-def keys_add(name, keys_path, rate, depth):
+@click.option("--switch", "switch", default=None, metavar="SWITCH",
+              help="Its requests also pass this switch (`keys switch add` it first).")
+def keys_add(name, keys_path, rate, depth, switch):
     """Create a key NAME (and the key file if needed); print the key on the last line.
 
     Only a SHA-256 hash is stored: the printed key cannot be shown again.
@@ -219,8 +242,9 @@ def keys_add(name, keys_path, rate, depth):
     from offload.server.keys import add_key
 
     with user_errors():  # a KeyFileError is a ValueError
-        key = add_key(keys_path, name, rate=rate, depth=depth)
+        key = add_key(keys_path, name, rate=rate, depth=depth, switch=switch)
     limit = f" with a bucket of rate {rate} tokens/slot, depth {depth}" if rate is not None else ""
+    limit += f", through switch {switch!r}" if switch else ""
     click.echo(f"added key {name!r}{limit} to {keys_path}; it is shown only now:", err=True)
     click.echo(key)
 
@@ -241,6 +265,7 @@ def keys_list(keys_path):
     now = time.time()
     for e in entries.values():
         limit = f"rate={e.rate:g} depth={e.depth:g}" if e.limited else "unlimited"
+        limit += f" switch={e.switch}" if e.switch else ""
         click.echo(f"{e.name}\t{e.created or '-'}\t{limit}\t{e.state(now)}")
 
 
@@ -300,6 +325,57 @@ def keys_remove(name, keys_path):
     with user_errors():  # a KeyFileError is a ValueError
         remove_key(keys_path, name)
     click.echo(f"removed key {name!r} from {keys_path}", err=True)
+
+
+@keys.group("switch")
+def keys_switch():
+    """Switches: buckets several keys share (the link they send through)."""
+
+
+@keys_switch.command("add")
+@click.argument("name")
+@_keys_option
+@click.option("--rate", type=float, required=True,
+              help="Tokens per slot the switch lets through (> 0; may be >= 1 for many devices).")
+@click.option("--depth", type=float, required=True, help="Switch depth, tokens (>= 1: one send).")
+def switch_add(name, keys_path, rate, depth):
+    """Define switch NAME (or change its rate and depth); then `keys add KEY --switch NAME`."""
+    from offload.server.keys import add_switch
+
+    with user_errors():  # a KeyFileError is a ValueError
+        old = add_switch(keys_path, name, rate=rate, depth=depth)
+    was = "" if old is None else f" (was rate {old.rate:g}, depth {old.depth:g})"
+    click.echo(f"{'changed' if old else 'added'} switch {name!r}: rate {rate:g} tokens/slot, "
+               f"depth {depth:g}{was} in {keys_path}", err=True)
+
+
+@keys_switch.command("remove")
+@click.argument("name")
+@_keys_option
+@click.option("--detach", is_flag=True, help="Also take the keys that use it off it.")
+def switch_remove(name, keys_path, detach):
+    """Remove switch NAME (refused while keys use it, unless --detach)."""
+    from offload.server.keys import remove_switch
+
+    with user_errors():  # a KeyFileError is a ValueError
+        users = remove_switch(keys_path, name, detach=detach)
+    off = f"; keys {', '.join(users)} no longer pass a switch" if users else ""
+    click.echo(f"removed switch {name!r} from {keys_path}{off}", err=True)
+
+
+@keys_switch.command("list")
+@_keys_option
+def switch_list(keys_path):
+    """List switches, tab-separated: NAME, BUCKET, KEYS (comma-separated)."""
+    from offload.server.keys import read_key_file
+
+    with user_errors():  # a KeyFileError is a ValueError
+        entries = read_key_file(keys_path)
+    if not entries.switches:
+        click.echo(f"{keys_path}: no switches", err=True)
+    for sw in entries.switches.values():
+        users = ",".join(entries.keys_of_switch(sw.name)) or "-"
+        click.echo(f"{sw.name}\trate={sw.rate:g} depth={sw.depth:g}\t{users}")
 
 
 @main.group()

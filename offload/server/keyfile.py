@@ -12,6 +12,15 @@ Key file (written by ``offload-serve keys add/rotate/revoke/remove``)::
     previous = [{ sha256 = "2c26b46b...", expires = "2026-12-02T09:00:00Z" }]
                                         # optional: old keys, still valid until `expires` (UTC)
     revoked = "2026-12-03T10:00:00Z"   # optional: every key of this name refused since then
+    switch = "uplink"                   # optional: the switch this key's requests also pass
+
+    [switches."uplink"]                 # a shared bucket several keys send through
+    rate = 1.2                          # tokens per slot, > 0 (may be >= 1: many devices)
+    depth = 16                          # tokens, >= 1 (one send)
+
+A switch (``keys switch add/remove/list``) is a bucket several keys belong
+to: the link they share. A key naming a switch the file does not define, or
+a switch smaller than one send, is refused when the file is read.
 
 Files without ``rotated``/``previous``/``revoked`` (what earlier versions
 wrote) read as before: one current key per name. Times are UTC, written
@@ -46,16 +55,17 @@ from offload.atomic import atomic_path
 from offload.bucket import scale
 
 __all__ = [
-    "KeyFileError", "KeyEntry", "OldKey", "hash_key", "new_key", "read_key_file",
-    "parse_key_file", "write_key_file", "add_key", "remove_key", "rotate_key", "revoke_key",
-    "parse_duration", "format_time", "check_name", "check_bucket", "NAME_PATTERN",
-    "DEFAULT_OVERLAP",
+    "KeyFileError", "KeyEntry", "OldKey", "SwitchEntry", "KeyTable", "hash_key", "new_key",
+    "read_key_file", "parse_key_file", "write_key_file", "add_key", "remove_key", "rotate_key",
+    "revoke_key", "add_switch", "remove_switch", "parse_duration", "format_time", "check_name",
+    "check_bucket", "check_switch", "NAME_PATTERN", "DEFAULT_OVERLAP",
 ]
 
 #: Key names: letters, digits, ``.``, ``_``, ``-``; 1..64 characters.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
-_FIELDS = {"sha256", "created", "rate", "depth", "rotated", "previous", "revoked"}
+_FIELDS = {"sha256", "created", "rate", "depth", "rotated", "previous", "revoked", "switch"}
+_SWITCH_FIELDS = {"rate", "depth"}
 #: How long ``keys rotate`` keeps the old key valid by default.
 DEFAULT_OVERLAP = "24h"
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -120,13 +130,15 @@ class KeyEntry:
     was revoked (``""``: not revoked), after which none of its keys is valid.
     """
 
-    __slots__ = ("name", "sha256", "created", "rate", "depth", "rotated", "previous", "revoked")
+    __slots__ = ("name", "sha256", "created", "rate", "depth", "rotated", "previous", "revoked",
+                 "switch")
 
     def __init__(self, name, sha256, created="", rate=None, depth=None, *, rotated="",
-                 previous=(), revoked=""):
+                 previous=(), revoked="", switch=None):
         self.name, self.sha256, self.created = name, sha256, created
         self.rate, self.depth = rate, depth
         self.rotated, self.previous, self.revoked = rotated, tuple(previous), revoked
+        self.switch = switch  # name of the switch its requests also pass, or None
 
     @property
     def limited(self):
@@ -149,8 +161,33 @@ class KeyEntry:
 
     def __repr__(self):
         lim = f", rate={self.rate}, depth={self.depth}" if self.limited else ""
+        lim += f", switch={self.switch!r}" if self.switch else ""
         extra = f", previous={len(self.previous)}" if self.previous else ""
         return f"KeyEntry({self.name!r}{lim}{extra}{', revoked' if self.revoked else ''})"
+
+
+class SwitchEntry(NamedTuple):
+    """A switch of the key file: a bucket of ``rate`` tokens per slot and ``depth`` tokens."""
+
+    name: str
+    rate: float
+    depth: float
+
+
+class KeyTable(dict):
+    """``{name: KeyEntry}`` in file order, plus the file's ``switches`` ``{name: SwitchEntry}``.
+
+    A plain dict to every caller that only needs the keys; :func:`write_key_file`
+    writes the switches back, so an edit of a key keeps them.
+    """
+
+    def __init__(self, entries=(), switches=None):
+        super().__init__(entries)
+        self.switches = dict(switches or {})
+
+    def keys_of_switch(self, name):
+        """Names of the keys whose requests pass switch ``name``."""
+        return [e.name for e in self.values() if e.switch == name]
 
 
 def check_name(name):
@@ -174,6 +211,51 @@ def check_bucket(name, rate, depth):
     except ValueError as exc:
         raise KeyFileError(f"key {name!r}: {exc}") from None
     return float(rate), float(depth)
+
+
+def check_switch(name, rate, depth):
+    """``(rate, depth)`` as floats when valid for a switch ``name``; else :class:`KeyFileError`.
+
+    A switch may refill more than one send per slot (``rate >= 1``: the link
+    of many devices) but must hold at least one send (``depth >= 1`` token).
+    """
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise KeyFileError(f"switch name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    for what, v in (("rate", rate), ("depth", depth)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise KeyFileError(f"switch {name!r}: {what} must be a number, got {v!r}")
+    if not (math.isfinite(rate) and math.isfinite(depth) and rate > 0):
+        raise KeyFileError(f"switch {name!r}: rate {rate!r} tokens/slot must be a number > 0")
+    if depth < 1:
+        raise KeyFileError(f"switch {name!r}: depth {depth:g} is smaller than one send "
+                           f"(1 token); give depth >= 1")
+    try:
+        scale(rate, depth, any_rate=True)
+    except ValueError as exc:
+        raise KeyFileError(f"switch {name!r}: {exc}") from None
+    return float(rate), float(depth)
+
+
+def _switches(path, doc):
+    table = doc.get("switches", {})
+    if not isinstance(table, dict):
+        raise KeyFileError(f"key file {path}: 'switches' must be a table of [switches.NAME] entries")
+    out = {}
+    for name, entry in table.items():
+        if not isinstance(entry, dict):
+            raise KeyFileError(f"key file {path}: switch {name!r} must be a table with rate "
+                               f"and depth")
+        extra = sorted(set(entry) - _SWITCH_FIELDS)
+        missing = sorted(_SWITCH_FIELDS - set(entry))
+        if extra or missing:
+            raise KeyFileError(f"key file {path}: switch {name!r} needs exactly rate and depth"
+                               + (f" (unknown: {extra})" if extra else "")
+                               + (f" (missing: {missing})" if missing else ""))
+        try:
+            out[name] = SwitchEntry(name, *check_switch(name, entry["rate"], entry["depth"]))
+        except KeyFileError as exc:
+            raise KeyFileError(f"key file {path}: {exc}") from None
+    return out
 
 
 def _check_hash(name, h, what="sha256"):
@@ -211,17 +293,22 @@ def _entry(name, entry):
     if extra:
         raise KeyFileError(f"key {name!r}: unknown fields {extra}")
     rate, depth = check_bucket(name, entry.get("rate"), entry.get("depth"))
+    switch = entry.get("switch")
+    if switch is not None and not isinstance(switch, str):
+        raise KeyFileError(f"key {name!r}: switch must be the name of a [switches.NAME] entry")
     return KeyEntry(name, h, str(entry.get("created", "")), rate, depth,
                     rotated=_time_field(name, entry, "rotated"),
                     previous=_previous(name, entry.get("previous", [])),
-                    revoked=_time_field(name, entry, "revoked"))
+                    revoked=_time_field(name, entry, "revoked"), switch=switch)
 
 
 def parse_key_file(data, path="<key file>"):
-    """Check key-file ``data`` (bytes); returns ``{name: KeyEntry}`` in file order.
+    """Check key-file ``data`` (bytes); returns a :class:`KeyTable` ``{name: KeyEntry}`` in file order.
 
-    Raises :class:`KeyFileError` for bad TOML, a bad entry, or one key hash
-    listed twice (one key would stand for two names, or for itself twice).
+    Raises :class:`KeyFileError` for bad TOML, a bad entry, one key hash
+    listed twice (one key would stand for two names, or for itself twice), a
+    switch smaller than one send, or a key naming a switch the file does not
+    define.
     """
     try:
         doc = tomllib.loads(data.decode("utf-8"))
@@ -230,10 +317,10 @@ def parse_key_file(data, path="<key file>"):
     table = doc.get("keys", {})
     if not isinstance(table, dict):
         raise KeyFileError(f"key file {path}: 'keys' must be a table of [keys.NAME] entries")
-    unknown = sorted(set(doc) - {"keys"})
+    unknown = sorted(set(doc) - {"keys", "switches"})
     if unknown:
         raise KeyFileError(f"key file {path}: unknown top-level entries {unknown}")
-    out, owner = {}, {}
+    out, owner = KeyTable(switches=_switches(path, doc)), {}
     for name, entry in table.items():
         try:
             e = _entry(name, entry)
@@ -244,6 +331,11 @@ def parse_key_file(data, path="<key file>"):
                 raise KeyFileError(f"key file {path}: the hash {h[:12]}... is listed twice "
                                    f"(keys {owner[h]!r} and {name!r})")
             owner[h] = name
+        if e.switch is not None and e.switch not in out.switches:
+            raise KeyFileError(
+                f"key file {path}: key {name!r} names switch {e.switch!r}, which the file does "
+                f"not define (defined: {', '.join(out.switches) or 'none'}); add it with "
+                f"`offload-serve keys switch add {e.switch} --rate R --depth B`")
         out[name] = e
     return out
 
@@ -272,10 +364,16 @@ def read_key_file(path):
 
 
 def write_key_file(path, entries):
-    """Write ``{name: KeyEntry}`` as a key file, atomically (``offload.atomic``), mode 0600."""
+    """Write ``{name: KeyEntry}`` (and a :class:`KeyTable`'s switches) as a key file.
+
+    Atomically (``offload.atomic``), mode 0600.
+    """
     lines = ["# offload-serve key file: SHA-256 hashes of API keys, never the keys.",
-             "# Manage it with `offload-serve keys add/list/rotate/revoke/remove`; "
-             "see docs/server.md.", ""]
+             "# Manage it with `offload-serve keys add/list/rotate/revoke/remove` and "
+             "`keys switch add/remove`; see docs/server.md.", ""]
+    for sw in getattr(entries, "switches", {}).values():
+        lines += [f'[switches."{sw.name}"]', f"rate = {float(sw.rate)!r}",
+                  f"depth = {float(sw.depth)!r}", ""]
     for e in entries.values():
         check_name(e.name)
         lines.append(f'[keys."{e.name}"]')
@@ -286,6 +384,8 @@ def write_key_file(path, entries):
         if e.limited:
             lines.append(f"rate = {float(e.rate)!r}")
             lines.append(f"depth = {float(e.depth)!r}")
+        if e.switch:
+            lines.append(f'switch = "{e.switch}"')
         if e.previous:
             olds = ", ".join(f'{{ sha256 = "{o.sha256}", expires = "{format_time(o.expires)}" }}'
                              for o in e.previous)
@@ -306,26 +406,67 @@ def _entry_of(entries, path, name):
     return entries[name]
 
 
-def add_key(path, name, *, rate=None, depth=None, key=None, now=None):
+def add_key(path, name, *, rate=None, depth=None, key=None, now=None, switch=None):
     """Add a new key named ``name`` to the key file (created when missing); returns the key.
 
     The key itself (``new_key()`` unless given) is returned once and never
     stored. ``now``: Unix seconds of the creation time (default: the clock).
+    ``switch``: name of a switch of the file its requests also pass.
     Raises :class:`KeyFileError` for a bad name, an existing name (revoked
-    ones included), a bad bucket, or a damaged existing file.
+    ones included), a bad bucket, an undefined switch, or a damaged existing file.
     """
     check_name(name)
     rate, depth = check_bucket(name, rate, depth)
-    entries = read_key_file(path) if os.path.exists(path) else {}
+    entries = read_key_file(path) if os.path.exists(path) else KeyTable()
+    if switch is not None and switch not in entries.switches:
+        raise KeyFileError(f"no switch named {switch!r} in {path} (switches: "
+                           f"{', '.join(entries.switches) or 'none'}); add it first with "
+                           f"`offload-serve keys switch add {switch} --rate R --depth B`")
     if name in entries:
         how = f" (revoked {entries[name].revoked})" if entries[name].revoked else ""
         raise KeyFileError(f"a key named {name!r} already exists in {path}{how}; "
                            f"remove it first (`offload-serve keys remove {name}`)")
     key = key or new_key()
     created = format_time(time.time() if now is None else now)
-    entries[name] = KeyEntry(name, hash_key(key), created, rate, depth)
+    entries[name] = KeyEntry(name, hash_key(key), created, rate, depth, switch=switch)
     write_key_file(path, entries)
     return key
+
+
+def add_switch(path, name, *, rate, depth):
+    """Define switch ``name`` (``rate`` tokens/slot, ``depth`` tokens), or change an existing one.
+
+    Creates the key file when missing. Returns the previous
+    :class:`SwitchEntry` (``None`` for a new switch). Raises
+    :class:`KeyFileError` for a bad name or bucket, or a damaged file.
+    """
+    rate, depth = check_switch(name, rate, depth)
+    entries = read_key_file(path) if os.path.exists(path) else KeyTable()
+    old = entries.switches.get(name)
+    entries.switches[name] = SwitchEntry(name, rate, depth)
+    write_key_file(path, entries)
+    return old
+
+
+def remove_switch(path, name, *, detach=False):
+    """Remove switch ``name``; returns the names of the keys taken off it.
+
+    A switch still named by keys is refused unless ``detach``, which takes
+    those keys off it (they are then limited by their own buckets only).
+    """
+    entries = read_key_file(path)
+    if name not in entries.switches:
+        raise KeyFileError(f"no switch named {name!r} in {path} (switches: "
+                           f"{', '.join(entries.switches) or 'none'})")
+    users = entries.keys_of_switch(name)
+    if users and not detach:
+        raise KeyFileError(f"switch {name!r} is used by keys {', '.join(users)}; "
+                           f"give --detach to take them off it too")
+    for user in users:
+        entries[user].switch = None
+    del entries.switches[name]
+    write_key_file(path, entries)
+    return users
 
 
 def remove_key(path, name):

@@ -18,6 +18,16 @@ spends ``P``. That is the device's ``n <- min(M, n - P*a + N*I)`` with ``I``
 the slots between two requests; two requests in the same slot see no refill
 between them.
 
+Switches: a name with ``switch = "S"`` also passes switch ``S``'s bucket
+(``[switches."S"]`` of the key file; the same bucket and slots, but a rate
+that may be >= 1 token per slot, since many devices share it). A request is
+checked against its key's bucket first; one refused there never touches the
+switch. One the key's bucket lets through has spent its key token even when
+the switch then refuses it, as a device's send the shared link drops has
+spent the device's token (the fleet model, docs/fleet.md). :meth:`Grant.admit`
+says which bucket refused (:class:`Decision`). These in-memory buckets are
+one replica's; ``offload.server.state`` keeps them in Redis for many.
+
 Reloading (:class:`KeyStore`): the file is looked at every ``reload_s``
 seconds (default 0.25 s; a watcher thread while the app runs, and on
 requests). A changed file is loaded once two looks ``reload_s`` apart see
@@ -42,18 +52,21 @@ import signal
 import threading
 import time
 
-from offload.bucket import Bucket, refill, slot_index, slot_start
+from typing import NamedTuple, Optional
+
+from offload.bucket import Bucket, refill, scale, slot_index, slot_start
 from offload.server.keyfile import (
-    NAME_PATTERN, KeyEntry, KeyFileError, OldKey, add_key, check_bucket, check_name, hash_key,
-    new_key, parse_key_file,
-    read_key_file, remove_key, revoke_key, rotate_key, write_key_file,
+    NAME_PATTERN, KeyEntry, KeyFileError, KeyTable, OldKey, SwitchEntry, add_key, add_switch,
+    check_bucket, check_name, hash_key, new_key, parse_key_file, read_key_file, remove_key,
+    remove_switch, revoke_key, rotate_key, write_key_file,
 )
 
 
 __all__ = [
-    "KeyFileError", "KeyEntry", "OldKey", "KeyStore", "KeyBucket", "Grant", "hash_key",
-    "new_key", "read_key_file", "write_key_file", "add_key", "remove_key", "rotate_key",
-    "revoke_key", "reload_on_sighup", "NAME_PATTERN",
+    "KeyFileError", "KeyEntry", "OldKey", "SwitchEntry", "KeyTable", "KeyStore", "KeyBucket",
+    "Grant", "Decision", "hash_key", "new_key", "read_key_file", "write_key_file", "add_key",
+    "remove_key", "rotate_key", "revoke_key", "add_switch", "remove_switch", "reload_on_sighup",
+    "NAME_PATTERN",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,7 +83,7 @@ class KeyBucket:
     Parameters
     ----------
     rate : float
-        Tokens per slot, ``0 < rate < 1``.
+        Tokens per slot, ``0 < rate < 1`` (any ``rate > 0`` with ``any_rate``).
     depth : float
         Depth in tokens, ``>= 1``.
     slot_s : float
@@ -78,11 +91,14 @@ class KeyBucket:
     now : float
         Clock reading (seconds) at creation; slots are counted from it. The
         bucket starts full.
+    any_rate : bool
+        A switch's bucket: ``rate >= 1`` allowed (``offload.bucket.scale``);
+        ``bucket`` is then ``None``, since ``Bucket`` holds device buckets.
     """
 
-    def __init__(self, rate, depth, slot_s, now):
-        self.bucket = Bucket.from_rate(rate, depth)
-        self.N, self.P, self.M = self.bucket
+    def __init__(self, rate, depth, slot_s, now, *, any_rate=False):
+        self.N, self.P, self.M = scale(rate, depth, any_rate=any_rate)
+        self.bucket = Bucket(self.N, self.P, self.M) if self.N < self.P else None
         if not (slot_s > 0 and math.isfinite(slot_s)):
             raise ValueError(f"slot length {slot_s!r} s must be a positive number")
         self.rate, self.depth, self.slot_s = float(rate), float(depth), float(slot_s)
@@ -108,7 +124,7 @@ class KeyBucket:
             s = max(self.slot_of(now), self.slot)  # a clock never runs backwards here
             self.n = refill(self.n, s - self.slot, self.N, self.M)
             self.slot = s
-            if self.bucket.can_send(self.n):
+            if self.n >= self.P:  # Bucket.can_send
                 self.n -= self.P
                 return True, 0.0
             k = -(-(self.P - self.n) // self.N)  # slots until n >= P (ceiling division)
@@ -120,30 +136,68 @@ class KeyBucket:
         return self.n
 
 
-class Grant:
-    """An accepted key: its name and the bucket its requests spend from.
+class Decision(NamedTuple):
+    """Whether a request may go on, and if not, who refused it and for how long.
 
-    Both come from the same set of keys, so a reload between the check and
-    the spend cannot pair a name with another set's bucket.
+    ``refused_by``: ``None`` (admitted), ``"key"`` (the key's own bucket),
+    ``"switch"`` (switch ``bucket``), or ``"state"`` (the shared state could
+    not be reached and ``--state-failure closed``). ``wait_s``: seconds until
+    the refusing bucket has a token (0 when admitted).
     """
 
-    __slots__ = ("name", "bucket", "_clock")
+    allowed: bool
+    wait_s: float = 0.0
+    refused_by: Optional[str] = None
+    bucket: Optional[str] = None
 
-    def __init__(self, name, bucket, clock):
+
+ADMITTED = Decision(True)
+
+
+class Grant:
+    """An accepted key: its name, the bucket its requests spend from, and its switch.
+
+    All come from the same set of keys, so a reload between the check and
+    the spend cannot pair a name with another set's bucket. ``entry`` is the
+    key's :class:`KeyEntry`; ``switch`` the switch's name (``None``: none)
+    and ``switch_bucket`` its in-memory :class:`KeyBucket`.
+    """
+
+    __slots__ = ("name", "bucket", "entry", "switch", "switch_bucket", "_clock")
+
+    def __init__(self, name, bucket, clock, *, entry=None, switch=None, switch_bucket=None):
         self.name, self.bucket, self._clock = name, bucket, clock
+        self.entry, self.switch, self.switch_bucket = entry, switch, switch_bucket
 
     def take(self):
-        """Spend one token: ``(allowed, retry_after_s)``; a name without a bucket always passes."""
-        if self.bucket is None:
-            return True, 0.0
-        return self.bucket.take(self._clock())
+        """Spend one token: ``(allowed, retry_after_s)``; :meth:`admit` without the who."""
+        d = self.admit()
+        return d.allowed, d.wait_s
+
+    def admit(self):
+        """Pass the key's bucket, then the switch's (in memory): a :class:`Decision`.
+
+        A name without a bucket (or switch) passes that stage. A request the
+        key's bucket refuses does not touch the switch.
+        """
+        now = self._clock()
+        if self.bucket is not None:
+            allowed, wait = self.bucket.take(now)
+            if not allowed:
+                return Decision(False, wait, "key", self.name)
+        if self.switch_bucket is not None:
+            allowed, wait = self.switch_bucket.take(now)
+            if not allowed:
+                return Decision(False, wait, "switch", self.switch)
+        return ADMITTED
 
 
 class _KeySet:
-    """One consistent set of keys: entries, hashes to compare, buckets; swapped in whole."""
+    """One consistent set of keys: entries, hashes, buckets, switch buckets; swapped in whole."""
 
-    def __init__(self, entries, hashes, buckets):
+    def __init__(self, entries, hashes, buckets, switches):
         self.entries, self.hashes, self.buckets = entries, hashes, buckets
+        self.switches = switches  # {switch name: KeyBucket}
         self.warned = set()  # names whose refused (revoked, expired) keys were logged
 
 
@@ -215,7 +269,8 @@ class KeyStore:
         return cls({name: KeyEntry(check_name(name), hash_key(key), "", rate, depth)}, **kw)
 
     def _build(self, entries, old):
-        entries = dict(entries)
+        switch_entries = dict(getattr(entries, "switches", {}))
+        entries = KeyTable(entries, switch_entries)
         hashes = []
         for e in entries.values():
             # Revoked: every key of the name ends at -inf; a current key never ends.
@@ -235,7 +290,15 @@ class KeyStore:
                 buckets[e.name] = b
             else:
                 buckets[e.name] = KeyBucket(e.rate, e.depth, self.slot_s, now)
-        return _KeySet(entries, hashes, buckets)
+        switches = {}
+        for sw in switch_entries.values():
+            prev = old.entries.switches.get(sw.name) if old else None
+            b = old.switches.get(sw.name) if old else None
+            if b is not None and prev == sw:  # kept unless its limit changed, like a key's
+                switches[sw.name] = b
+            else:
+                switches[sw.name] = KeyBucket(sw.rate, sw.depth, self.slot_s, now, any_rate=True)
+        return _KeySet(entries, hashes, buckets, switches)
 
     # ------------------------------------------------------------------ reloading
 
@@ -392,7 +455,9 @@ class KeyStore:
                 log.warning("refused a key of %r (%s); logged once per name until the next "
                             "reload", found, why)
             return None
-        return Grant(found, keys.buckets.get(found), self.clock)
+        entry = keys.entries[found]
+        return Grant(found, keys.buckets.get(found), self.clock, entry=entry, switch=entry.switch,
+                     switch_bucket=keys.switches.get(entry.switch))
 
     def check(self, presented):
         """Name of the accepted key ``presented``, or ``None`` (see :meth:`authorize`)."""
@@ -409,6 +474,15 @@ class KeyStore:
     def bucket(self, name):
         """The :class:`KeyBucket` of ``name`` (``None`` when unlimited)."""
         return self._set.buckets.get(name)
+
+    @property
+    def switches(self):
+        """The loaded ``{switch name: SwitchEntry}`` (do not modify)."""
+        return self._set.entries.switches
+
+    def switch_bucket(self, name):
+        """The in-memory :class:`KeyBucket` of switch ``name`` (``None`` when undefined)."""
+        return self._set.switches.get(name)
 
 
 def reload_on_sighup(store):

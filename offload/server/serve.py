@@ -238,7 +238,8 @@ def serve_in_thread(model=None, *, keys=None, api_key=None, host="127.0.0.1", po
         Require client certificates that chain to this CA (with ``tls_cert``).
     **options
         ``create_app`` options: ``max_batch``, ``batch_window_ms``,
-        ``max_queue``, ``max_body``, ``top_k``, ``max_pixels``, ``decode_threads``.
+        ``max_queue``, ``max_body``, ``top_k``, ``max_pixels``, ``decode_threads``,
+        and ``state`` (``offload.server.state``: where the buckets live).
 
     Raises
     ------
