@@ -544,3 +544,26 @@ def test_the_cards_mean_and_std_reach_the_model(kserve, tmp_path, frames, sessio
         np.testing.assert_allclose(r.answer.scores[0], p.max(), atol=1e-4)
         moved.append(abs(r.answer.scores[0] - _direct(session, f).max()))
     assert max(moved) > 1e-3  # not what the default card gives
+
+
+def test_a_switch_refusal_on_v2_is_switch_refused(tmp_path, frames):
+    from click.testing import CliRunner
+
+    from offload.server.cli import main as serve_main
+
+    keys = str(tmp_path / "keys.toml")
+    run_cli = CliRunner().invoke
+    assert run_cli(serve_main, ["keys", "switch", "add", "uplink", "--rate", "0.01", "--depth",
+                                "1", "--keys", keys]).exit_code == 0
+    added = run_cli(serve_main, ["keys", "add", "cam", "--switch", "uplink", "--keys", keys])
+    assert added.exit_code == 0
+    key = added.output.strip().splitlines()[-1]
+    store = K.KeyStore.from_file(keys, clock=lambda: 0.0)
+    with serve_in_thread(keys=store) as srv:
+        s, _ = _sender(srv.url, key=key)
+        try:
+            results = list(_send(s, frames[:2]))
+        finally:
+            s.close(1)
+    # the key has no bucket of its own; the switch lets one through, then refuses
+    assert [r.label for r in results] == ["sent", "switch-refused"]
