@@ -5,6 +5,9 @@ streams from its test split (SPEC section 4), runs each policy and prints a
 table of average loss, reward, offload rate and the share of each oracle's gain
 over Baseline captured. Can also write the table (JSON/CSV) and an MDP or
 Baseline policy as a policy blob for the device.
+
+``offload-sim fleet`` (``offload.fleet_command``) compares the strategies for
+``K`` cameras behind one shared switch bucket instead.
 """
 
 import csv
@@ -16,10 +19,12 @@ import sys
 
 import click
 
-from offload import blob, policies, simulate
+from offload import blob, simulate
 from offload.atomic import atomic_write_text
 from offload.commandline import (check_policy_names, echo_table, fit_thresholds, load_scenario,
-                                 run_named_policy, scenario_options, user_errors)
+                                 run_named_policy, scenario_options, threshold_policy_blob,
+                                 user_errors)
+from offload.fleet_command import fleet
 
 BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
 #: Policies run only when asked for by name.
@@ -32,19 +37,10 @@ sim_errors = functools.partial(user_errors,
                                memory_hint="use fewer or shorter streams (--streams, --length)")
 
 
-def threshold_policy_blob(prof, theta, bucket, name, meta):
-    """A thresholds ``blob.Policy`` carrying the profile's metric pipeline."""
-    if prof.lut_x is None:
-        raise click.ClickException(
-            "the profile has no entropy->metric table (imported metrics only): "
-            "the device could not compute metrics, so no blob is written")
-    return blob.Policy("thresholds", *bucket, float(prof.metric_mean), float(prof.metric_std),
-                       prof.lut_x, prof.lut_y, tinv=float(prof.tinv or 1.0),
-                       theta=policies.threshold_vector(theta, bucket),
-                       meta={"name": name, **meta})
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+# A group that runs its own command when no subcommand is named: ``offload-sim
+# [OPTIONS]`` is unchanged, ``offload-sim fleet ...`` is the fleet comparison.
+@click.group(invoke_without_command=True,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @scenario_options
 @click.option("--length", default=10000, type=click.IntRange(1), help="Images per test stream.")
 @click.option("--streams", default=10, type=click.IntRange(1), help="Number of test streams.")
@@ -59,7 +55,12 @@ def threshold_policy_blob(prof, theta, bucket, name, meta):
               help="Write a threshold policy as a policy blob: KIND PATH (repeatable).")
 def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arrivals, markov,
              length, streams, seed, policy_names, json_path, csv_path, write_blob):
-    """Compare offloading policies on a profile under a token bucket (rate r, depth b)."""
+    """Compare offloading policies on a profile under a token bucket (rate r, depth b).
+
+    `offload-sim fleet --help`: K cameras behind one shared switch instead.
+    """
+    if click.get_current_context().invoked_subcommand is not None:
+        return  # offload-sim fleet ...: the subcommand does the work
     names = list(policy_names) or list(BUILTIN)
     check_policy_names(names, BUILTIN + OPTIONAL)
     sc, prof, m, tr, te = load_scenario(profile_path, synthetic, rate, depth, choice, spread,
@@ -148,6 +149,9 @@ def _write_csv(path, rows, cols):
     w.writeheader()
     w.writerows({c: r[c] for c in cols} for r in rows)
     atomic_write_text(path, buf.getvalue())
+
+
+sim_main.add_command(fleet)
 
 
 if __name__ == "__main__":  # pragma: no cover

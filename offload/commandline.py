@@ -12,6 +12,8 @@
   defaults from ``offload.scenario.SETTINGS``) checked into one ``Scenario``;
 - ``select_profile``: ``--profile PATH``, else ``--synthetic N``, else the
   committed ``artifacts/profile.npz``;
+- ``threshold_policy_blob``: a threshold policy as a blob with the profile's
+  metric pipeline (``offload-sim --write-blob``, ``offload-train fleet``);
 - ``fit_thresholds`` and ``run_named_policy``: the user's ``--policy`` words
   (``mdp``, ``baseline`` or a policy blob file) run on test streams; kept
   here rather than in ``offload.simulate`` because they turn option words
@@ -35,7 +37,8 @@ from offload.scenario import SETTINGS, Scenario, ScenarioError
 
 __all__ = ["fail", "user_errors", "os_error_line", "require_torch", "TORCH_MISSING", "scenario_options",
            "load_scenario", "select_profile", "committed_profile", "COMMITTED_PROFILE",
-           "fit_thresholds", "run_named_policy", "check_policy_names", "format_table",
+           "fit_thresholds", "run_named_policy", "check_policy_names", "threshold_policy_blob",
+           "format_table",
            "echo_table", "format_cell"]
 
 #: How to get torch when a training command needs it (README: install).
@@ -98,19 +101,21 @@ def require_torch():
 # --------------------------------------------------------------------------- scenario, profile
 
 
-def scenario_options(command):
+def scenario_options(command=None, *, bucket=True):
     """The options every simulation command shares: profile, bucket, image choice, arrivals, seed.
 
     Defaults from ``offload.scenario.SETTINGS``, the one place they are declared.
+    ``@scenario_options(bucket=False)`` leaves out ``--rate`` and ``--depth``
+    (the fleet commands choose every camera's bucket themselves).
     """
+    if command is None:
+        return lambda c: scenario_options(c, bucket=bucket)
     d = {k: v[0] for k, v in SETTINGS.items()}
     opts = [
         click.option("--profile", "profile_path", type=click.Path(dir_okay=False),
                      help="Profile .npz: this project's (offload.profile) or either published layout (MDP or DQN paper), told apart by its keys; default: a synthetic profile."),
         click.option("--synthetic", default=20000, type=click.IntRange(20),
                      help="Images in the synthetic profile when no --profile is given."),
-        click.option("--rate", default=d["rate"], type=float, help="Token rate r (tokens per slot)."),
-        click.option("--depth", default=d["depth"], type=float, help="Bucket depth b (tokens)."),
         click.option("--choice", type=click.Choice(["iid", "location-reset"]),
                      default=d["choice"], help="Image choice process."),
         click.option("--sp", "spread", default=d["sp"], type=click.FloatRange(0, 1),
@@ -126,6 +131,13 @@ def scenario_options(command):
         click.option("--seed", default=d["seed"], type=int,
                      help="Seed for profile, streams and arrivals."),
     ]
+    if bucket:  # after --profile and --synthetic, as they always were
+        opts[2:2] = [
+            click.option("--rate", default=d["rate"], type=float,
+                         help="Token rate r (tokens per slot)."),
+            click.option("--depth", default=d["depth"], type=float,
+                         help="Bucket depth b (tokens)."),
+        ]
     for opt in reversed(opts):
         command = opt(command)
     return command
@@ -247,6 +259,24 @@ def run_named_policy(what, streams, scenario, *, thresholds, name=None, trace=Fa
             f"(r={scenario.rate}, b={scenario.depth})")
     theta = pol.theta if pol.kind == "thresholds" else None
     return simulate.run_policy(pol, streams, trace=trace, name=name, progress=progress), theta
+
+
+def threshold_policy_blob(prof, theta, bucket, name, meta):
+    """A thresholds ``blob.Policy`` carrying the profile's metric pipeline.
+
+    For ``offload-sim --write-blob`` and ``offload-train fleet``; a profile
+    without an entropy->metric table is refused (``click.ClickException``).
+    """
+    from offload import blob, policies
+
+    if prof.lut_x is None:
+        raise click.ClickException(
+            "the profile has no entropy->metric table (imported metrics only): "
+            "the device could not compute metrics, so no blob is written")
+    return blob.Policy("thresholds", *bucket, float(prof.metric_mean), float(prof.metric_std),
+                       prof.lut_x, prof.lut_y, tinv=float(prof.tinv or 1.0),
+                       theta=policies.threshold_vector(theta, bucket),
+                       meta={"name": name, **meta})
 
 
 # --------------------------------------------------------------------------- tables

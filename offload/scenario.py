@@ -67,6 +67,8 @@ SEED_NAMES = {
     "replay": 7,            # the trainer's sampling of training positions
     "calibration": 8,       # int8 calibration states
     "holdout": 9,           # validation images held out of training (no validation split)
+    "profile-split": 10,    # train/validation/test split of `offload-train profile --images`
+    "fleet-order": 11,      # the switch's random turn order per slot (offload.fleet)
 }
 #: Sub-streams of one sequence purpose: its image choice and its arrivals.
 _IMAGES, _ARRIVALS = 0, 1

@@ -16,6 +16,10 @@ Commands
     Run both exported models over the held-out images (the weak one through
     LiteRT, as the device does), write the profile ``.npz`` with its fitted
     metric, the section II breakdown (JSON), the Fig. 3 PNG and a demo clip.
+``offload-train example-pair``
+    Make a second pair with a zoo model's conventions (RGB images written as an
+    ImageFolder tree, uint8 ``[-1, 1]`` weak input, mean/std centre-crop strong
+    model, model cards, labels file): ``training.example_pair``.
 ``offload-train dqn``
     Train the DQN offloading policy (``training.dqn``) for one scenario and
     write it as a policy blob, with a JSON report and a validation curve.
@@ -27,6 +31,9 @@ Commands
     (``training.figures``).
 ``offload-train trace``
     Two policies' decisions on one simulated stream (the paper's Figs. 7, 10, 11).
+``offload-train fleet``
+    Provision K cameras behind one link (``training.fleet_command``): each
+    camera's bucket and policy blob, and the server's key and switch lines.
 
 Every error the user can cause (missing data, malformed IDX, wrong model file)
 ends in one ``click`` error message, no traceback.
@@ -42,7 +49,9 @@ from tqdm import tqdm
 from offload.atomic import atomic_write_json
 from offload.commandline import (COMMITTED_PROFILE, committed_profile, echo_table, fail,
                                  load_scenario, require_torch, scenario_options)
+from training.example_pair import example_pair
 from training.figure_commands import plot, sweep, trace
+from training.fleet_command import fleet
 from training.pair_commands import classifiers, onnx, profile
 
 
@@ -51,7 +60,7 @@ def main():
     """Train, quantise and profile the weak/strong classifier pair (workstation, torch)."""
 
 
-for _command in (classifiers, onnx, profile, sweep, plot, trace):
+for _command in (classifiers, onnx, profile, example_pair, sweep, plot, trace, fleet):
     main.add_command(_command)
 
 

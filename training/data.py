@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,10 @@ __all__ = [
     "load_image_folder",
     "load_images",
     "make_split",
+    "LabelledFiles",
+    "label_key",
+    "list_labelled_images",
+    "read_image_file",
     "SPLIT_TRAIN",
     "SPLIT_VALIDATION",
     "SPLIT_TEST",
@@ -304,6 +309,158 @@ def load_images(data_dir, size=(28, 28), progress=True):
     if _is_idx_dir(data_dir):
         return load_idx_dir(data_dir)
     return load_image_folder(data_dir, size=size, progress=progress)
+
+
+# --------------------------------------------------------------------------- any labelled images
+
+
+@dataclass
+class LabelledFiles:
+    """Image files with class indices, not yet read (``offload-train profile --images``).
+
+    Attributes
+    ----------
+    paths : list of str
+    labels : ndarray of int64, shape (n,)
+        Index into ``class_names`` (the models' output order).
+    class_names : list of str
+    source : str
+    """
+
+    paths: list
+    labels: np.ndarray
+    class_names: list
+    source: str = ""
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def label_key(name):
+    """How a folder or CSV label is matched to a class name: case, spaces and punctuation ignored.
+
+    ``"T-shirt/top"`` (not a possible folder name) matches the folder ``T-shirt_top``.
+    """
+    return re.sub(r"[^0-9a-z]+", "_", str(name).lower()).strip("_")
+
+
+def _class_index(class_names, where):
+    index = {}
+    for i, name in enumerate(class_names):
+        key = label_key(name)
+        if key in index:
+            raise DataError(f"{where}: class names {class_names[index[key]]!r} and {name!r} "
+                            "cannot be told apart in folder or CSV labels")
+        index[key] = i
+    return index
+
+
+def _unmatched(where, what, names, class_names):
+    shown = ", ".join(repr(n) for n in sorted(names))
+    raise DataError(f"{where}: {len(names)} {what} match no class label: {shown} "
+                    f"(the labels are {', '.join(repr(c) for c in class_names)})")
+
+
+def _folder_files(root, class_names):
+    classes = _class_dirs(root)
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders (an ImageFolder tree has one per class)")
+    if class_names is None:
+        class_names = classes
+    index = _class_index(class_names, root)
+    bad = [c for c in classes if label_key(c) not in index]
+    if bad:
+        _unmatched(root, "class folders", bad, class_names)
+    paths, labels = [], []
+    for cname in classes:
+        d = os.path.join(root, cname)
+        names = sorted(n for n in os.listdir(d) if n.lower().endswith(IMAGE_SUFFIXES)
+                       and os.path.isfile(os.path.join(d, n)))
+        paths += [os.path.join(d, n) for n in names]
+        labels += [index[label_key(cname)]] * len(names)
+    return paths, labels, list(class_names)
+
+
+def _csv_files(path, class_names):
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    for n, r in enumerate(rows, 1):
+        if len(r) != 2 or not r[0].strip() or not r[1].strip():
+            raise DataError(f"{path}: row {n} is not 'path,label': {','.join(r)!r}")
+    if class_names is None:
+        class_names = sorted({r[1].strip() for r in rows})
+    index = _class_index(class_names, path)
+    bad = {r[1].strip() for r in rows if label_key(r[1]) not in index}
+    if bad:
+        _unmatched(path, "labels", bad, class_names)
+    base = os.path.dirname(os.path.abspath(path))
+    paths = [os.path.join(base, r[0].strip()) for r in rows]
+    return paths, [index[label_key(r[1])] for r in rows], list(class_names)
+
+
+def list_labelled_images(source, *, class_names=None):
+    """The labelled images of ``source``: an ImageFolder tree or a CSV of ``path,label``.
+
+    An ImageFolder tree has one sub-folder per class (images directly inside
+    it); a CSV has rows ``path,label`` (an optional ``path,label`` header;
+    paths relative to the CSV's folder). Folder names and CSV labels are
+    matched to ``class_names`` by :func:`label_key`; without class names they
+    are the sorted folder names / labels. Files are not opened here: an
+    unreadable one is found (and skipped) when it is read.
+
+    Raises
+    ------
+    DataError
+        Missing source, class folders or labels that match no class name
+        (all listed in one message), no image files at all.
+    """
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        paths, labels, names = _folder_files(source, class_names)
+        kind = "image folder"
+    elif os.path.isfile(source):
+        paths, labels, names = _csv_files(source, class_names)
+        kind = "CSV"
+    else:
+        raise DataError(f"image folder or CSV not found: {source}")
+    if not paths:
+        raise DataError(f"{source}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return LabelledFiles(paths, np.asarray(labels, dtype=np.int64), names, f"{kind} {source}")
+
+
+def read_image_file(path):
+    """One image file as the device's camera gives it: uint8 ``HxW`` grey or ``HxWx3`` BGR.
+
+    16-bit images are scaled to 8 bits, an alpha channel is dropped.
+
+    Raises
+    ------
+    DataError
+        The file cannot be decoded as an image.
+    """
+    import cv2
+
+    img = cv2.imread(os.fspath(path), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise DataError(f"{path}: not a readable image")
+    if img.dtype == np.uint16:
+        img = (img.astype(np.float32) * (255.0 / 65535.0) + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported pixel type {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = np.ascontiguousarray(img[:, :, :3])
+    elif img.ndim != 2 and not (img.ndim == 3 and img.shape[2] == 3):
+        raise DataError(f"{path}: unsupported image shape {img.shape}")
+    return img
 
 
 # --------------------------------------------------------------------------- split

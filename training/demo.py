@@ -2,7 +2,7 @@
 
 Layout of ``demo_dir``::
 
-    frames/000000.png ...   the images exactly as profiled (lossless, greyscale)
+    frames/000000.png ...   the images exactly as profiled (lossless, greyscale or BGR colour)
     clip.avi                the same frames as a video (lossless FFV1 when this
                             OpenCV has it, else MJPG), upscaled by ``scale`` with
                             nearest-neighbour so an area resize gives the
@@ -41,7 +41,7 @@ def _video(path, frames, fps, scale):
         return None
     for f in frames:
         big = cv2.resize(f, size, interpolation=cv2.INTER_NEAREST)
-        vw.write(cv2.cvtColor(big, cv2.COLOR_GRAY2BGR))
+        vw.write(big if big.ndim == 3 else cv2.cvtColor(big, cv2.COLOR_GRAY2BGR))
     vw.release()
     return codec
 
@@ -91,7 +91,7 @@ def write_demo(demo_dir, images, labels, candidates, profile, class_names, *, co
         with open(os.path.join(tmp, "README.txt"), "w") as f:
             f.write(
                 f"{len(rows)} held-out test images (profile split 2), seeded choice (seed {seed}).\n"
-                "frames/: the images exactly as profiled (PNG, greyscale).\n"
+                "frames/: the images exactly as profiled (PNG, as read: greyscale or colour).\n"
                 f"clip.avi: the same frames at {fps:g} frames/s, upscaled x{scale} "
                 f"(nearest), codec {codec}.\n"
                 "labels.csv: frame number, file, row in the profile, true label and class name,\n"

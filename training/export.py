@@ -41,6 +41,7 @@ from offload.atomic import atomic_path
 __all__ = [
     "ExportError",
     "export_weak_int8",
+    "uint8_input",
     "export_strong_torchscript",
     "export_strong_onnx",
     "strong_from_torchscript",
@@ -168,6 +169,62 @@ def _check_int8(report, shape):
         raise ExportError(f"unexpected input shape {report['input']['shape']}")
 
 
+def uint8_input(path):
+    """Give a full-int8 ``.tflite`` a uint8 input tensor, as TF's converter does for zoo models.
+
+    litert-torch writes int8 inputs only. This rewrites the flatbuffer in place
+    (atomically): a new uint8 input tensor with the int8 input's scale and
+    ``zero_point + 128`` feeds a QUANTIZE op (uint8 -> int8, an exact shift by
+    128 with equal scales) in front of the old input, and the subgraph's input
+    and its signature point at the new tensor. The model's arithmetic is
+    unchanged; a pixel ``p`` fed as ``q = p`` means ``(p - zp) * scale``.
+
+    Returns
+    -------
+    dict
+        :func:`tflite_report` of the rewritten file.
+    """
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(os.fspath(path))
+    sub = model.subgraphs[0]
+    if len(sub.inputs) != 1:
+        raise ExportError(f"{path}: expected one input, found {len(sub.inputs)}")
+    old = int(sub.inputs[0])
+    t = sub.tensors[old]
+    if t.type != schema.TensorType.INT8 or t.quantization is None or not t.quantization.scale:
+        raise ExportError(f"{path}: the input is not a quantised int8 tensor")
+    model.buffers.append(schema.BufferT())
+    new = schema.TensorT()
+    new.shape, new.type, new.buffer = list(t.shape), schema.TensorType.UINT8, len(model.buffers) - 1
+    name = t.name if isinstance(t.name, bytes) else str(t.name or "input").encode()
+    new.name = name + b"_uint8"
+    new.quantization = schema.QuantizationParametersT()
+    new.quantization.scale = [float(t.quantization.scale[0])]
+    new.quantization.zeroPoint = [int(t.quantization.zeroPoint[0]) + 128]
+    sub.tensors.append(new)
+    new_index = len(sub.tensors) - 1
+    code = schema.OperatorCodeT()
+    code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.QUANTIZE  # < 127
+    code.version = 2  # QUANTIZE's requantising (integer in) version
+    model.operatorCodes.append(code)
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = len(model.operatorCodes) - 1, [new_index], [old]
+    sub.operators.insert(0, op)
+    sub.inputs = [new_index]
+    for sig in model.signatureDefs or []:
+        for tm in sig.inputs or []:
+            if tm.tensorIndex == old:
+                tm.tensorIndex = new_index
+    with atomic_path(path) as tmp:
+        flatbuffer_utils.write_model(model, tmp)
+        report = tflite_report(tmp)
+        if report["input"]["dtype"] != "uint8":  # pragma: no cover - the rewrite above sets it
+            raise ExportError(f"{path}: rewritten input is {report['input']['dtype']}")
+    return report
+
+
 def tflite_report(path):
     """Size, tensor types, quantisation and op names of a ``.tflite`` file."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -252,12 +309,15 @@ STRONG_PREPROCESSING = (
 )
 
 
-def _strong_meta(class_names, size):
-    return dict(
-        kind="strong-classifier", input_layout="NCHW", input_shape=[1, size, size],
+def _strong_meta(class_names, size, channels=1, preprocessing=None):
+    meta = dict(
+        kind="strong-classifier", input_layout="NCHW", input_shape=[channels, size, size],
         input_range=[0.0, 1.0], channels="grey", output="logits",
-        class_names=list(class_names), preprocessing=STRONG_PREPROCESSING,
+        class_names=list(class_names), preprocessing=preprocessing or STRONG_PREPROCESSING,
     )
+    if channels != 1:  # its model card says what the input holds
+        del meta["input_range"], meta["channels"]
+    return meta
 
 
 def strong_from_torchscript(path, *, width=None):
@@ -323,7 +383,8 @@ def check_onnx_matches(model, onnx_path, x, *, atol=1e-4, batch_size=512):
     return worst, share, (np.concatenate(outs) if outs else np.zeros((0, 0), np.float32))
 
 
-def export_strong_onnx(model, out_path, *, class_names, size, check_x=None, opset=18):
+def export_strong_onnx(model, out_path, *, class_names, size, check_x=None, opset=18, channels=1,
+                       preprocessing=None):
     """Export the strong model to ONNX for the server (ONNX Runtime, no torch there).
 
     Input ``image``: float32 ``(batch, 1, size, size)`` in [0, 1] with a dynamic
@@ -333,9 +394,14 @@ def export_strong_onnx(model, out_path, *, class_names, size, check_x=None, opse
 
     Parameters
     ----------
-    check_x : torch.Tensor ``(n, 1, size, size)``, optional
+    check_x : torch.Tensor ``(n, channels, size, size)``, optional
         Images the written file is checked on with ONNX Runtime against torch
         before it replaces ``out_path`` (random images when omitted).
+    channels : int
+        1 (the committed greyscale pair) or 3 (an RGB model, whose input
+        convention its model card declares).
+    preprocessing : str, optional
+        Recorded in the metadata (default :data:`STRONG_PREPROCESSING`).
 
     Returns
     -------
@@ -345,8 +411,8 @@ def export_strong_onnx(model, out_path, *, class_names, size, check_x=None, opse
 
     _quiet_converter_logs()  # torch.onnx warns that torchvision's ops are not registered
     model = model.eval()
-    meta = _strong_meta(class_names, size)
-    example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    meta = _strong_meta(class_names, size, channels, preprocessing)
+    example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -362,7 +428,7 @@ def export_strong_onnx(model, out_path, *, class_names, size, check_x=None, opse
     proto.producer_name = "offload.training.export"
     onnx.checker.check_model(proto)
     x = check_x if check_x is not None else torch.rand(
-        64, 1, size, size, generator=torch.Generator().manual_seed(1))
+        64, channels, size, size, generator=torch.Generator().manual_seed(1))
     with atomic_path(out_path) as tmp:
         onnx.save_model(proto, tmp)
         worst, share, _ = check_onnx_matches(model, tmp, x)

@@ -25,7 +25,7 @@ def _conv_bn(cin, cout, k=3, pad=1):
 
 
 class WeakNet(nn.Module):
-    """conv-pool, conv-pool, conv (to 1x1), linear; for an ``size x size`` greyscale input.
+    """conv-pool, conv-pool, conv (to 1x1), linear; for an ``size x size`` input.
 
     Parameters
     ----------
@@ -34,16 +34,18 @@ class WeakNet(nn.Module):
     n_classes : int
     width : int
         Channels of the first convolution (then 2x, 4x).
+    in_channels : int
+        1 (greyscale, the committed pair) or 3 (RGB, the example pair).
     """
 
-    def __init__(self, size=14, n_classes=10, width=8):
+    def __init__(self, size=14, n_classes=10, width=8, in_channels=1):
         super().__init__()
         if size < 8:
             raise ValueError(f"weak input size must be >= 8, got {size}")
         self.size, self.n_classes, self.width = size, n_classes, width
         s = (size // 2) // 2  # spatial size after two 2x2 max pools
         self.features = nn.Sequential(
-            *_conv_bn(1, width), nn.MaxPool2d(2),
+            *_conv_bn(in_channels, width), nn.MaxPool2d(2),
             *_conv_bn(width, 2 * width), nn.MaxPool2d(2),
             *_conv_bn(2 * width, 4 * width, k=s, pad=0),
         )
@@ -54,18 +56,18 @@ class WeakNet(nn.Module):
 
 
 class StrongNet(nn.Module):
-    """A VGG-style CNN for ``size x size`` greyscale images (the edge server's model).
+    """A VGG-style CNN for ``size x size`` images, ``in_channels`` 1 or 3 (the edge server's model).
 
     conv(w)-pool, conv(2w)-pool, conv(4w)-pool, dropout, linear.
     """
 
-    def __init__(self, size=28, n_classes=10, width=32, dropout=0.3):
+    def __init__(self, size=28, n_classes=10, width=32, dropout=0.3, in_channels=1):
         super().__init__()
         self.size, self.n_classes, self.width = size, n_classes, width
         w = width
         s = ((size // 2) // 2) // 2
         self.features = nn.Sequential(
-            *_conv_bn(1, w), nn.MaxPool2d(2),
+            *_conv_bn(in_channels, w), nn.MaxPool2d(2),
             *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
             *_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
         )
@@ -76,12 +78,12 @@ class StrongNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_weak(size=14, n_classes=10, width=8):
-    return WeakNet(size=size, n_classes=n_classes, width=width)
+def build_weak(size=14, n_classes=10, width=8, in_channels=1):
+    return WeakNet(size=size, n_classes=n_classes, width=width, in_channels=in_channels)
 
 
-def build_strong(size=28, n_classes=10, width=32):
-    return StrongNet(size=size, n_classes=n_classes, width=width)
+def build_strong(size=28, n_classes=10, width=32, in_channels=1):
+    return StrongNet(size=size, n_classes=n_classes, width=width, in_channels=in_channels)
 
 
 def count_params(model):

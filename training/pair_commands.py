@@ -5,7 +5,9 @@
 server's), measuring each on the source's test set (``classifiers.json``);
 ``onnx`` redoes the ONNX step alone; ``profile`` runs both exported models
 over the held-out images and writes the profile ``.npz`` with its fitted
-metric, the section II breakdown, Fig. 3 and a demo clip. Registered on the
+metric, the section II breakdown, Fig. 3 and a demo clip (with ``--images``,
+any weak ``.tflite`` + strong ONNX pair on any labelled images:
+``training.own_profile``). Registered on the
 ``offload-train`` group by ``training.cli``.
 """
 
@@ -22,7 +24,7 @@ from offload.atomic import atomic_write_json, atomic_write_text
 from offload.commandline import fail, require_torch
 from training.data import FASHION_MNIST_DIR, DataError, load_images, make_split
 
-__all__ = ["classifiers", "onnx", "profile", "DEFAULT_OUT", "MANIFEST", "WEAK_FILE", "STRONG_FILE",
+__all__ = ["classifiers", "onnx", "profile", "write_breakdown", "DEFAULT_OUT", "MANIFEST", "WEAK_FILE", "STRONG_FILE",
            "STRONG_ONNX_FILE"]
 
 DEFAULT_OUT = "artifacts"
@@ -323,27 +325,76 @@ def _read_manifest(models_dir):
 @_models_dir_option
 @click.option("--data-dir", default=None,
               help="Image data (default: the one the classifiers were trained from).")
-@click.option("--weak-model", default=None, help="Weak .tflite (default: from --models-dir).")
-@click.option("--strong-model", default=None, help="Strong TorchScript (default: from --models-dir).")
+@click.option("--weak-model", "--weak", "weak_model", default=None,
+              help="Weak .tflite (default: from --models-dir).")
+@click.option("--strong-model", "--strong", "strong_model", default=None,
+              help="Strong model: TorchScript (default: from --models-dir); with --images an ONNX "
+                   "file or a running offload-serve's URL (with --key-file).")
+@click.option("--images", default=None,
+              help="Profile ANY pair (--weak W.tflite --strong S.onnx) on this ImageFolder tree "
+                   "(one sub-folder per class) or CSV of path,label (paths relative to it).")
+@click.option("--labels", "labels_path", default=None,
+              help="With --images: class labels in output order (id:label, 'id label' or one per "
+                   "line); default: the models' cards, else the sorted folder/CSV names.")
+@click.option("--weak-card", default=None, help="With --images: TOML card overriding the weak model's.")
+@click.option("--strong-card", default=None,
+              help="With --images: TOML card overriding the strong model's.")
 @click.option("--out", "out_path", default=None,
-              help="Profile .npz to write (default: MODELS_DIR/profile.npz).")
-@click.option("-k", "--top-k", "k", default=1, show_default=True, help="k of the top-k loss.")
+              help="Profile .npz to write (default: MODELS_DIR/profile.npz; ./profile.npz with --images).")
+@click.option("-k", "--top-k", "k", default=1, show_default=True,
+              help="k of the top-k loss (the paper uses 5 on ImageNet).")
 @click.option("--edgetpu", type=click.Choice(["auto", "on", "off"]), default="off", show_default=True,
               help="Run the weak model on the Edge TPU (on), CPU (off), or whichever is there.")
 @click.option("--max-profile", type=int, default=None,
               help="Profile at most this many images (quick runs; keeps split proportions).")
+@click.option("--val-fraction", default=0.2, show_default=True,
+              help="With --images: share of each class in the validation split.")
+@click.option("--test-fraction", default=0.3, show_default=True,
+              help="With --images: share of each class in the test split (the rest trains the metric).")
+@click.option("--seed", default=0, show_default=True,
+              help="With --images: scenario seed of the split (stream 'profile-split').")
+@click.option("--batch-size", default=64, show_default=True,
+              help="With --images: images per strong-model call.")
+@click.option("--threads", type=int, default=None, help="With --images: ONNX Runtime CPU threads.")
+@click.option("--key-file", default=None,
+              help="With --images and --strong URL (a running offload-serve): file holding its API key.")
 @click.option("--fig", "fig_path", default=None,
-              help="Fig. 3 PNG (default: MODELS_DIR/fig3_entropy_metric.png).")
+              help="Fig. 3 PNG (default: MODELS_DIR/fig3_entropy_metric.png; beside the profile "
+                   "with --images).")
 @click.option("--demo-dir", default=None,
-              help="Write a demo clip of held-out test images here (default: MODELS_DIR/demo).")
+              help="Write a demo clip of held-out test images here (default: MODELS_DIR/demo; "
+                   "beside the profile with --images).")
 @click.option("--demo-count", default=200, show_default=True, help="Frames in the demo clip (0: none).")
 @click.option("--demo-fps", default=5.0, show_default=True, help="Frame rate of the demo video.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def profile(models_dir, data_dir, weak_model, strong_model, out_path, k, edgetpu, max_profile,
-            fig_path, demo_dir, demo_count, demo_fps, quiet):
-    """Profile the pair on held-out images, fit the metric, write breakdown and Fig. 3."""
-    require_torch()
+def profile(models_dir, data_dir, weak_model, strong_model, images, labels_path, weak_card,
+            strong_card, out_path, k, edgetpu, max_profile, val_fraction, test_fraction, seed,
+            batch_size, threads, key_file, fig_path, demo_dir, demo_count, demo_fps, quiet):
+    """Profile a pair on held-out images, fit the metric, write breakdown and Fig. 3.
+
+    Without --images: the pair `offload-train classifiers` made (MODELS_DIR). With
+    --images: any weak .tflite and strong ONNX model, each run with its model card.
+    """
     progress = not quiet
+    if images is not None:
+        if data_dir is not None or max_profile is not None:
+            fail("--data-dir and --max-profile belong to the committed pair, not to --images")
+        from training.own_profile import profile_own_pair
+
+        out_path = out_path or "profile.npz"
+        here = os.path.dirname(out_path)
+        profile_own_pair(
+            weak_model=weak_model, strong_model=strong_model, images=images,
+            labels_path=labels_path, weak_card=weak_card, strong_card=strong_card,
+            out_path=out_path, k=k, edgetpu=edgetpu, val_fraction=val_fraction,
+            test_fraction=test_fraction, seed=seed, batch_size=batch_size, threads=threads,
+            fig_path=fig_path or os.path.join(here, "fig3_entropy_metric.png"),
+            demo_dir=demo_dir or os.path.join(here, "demo"), demo_count=demo_count,
+            demo_fps=demo_fps, progress=progress, key_file=key_file)
+        return
+    if labels_path or weak_card or strong_card or key_file:
+        fail("--labels, --weak-card, --strong-card and --key-file need --images")
+    require_torch()
     t0 = time.time()
     man = _read_manifest(models_dir)
     try:
@@ -370,8 +421,8 @@ def profile(models_dir, data_dir, weak_model, strong_model, out_path, k, edgetpu
                          weak_model=weak_model, strong_model=strong_model, progress=progress)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     prof.save(out_path, compress=True)
-    _write_breakdown(prof, out_path, fig_path, k=k, source=data.source,
-                     on_edgetpu=weak.on_edgetpu)
+    write_breakdown(prof, out_path, fig_path, k=k, source=data.source,
+                    on_edgetpu=weak.on_edgetpu)
     if demo_count > 0:
         from training.demo import write_demo
 
@@ -433,8 +484,11 @@ def _profile_pair(weak, strong, images, labels, split, *, size, k, source, weak_
         fail(f"metric fit failed: {exc}")
 
 
-def _write_breakdown(prof, out_path, fig_path, *, k, source, on_edgetpu):
-    """Print the section II breakdown; write it (JSON, text) beside the profile, and Fig. 3."""
+def write_breakdown(prof, out_path, fig_path, *, k, source, on_edgetpu, extra=None):
+    """Print the section II breakdown; write it (JSON, text) beside the profile, and Fig. 3.
+
+    ``extra``: more entries for the JSON summary (the any-pair profile's skipped images, ...).
+    """
     from training.profiling import breakdown, format_breakdown, plot_fig3
 
     table = breakdown(prof)
@@ -449,6 +503,7 @@ def _write_breakdown(prof, out_path, fig_path, *, k, source, on_edgetpu):
                     entropy_range=[float(prof.lut_x[0]), float(prof.lut_x[-1])],
                     metric_range=[float(prof.lut_y.min()), float(prof.lut_y.max())]),
         weak_on_edgetpu=on_edgetpu,
+        **(extra or {}),
     )
     base = os.path.splitext(out_path)[0]
     atomic_write_json(base + "_breakdown.json", summary)

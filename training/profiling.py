@@ -3,7 +3,9 @@
 - The weak classifier runs as on the device: the int8 ``.tflite`` through
   LiteRT (:class:`offload.classifier.WeakClassifier`), one uint8 image at a
   time, int8 logits dequantised with the output tensor's scale/zero point.
-- The strong classifier runs as on the edge server: the TorchScript file.
+- The strong classifier runs as on the edge server: the TorchScript file
+  (the committed pair), or for any pair (:func:`run_pair_on_files`) the ONNX
+  model through the server's own :class:`offload.server.model.StrongModel`.
 - Ranks of the true class, the split and the weak logits go into an
   :class:`offload.profile.Profile`; its ``fit_metric`` calibrates, computes
   entropies and fits the metric map on the training split (SPEC section 3).
@@ -25,6 +27,8 @@ __all__ = [
     "run_weak",
     "run_strong",
     "build_profile",
+    "run_pair_on_files",
+    "stratified_split",
     "breakdown",
     "format_breakdown",
     "plot_fig3",
@@ -67,6 +71,86 @@ def run_strong(module, images, size, batch_size=512, progress=True):
             x = images_to_tensor(images[b:b + batch_size], size)
             out.append(module(x).numpy().astype(np.float32))
     return np.concatenate(out)
+
+
+def run_pair_on_files(weak, strong, paths, *, batch_size=64, run_batch=None, progress=True):
+    """Both models over image files, each image decoded once as the device's camera gives it.
+
+    ``weak`` is an :class:`offload.classifier.WeakClassifier` (one image at a
+    time, as on the device); ``strong`` an :class:`offload.server.model.StrongModel`
+    (``prepare`` then ``run`` in batches of ``batch_size``, as the server's
+    batcher does). Both apply their own model card, so the pixels profiled are
+    the pixels the deployed system feeds. ``run_batch`` (a list of
+    ``strong.prepare`` results -> ``(n, n_classes)`` scores) replaces
+    ``strong.run`` (a remote server: ``training.remote_strong``).
+
+    Returns
+    -------
+    (weak logits float32 (m, n_classes), strong logits float32 (m, n_classes),
+     kept int64 (m,) indices into ``paths``, skipped list of ``(path, reason)``)
+        Unreadable images (or ones a model cannot prepare) are skipped, not fatal.
+    """
+    from offload.classifier import ClassifierError
+    from offload.server.model import ModelError
+    from training.data import DataError, read_image_file
+
+    zw, zs, kept, skipped, batch = [], [], [], [], []
+    run_batch = run_batch or (lambda xs: strong.run(np.stack(xs))[0])
+
+    def flush():
+        if batch:
+            zs.append(np.asarray(run_batch(batch), dtype=np.float32))
+            batch.clear()
+
+    for i, path in enumerate(tqdm(paths, desc="weak + strong", unit="img", mininterval=0.5,
+                                  disable=not progress)):
+        try:
+            image = read_image_file(path)
+            x = strong.prepare(image)
+            w = weak.classify(image).logits
+        except (DataError, ClassifierError, ModelError) as exc:
+            skipped.append((path, str(exc)))
+            continue
+        zw.append(w)
+        batch.append(x)
+        kept.append(i)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    n = weak.n_classes
+    return (np.asarray(zw, dtype=np.float32).reshape(-1, n),
+            (np.concatenate(zs) if zs else np.zeros((0, n), np.float32)),
+            np.asarray(kept, dtype=np.int64), skipped)
+
+
+def stratified_split(labels, *, val_fraction, test_fraction, seed):
+    """Split codes (0 train, 1 validation, 2 test) drawn per class from ``seed``.
+
+    Within each class a seeded permutation gives ``round(test_fraction * n)``
+    images to test and ``round(val_fraction * n)`` to validation, the rest to
+    train (the metric is fitted on train). ``seed`` is a
+    ``numpy.random.SeedSequence`` or an int.
+
+    Raises
+    ------
+    ValueError
+        Fractions out of range, or no image left for train or test.
+    """
+    if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"validation fraction {val_fraction} and test fraction {test_fraction} "
+                         "must be in [0, 1) and (0, 1) and leave some images for train")
+    y = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    codes = np.full(len(y), TRAIN, dtype=np.int8)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_test, n_val = int(round(test_fraction * len(idx))), int(round(val_fraction * len(idx)))
+        codes[idx[:n_test]] = TEST
+        codes[idx[n_test:n_test + n_val]] = VALIDATION
+    counts = {name: int(np.sum(codes == code)) for code, name in SPLIT_NAMES.items()}
+    if counts["train"] == 0 or counts["test"] == 0:
+        raise ValueError(f"too few images to split ({len(y)}: {counts})")
+    return codes
 
 
 def build_profile(weak_logits, strong_logits, labels, split, k=1, source=""):
