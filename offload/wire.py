@@ -68,6 +68,8 @@ __all__ = [
     "error_body",
     "refused_by",
     "check_answer_shape",
+    "check_json_shape",
+    "load_json",
     "parse_answer",
 ]
 
@@ -112,9 +114,6 @@ _MAX_NUMBER_CHARS = 40
 # failed string match is the end of the scan).
 _JSON_TOKEN = re.compile(rb'[\[\]{}",]')
 _STRING_REST = re.compile(rb'(?:[^"\\]|\\.)*"', re.DOTALL)
-# Tokens an answer within MAX_ANSWER_VALUES has at most (a value is a key, a
-# string, a bracket pair and a comma): a flood of brackets or quotes stops here.
-_MAX_TOKENS = 8 * MAX_ANSWER_VALUES
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -282,7 +281,7 @@ def refused_by(body):
 def check_answer_shape(body):
     """Refuse, before any parsing, an answer too large, nested too deep or with too many values.
 
-    A linear scan of the bytes (strings skipped): at most
+    :func:`check_json_shape` with the answer bounds: at most
     :data:`MAX_ANSWER_BYTES` bytes, :data:`MAX_ANSWER_DEPTH` levels of
     ``[``/``{`` and :data:`MAX_ANSWER_VALUES` values. ``json.loads`` then
     cannot recurse deeper than that nor build more than that many objects.
@@ -292,9 +291,27 @@ def check_answer_shape(body):
     WireError
         Saying which bound the body breaks (or that a string never ends).
     """
+    check_json_shape(body, max_bytes=MAX_ANSWER_BYTES, max_depth=MAX_ANSWER_DEPTH,
+                     max_values=MAX_ANSWER_VALUES)
+
+
+def check_json_shape(body, *, max_bytes, max_depth, max_values, what="answer"):
+    """A linear scan of JSON bytes (strings skipped) against three bounds, before any parsing.
+
+    At most ``max_bytes`` bytes, ``max_depth`` levels of ``[``/``{`` and
+    ``max_values`` values (separated by ``,``); ``what`` names the body in the
+    message (``"answer"``, ``"request"``). Also used for the Open Inference
+    Protocol bodies (``offload.oip``).
+
+    Raises
+    ------
+    WireError
+        Saying which bound the body breaks (or that a string never ends).
+    """
     data = bytes(body)
-    if len(data) > MAX_ANSWER_BYTES:
-        raise WireError(f"answer of {len(data)} bytes is over the limit of {MAX_ANSWER_BYTES}")
+    if len(data) > max_bytes:
+        raise WireError(f"{what} of {len(data)} bytes is over the limit of {max_bytes}")
+    max_tokens = 8 * max_values  # a value is a key, a string, a bracket pair and a comma
     depth = values = tokens = 0
     pos = 0
     while True:
@@ -302,36 +319,54 @@ def check_answer_shape(body):
         if m is None:
             return
         tokens += 1
-        if tokens > _MAX_TOKENS:
-            raise WireError(f"answer has more than {_MAX_TOKENS} JSON tokens")
+        if tokens > max_tokens:
+            raise WireError(f"{what} has more than {max_tokens} JSON tokens")
         c, pos = data[m.start()], m.end()
         if c == 0x22:  # '"': skip to the end of the string
             end = _STRING_REST.match(data, pos)
             if end is None:
-                raise WireError("answer is not JSON: a string never ends")
+                raise WireError(f"{what} is not JSON: a string never ends")
             pos = end.end()
         elif c in b"[{":
             depth += 1
-            if depth > MAX_ANSWER_DEPTH:
-                raise WireError(f"answer is nested deeper than {MAX_ANSWER_DEPTH} levels")
+            if depth > max_depth:
+                raise WireError(f"{what} is nested deeper than {max_depth} levels")
         elif c in b"]}":
             depth -= 1
         else:
             values += 1
-            if values >= MAX_ANSWER_VALUES:
-                raise WireError(f"answer has more than {MAX_ANSWER_VALUES} JSON values")
+            if values >= max_values:
+                raise WireError(f"{what} has more than {max_values} JSON values")
+
+
+def load_json(body, *, max_bytes, max_depth, max_values, what="answer"):
+    """``json.loads`` of a body after :func:`check_json_shape`: no NaN/Infinity, no huge numbers.
+
+    Raises
+    ------
+    WireError
+        Over a bound, not UTF-8, not JSON, or a number longer than 40 characters.
+    """
+    check_json_shape(body, max_bytes=max_bytes, max_depth=max_depth, max_values=max_values,
+                     what=what)
+    try:
+        return json.loads(bytes(body).decode("utf-8"), **_JSON_HOOKS)
+    except (UnicodeDecodeError, ValueError) as exc:  # WireError is a ValueError: it passes as is
+        if isinstance(exc, WireError):
+            raise
+        raise WireError(f"{what} is not JSON: {exc}") from None
 
 
 def _number(kind, convert):
     def parse(text):
         if len(text) > _MAX_NUMBER_CHARS:
-            raise WireError(f"answer has a {kind} of {len(text)} characters")
+            raise WireError(f"a JSON {kind} of {len(text)} characters")
         return convert(text)
     return parse
 
 
 def _no_constant(name):
-    raise WireError(f"answer has {name}, which JSON does not allow")
+    raise WireError(f"JSON with {name}, which JSON does not allow")
 
 
 _JSON_HOOKS = {"parse_int": _number("number", int), "parse_float": _number("number", float),
@@ -360,13 +395,8 @@ def parse_answer(body, n_classes=None):
         not a probability, a name or ``frame_id`` that is not a string within
         its limit, a time that is not finite.
     """
-    check_answer_shape(body)
-    try:
-        obj = json.loads(bytes(body).decode("utf-8"), **_JSON_HOOKS)
-    except (UnicodeDecodeError, ValueError) as exc:  # WireError is a ValueError: it passes as is
-        if isinstance(exc, WireError):
-            raise
-        raise WireError(f"answer is not JSON: {exc}") from None
+    obj = load_json(body, max_bytes=MAX_ANSWER_BYTES, max_depth=MAX_ANSWER_DEPTH,
+                    max_values=MAX_ANSWER_VALUES)
     if not isinstance(obj, dict) or not isinstance(obj.get("top"), list) or not obj["top"]:
         raise WireError("answer has no non-empty 'top' list")
     if len(obj["top"]) > MAX_TOP_ITEMS:

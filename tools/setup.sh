@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up offload on a fresh Debian / Raspberry Pi OS machine, in ./.venv.
 #   bash tools/setup.sh                  # everything: device, server, training, tests
+#                                        # (and .venv-kserve, the tests' KServe v2 server)
 #   bash tools/setup.sh device           # a Raspberry Pi: base + device extra, no torch
 #   bash tools/setup.sh all --editable   # development: an editable install (or EDITABLE=1)
 # Installs the Debian packages it needs (root or sudo), makes a virtual
@@ -20,7 +21,7 @@ editable="${EDITABLE:-0}"
 for arg in "$@"; do
     case "$arg" in
         --editable) editable=1 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         -*) echo "setup: unknown option $arg (see --help)" >&2; exit 2 ;;
         *) if [ -n "$extras" ]; then echo "setup: one extras list only, got '$extras' and '$arg'" >&2; exit 2; fi
            extras="$arg" ;;
@@ -68,4 +69,16 @@ else
     # A regular install replaces an earlier editable one (its loader and .pth go).
     "$PY" -m pip install -q --no-build-isolation ".[$extras]"
 fi
+case "$extras" in
+    *all*)
+        # The tests' real Open Inference Protocol (v2) server, KServe, lives in a
+        # venv of its own: its FastAPI, gRPC, kubernetes and pandas pins never meet
+        # the project's (tests/kserve_server.py, tests/test_device_v2.py).
+        if [ ! -x .venv-kserve/bin/python ]; then
+            echo "setup: creating .venv-kserve (KServe, the tests' v2 server)"
+            "${PYTHON:-python3}" -m venv .venv-kserve
+        fi
+        .venv-kserve/bin/python -m pip install -q --upgrade pip
+        .venv-kserve/bin/python -m pip install -q -r tools/kserve-requirements.txt ;;
+esac
 echo "setup: done; commands are in .venv/bin (offload-sim, offload-train, ...)"

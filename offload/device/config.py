@@ -55,6 +55,12 @@ def _check_server(url):
     return url
 
 
+def _check_model_name(name):
+    from offload.oip import check_model_name
+
+    return check_model_name(name)
+
+
 def _check_size(text):
     from offload.device.payload import parse_size
 
@@ -90,6 +96,20 @@ class RunConfig:
     server: Optional[str] = setting(None, "Edge server base URL, e.g. https://10.0.0.2:8443 (plain "
                                       "http:// only on loopback or a trusted network); none: "
                                       "local-only, never offload.", check=_check_server)
+    protocol: str = setting("v1", "Protocol to the server: v1 (the frame as an image to "
+                            "/v1/classify, offload-serve) or v2 (Open Inference Protocol, KServe "
+                            "v2: the strong model's input tensor to /v2/models/NAME/infer; "
+                            "Triton, KServe, MLServer, offload-serve).", choices=("v1", "v2"))
+    server_model: Optional[str] = setting(None, "v2: the model's name on the server "
+                                          "(/v2/models/NAME); offload-serve's is its model file's "
+                                          "stem, e.g. strong.", check=_check_model_name)
+    server_card: Optional[str] = setting(None, "v2: model card (TOML) of the server's model: how "
+                                         "a frame becomes its input tensor (size, colour order, "
+                                         "mean/std, resize; docs/classifiers.md); none: the card "
+                                         "defaults, resolved against its metadata.")
+    v2_binary: str = setting("auto", "v2: binary tensor extension: auto (binary until the server "
+                             "refuses it, then JSON), on, off (JSON).",
+                             choices=("auto", "on", "off"))
     ca_file: Optional[str] = setting(None, "PEM file of the CA certificate(s) an https:// server's "
                                      "certificate must chain to; none: the system store.")
     client_cert: Optional[str] = setting(None, "PEM file of this device's TLS client certificate "
@@ -329,7 +349,8 @@ def make_config(file_values=None, overrides=None):
     ------
     ConfigError
         An unknown key, a value of the wrong type or range, two frame
-        sources, or both ``key`` and ``key-file``; the message names the key.
+        sources, both ``key`` and ``key-file``, ``protocol = "v2"`` with a
+        server but no ``server-model`` (or one without v2); the message names the key.
     """
     merged = {k.name: k.default for k in KEYS}
     for origin, table in (("config file", file_values or {}), ("option", overrides or {})):
@@ -352,6 +373,15 @@ def make_config(file_values=None, overrides=None):
         raise ConfigError(f"{tls_given[0]}: only applies to an https:// server")
     if v["client-key"] is not None and v["client-cert"] is None:
         raise ConfigError("client-key: needs client-cert")
+    if v["protocol"] == "v2" and v["server"] and v["server-model"] is None:
+        raise ConfigError("server-model: --protocol v2 needs the model's name on the server "
+                          "(--server-model NAME)")
+    for name in ("server-model", "server-card"):
+        if v["protocol"] != "v2" and v[name] is not None:
+            raise ConfigError(f"{name}: only applies to --protocol v2")
+    if v["protocol"] == "v2" and v["send-size"] is not None:
+        raise ConfigError("send-size: only applies to --protocol v1 (v2 sends the model's input "
+                          "tensor, whose size the model's metadata gives)")
     if v["fps"] is not None and v["images"] is None:
         raise ConfigError("fps: only applies to an images folder")
     return RunConfig(**{_BY_NAME[name].attr: x for name, x in v.items()})

@@ -245,13 +245,21 @@ def _open_loop(stack, cfg, blob, key, stats, *, model_path, source, make_classif
     stack.callback(status.finish)
     sender = None
     if cfg.server:
+        protocol = None  # v1: the frame as an image
+        if cfg.protocol == "v2":
+            from offload.device.oipclient import V2Protocol
+
+            protocol = V2Protocol.factory(model=cfg.server_model, binary=cfg.v2_binary,
+                                          card=cfg.server_card, n_classes=watchdog.n_classes,
+                                          warn=say)
         sender = Sender(cfg.server, key, queue_size=cfg.queue_size,
                         connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
                         image_format=resolve_format(cfg.image_format, cfg.source[0]),
                         jpeg_quality=cfg.jpeg_quality,
                         send_size=None if cfg.send_size is None else parse_size(cfg.send_size),
                         n_classes=watchdog.n_classes, ca_file=cfg.ca_file,
-                        client_cert=cfg.client_cert, client_key=cfg.client_key, warn=say)
+                        client_cert=cfg.client_cert, client_key=cfg.client_key, warn=say,
+                        protocol=protocol)
     loop = FrameLoop(cfg, blob, source=src, watchdog=watchdog, log=log, sender=sender,
                      stats=stats, status=status)
     stack.push(loop.wind_down)   # first out after the signal handlers: drains while the log is open

@@ -1,10 +1,14 @@
 """Offloading frames to the edge server without ever stalling capture.
 
 ``Sender.submit`` puts a frame on a bounded queue and returns at once; one
-background thread encodes each frame (``offload.wire.encode_image``) and POSTs
-it to ``SERVER/v1/classify`` over one keep-alive HTTP/1.1 connection
-(``offload.device.conn``: plain for ``http://``, TLS for ``https://``), with
-``Authorization: Bearer KEY``. Every frame handed to ``submit`` comes back
+background thread encodes each frame and POSTs it over one keep-alive
+HTTP/1.1 connection (``offload.device.conn``: plain for ``http://``, TLS for
+``https://``), with ``Authorization: Bearer KEY``. What a request is comes
+from the sender's *protocol*: :class:`ImageProtocol` (the default) encodes the
+frame (``offload.device.payload``) for ``SERVER/v1/classify``;
+``offload.device.oipclient.V2Protocol`` sends the model's input tensor to an
+Open Inference Protocol (KServe v2) server's ``/v2/models/NAME/infer``.
+Every rule below holds for both. Every frame handed to ``submit`` comes back
 exactly once as a :class:`Result` on ``results`` (a ``queue.Queue`` the loop
 drains): an answer, or the reason there is none. A failure never raises into
 the loop; the frame keeps its weak answer.
@@ -24,7 +28,7 @@ Outcomes (``Result.outcome``, an :class:`offload.device.record.Outcome`):
 ``HELD_OFF``     not sent: the server asked to wait (``Retry-After`` on a 429 or 503)
 ``BAD_ANSWER``   an answer that breaks HTTP/1.1, the wire format or a bound (too large,
                  too deep, too many headers, ...)
-``BAD_FRAME``    the frame could not be encoded
+``BAD_FRAME``    the frame could not be encoded (or made into the model's tensor)
 ``ERROR``        anything else that went wrong in the sender (message in ``Result.error``);
                  the sender goes on with the next frame
 ``CANCELLED``    still queued or in flight when the run ended (``close``)
@@ -70,7 +74,8 @@ from offload.device.config import ConfigError
 from offload.device.payload import Payload
 from offload.device.record import Outcome
 
-__all__ = ["Sender", "Result", "retry_after_seconds", "tls_context", "is_loopback", "MAX_HOLD_S"]
+__all__ = ["Sender", "Result", "ImageProtocol", "Failed", "retry_after_seconds", "tls_context",
+           "is_loopback", "MAX_HOLD_S"]
 
 MAX_HOLD_S = 60.0  # a longer Retry-After would silence offloading for a whole run
 
@@ -142,6 +147,56 @@ def tls_context(ca_file=None, client_cert=None, client_key=None):
     return ctx
 
 
+class Failed(Exception):
+    """An exchange with the server that ended without a usable answer: its ``outcome`` and ``error``.
+
+    Raised by :meth:`Sender.exchange` (network, TLS, a broken answer) and by a
+    protocol's ``prepare`` (``http_status`` set for a non-200 answer).
+    """
+
+    def __init__(self, outcome, error, *, http_status=None, request_bytes=None):
+        super().__init__(error)
+        self.outcome, self.error, self.http_status = outcome, error, http_status
+        self.request_bytes = request_bytes
+
+
+class ImageProtocol:
+    """``POST /v1/classify`` with the frame as an image (``offload.device.payload``), the default protocol.
+
+    A protocol tells the sender what one frame's request is and how to read
+    its answer: ``start(exchange)`` (at construction, in the caller's thread)
+    and ``prepare(exchange)`` (before each frame, in the sender's) may talk
+    to the server first; ``encode(fid, image) -> (path, body, headers)``
+    (a ``ValueError`` makes the frame ``bad-frame``); ``parse(response) ->
+    wire.Answer`` (a ``ValueError``: ``bad-answer``); ``fall_back(response)``
+    True to encode and send the frame once more after a non-200 answer;
+    ``max_answer_bytes`` caps the answer.
+    """
+
+    max_answer_bytes = wire.MAX_ANSWER_BYTES
+
+    def __init__(self, payload, *, n_classes=None, base=""):
+        self.payload = payload  # offload.device.payload.Payload: size and encoding of the image
+        self.n_classes = n_classes
+        self.path = base + wire.CLASSIFY_PATH
+
+    def start(self, exchange):
+        pass
+
+    def prepare(self, exchange):
+        pass
+
+    def encode(self, fid, image):
+        body, ctype = self.payload.encode(image)
+        return self.path, body, {"Content-Type": ctype, wire.FRAME_ID_HEADER: str(fid)}
+
+    def parse(self, resp):
+        return wire.parse_answer(resp.body, self.n_classes)
+
+    def fall_back(self, resp):
+        return False
+
+
 def _stderr(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -193,6 +248,12 @@ class Sender:
         (:class:`offload.device.payload.Payload`); None: send them whole.
     n_classes : int, optional
         When given, answers with a class outside ``0..n_classes-1`` are ``bad-answer``.
+    protocol : callable (base path) -> protocol, optional
+        Makes the request protocol (see :class:`ImageProtocol`) for the URL's
+        path prefix; default: :class:`ImageProtocol` with ``image_format``,
+        ``jpeg_quality``, ``n_classes``. Its ``start`` runs here, before the
+        thread: a ``ConfigError`` from it (a v2 model that does not fit) is
+        raised from the constructor.
     clock : callable () -> float
         Monotonic seconds for the ``Retry-After`` hold (tests pass a fake one).
     ca_file, client_cert, client_key : str, optional
@@ -210,20 +271,23 @@ class Sender:
     def __init__(self, server, key, *, queue_size=8, connect_timeout=1.0, read_timeout=2.0,
                  image_format="png", jpeg_quality=90, send_size=None, n_classes=None,
                  clock=time.monotonic,
-                 ca_file=None, client_cert=None, client_key=None, warn=None):
+                 ca_file=None, client_cert=None, client_key=None, warn=None, protocol=None):
         u = urlsplit(server)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ConfigError(f"server: must be an http:// or https:// URL, got {server!r}")
         self.url = f"{u.scheme}://{u.netloc}"
         self.host, self.port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
-        self.path = u.path.rstrip("/") + wire.CLASSIFY_PATH
+        base = u.path.rstrip("/")
+        if protocol is None:
+            try:
+                payload = Payload(fmt=image_format, quality=jpeg_quality, size=send_size)
+            except ValueError as e:
+                raise ConfigError(f"image-format: {e}") from None
+            self.protocol = ImageProtocol(payload, n_classes=n_classes, base=base)
+        else:
+            self.protocol = protocol(base)
         self.key = key
         self.connect_timeout, self.read_timeout = float(connect_timeout), float(read_timeout)
-        try:
-            self.payload = Payload(fmt=image_format, quality=jpeg_quality, size=send_size)
-        except ValueError as e:
-            raise ConfigError(f"image-format: {e}") from None
-        self.n_classes = n_classes
         self.clock = clock
         self.warn = warn or _stderr
         self._warned = set()
@@ -249,7 +313,18 @@ class Sender:
         self._died = None          # what killed the last thread
         self.restarts = 0          # threads started again after one died
         self._thread = None
-        self._start_thread(probe=self.tls)
+        probe = self.tls
+        if protocol is not None:
+            probe = False  # the protocol's start opened the connection (or said why not)
+            try:
+                self.protocol.start(self.exchange)
+            except Failed as e:
+                if e.outcome is Outcome.TLS_ERROR:
+                    self._tls_warning(e.error)
+            except BaseException:
+                self._conn.close()
+                raise
+        self._start_thread(probe=probe)
 
     # ------------------------------------------------------------------ caller side
 
@@ -341,10 +416,13 @@ class Sender:
         try:
             self._conn.connect()
         except TLSError as e:
-            self._warn_once("tls", f"error: {e}; nothing will be offloaded until it verifies "
-                                   "(check ca-file and the server's certificate, docs/security.md)")
+            self._tls_warning(e)
         except OSError:
             pass  # no server yet: each frame says so
+
+    def _tls_warning(self, e):
+        self._warn_once("tls", f"error: {e}; nothing will be offloaded until it verifies "
+                               "(check ca-file and the server's certificate, docs/security.md)")
 
     def _warn_once(self, kind, msg):
         if kind not in self._warned:
@@ -396,40 +474,56 @@ class Sender:
             res.outcome, res.http_status = Outcome.CANCELLED, None
         return res
 
-    def _send(self, fid, image):
-        t0 = time.perf_counter()
-        try:
-            body, ctype = self.payload.encode(image)
-        except wire.WireError as e:
-            return Result(fid, Outcome.BAD_FRAME, error=str(e))
-        encode_ms = (time.perf_counter() - t0) * 1e3
-        headers = {"Content-Type": ctype, "Authorization": f"Bearer {self.key}",
-                   wire.FRAME_ID_HEADER: str(fid)}
+    def exchange(self, method, path, body=b"", headers=None, *, max_body):
+        """One request on the kept-alive connection: ``(Response, round trip ms)``.
 
-        def failed(outcome, error):
-            return Result(fid, outcome, error=error, encode_ms=encode_ms, request_bytes=len(body))
-
-        # A reused keep-alive connection may have been closed by the server
-        # while idle; that shows as a disconnect before any answer, and the
-        # request is retried once on a fresh connection.
+        Adds ``Authorization``. A reused connection the server closed while
+        idle shows as a disconnect before any answer: the request goes once
+        more on a fresh connection. Raises :class:`Failed` with the outcome
+        of a network, TLS or HTTP/1.1 failure.
+        """
+        headers = dict(headers or {}, Authorization=f"Bearer {self.key}")
         for attempt in (0, 1):
             t1 = time.perf_counter()
             reused = self._conn.sock is not None
             try:
-                resp = self._conn.request("POST", self.path, body, headers,
-                                          timeout=self.read_timeout, max_body=wire.MAX_ANSWER_BYTES)
+                resp = self._conn.request(method, path, body, headers,
+                                          timeout=self.read_timeout, max_body=max_body)
             except TLSError as e:
-                return failed(Outcome.TLS_ERROR, str(e))
+                raise Failed(Outcome.TLS_ERROR, str(e)) from None
             except (TimeoutError, OSError) as e:
                 outcome = _network_outcome(e)
                 if outcome is Outcome.DISCONNECTED and reused and attempt == 0 \
                         and not self._stopping.is_set():
                     continue
-                return failed(outcome, f"{e or 'timed out'}" if outcome is Outcome.TIMEOUT
-                              else f"{type(e).__name__}: {e}")
+                raise Failed(outcome, f"{e or 'timed out'}" if outcome is Outcome.TIMEOUT
+                             else f"{type(e).__name__}: {e}") from None
             except ProtocolError as e:
-                return failed(Outcome.BAD_ANSWER, str(e))
-            rtt_ms = (time.perf_counter() - t1) * 1e3
+                raise Failed(Outcome.BAD_ANSWER, str(e)) from None
+            return resp, (time.perf_counter() - t1) * 1e3
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send(self, fid, image):
+        try:
+            self.protocol.prepare(self.exchange)
+        except Failed as e:
+            return Result(fid, e.outcome, error=e.error, http_status=e.http_status,
+                          request_bytes=e.request_bytes)
+        for attempt in (0, 1):
+            t0 = time.perf_counter()
+            try:
+                path, body, headers = self.protocol.encode(fid, image)
+            except ValueError as e:  # WireError, OIPError: this frame cannot be sent
+                return Result(fid, Outcome.BAD_FRAME, error=str(e))
+            encode_ms = (time.perf_counter() - t0) * 1e3
+            try:
+                resp, rtt_ms = self.exchange("POST", path, body, headers,
+                                             max_body=self.protocol.max_answer_bytes)
+            except Failed as e:
+                return Result(fid, e.outcome, error=e.error, encode_ms=encode_ms,
+                              request_bytes=len(body))
+            if attempt == 0 and resp.status != 200 and self.protocol.fall_back(resp):
+                continue  # the protocol changed how it encodes (v2: JSON, not binary)
             return self._answered(fid, resp, rtt_ms, encode_ms, len(body))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -451,8 +545,8 @@ class Sender:
                           http_status=status, transmission_ms=rtt_ms,
                           error=resp.body[:200].decode("utf-8", "replace"), **times)
         try:
-            ans = wire.parse_answer(resp.body, self.n_classes)
-        except wire.WireError as e:
+            ans = self.protocol.parse(resp)
+        except ValueError as e:  # WireError, OIPError
             return Result(fid, Outcome.BAD_ANSWER, error=str(e), transmission_ms=rtt_ms, **times)
         return Result(fid, Outcome.SENT, answer=ans,
                       transmission_ms=max(0.0, rtt_ms - ans.inference_ms), **times)

@@ -52,6 +52,9 @@ _keys_option = click.option(
               help="TCP port (0: a free one, printed at start).")
 @click.option("--model", "model_path", default=None, type=click.Path(dir_okay=False),
               help="Strong model, ONNX [default: the committed artifacts/strong.onnx].")
+@click.option("--model-name", default=None,
+              help="Name of the model on the Open Inference Protocol (v2) endpoints, "
+                   "/v2/models/NAME [default: the model file's stem, e.g. strong].")
 @click.option("--card", "card_path", default=None, type=click.Path(dir_okay=False),
               help="Model card (TOML) overriding what the model declares: input size, colour "
                    "order, mean/std, resize mode, labels (docs/classifiers.md, \"Model card\").")
@@ -108,11 +111,11 @@ _keys_option = click.option(
               type=click.IntRange(1),
               help="Open connections from one client address; more are refused at once.")
 @click.pass_context
-def main(ctx, keys_path, host, port, model_path, card_path, max_batch, batch_window_ms, max_queue,
-         max_body, max_pixels, top_k, slot_ms, state_url, state_timeout_ms, state_failure, threads,
-         log_level, tls_cert, tls_key, tls_client_ca, head_timeout, body_timeout, keep_alive,
-         max_connections, max_per_client):
-    """Serve the strong classifier (POST /v1/classify, GET /healthz, GET /metrics).
+def main(ctx, keys_path, host, port, model_path, model_name, card_path, max_batch,
+         batch_window_ms, max_queue, max_body, max_pixels, top_k, slot_ms, state_url,
+         state_timeout_ms, state_failure, threads, log_level, tls_cert, tls_key, tls_client_ca,
+         head_timeout, body_timeout, keep_alive, max_connections, max_per_client):
+    """Serve the strong classifier (POST /v1/classify, the v2 protocol's /v2/..., GET /healthz, GET /metrics).
 
     With no subcommand, serves until Ctrl+C. Create a key first with
     `offload-serve keys add NAME`. See docs/server.md.
@@ -159,11 +162,12 @@ def main(ctx, keys_path, host, port, model_path, card_path, max_batch, batch_win
             model = load_model(model_path)
         app = create_app(model, store, max_batch=max_batch, batch_window_ms=batch_window_ms,
                          max_queue=max_queue, max_body=max_body, max_pixels=max_pixels, top_k=top_k,
-                         state=state)
+                         state=state, model_name=model_name)
 
     def ready(url):
         limited = sum(1 for n in store.names if store.bucket(n) is not None)
-        click.echo(f"offload-serve: {model.name} on {', '.join(model.providers)}; "
+        click.echo(f"offload-serve: {model.name} (v2: /v2/models/{app.state.service.v2.name}) "
+                   f"on {', '.join(model.providers)}; "
                    f"{len(store)} keys ({limited} rate-limited, {slot_ms:g} ms slots), "
                    f"{len(store.switches)} switches, {state.describe()}; "
                    f"micro-batches up to {max_batch} within {batch_window_ms:g} ms; "
