@@ -142,7 +142,8 @@ FORBIDDEN_FLAGS = ("-march=native", "-mcpu=native")
 def _check_flags(builddir):
     """The compiler flags of the build, from Meson's compile_commands.json; refuse a wrong one."""
     with open(os.path.join(builddir, "compile_commands.json")) as f:
-        commands = [c["command"] for c in json.load(f)]
+        # C compilations only (Meson lists the Cython transpile steps too).
+        commands = [c["command"] for c in json.load(f) if c["file"].endswith(".c")]
     for cmd in commands:
         words = cmd.split()
         if not words[0].endswith("aarch64-linux-gnu-gcc"):
@@ -151,6 +152,8 @@ def _check_flags(builddir):
         bad = [x for x in FORBIDDEN_FLAGS if x in words]
         if gone or bad:
             raise FirmwareError(f"cross build flags: missing {gone}, forbidden {bad}: {cmd}")
+    if not commands:
+        raise FirmwareError(f"{builddir}: no C compilation in the cross build")
     return len(commands)
 
 

@@ -27,7 +27,8 @@ import sys
 from firmware.tools import FirmwareError
 
 __all__ = ["REQUIRED", "TARGET_GLIBC", "MANYLINUX_FLOOR", "PYTHONS", "platforms", "parse_glibc",
-           "parse_wheel", "compatible", "check", "device_requirements", "download", "fetch"]
+           "parse_wheel", "compatible", "check", "device_requirements", "pip_target_args", "download",
+           "fetch"]
 
 #: glibc of the target image: Raspberry Pi OS trixie (Debian 13) ships 2.41.
 TARGET_GLIBC = (2, 41)
@@ -193,6 +194,15 @@ def device_requirements(python):
     return out
 
 
+def pip_target_args(python, *, glibc=TARGET_GLIBC):
+    """pip's options selecting wheels for CPython ``python`` on aarch64 with ``glibc`` (a list)."""
+    args = ["--only-binary=:all:", "--python-version", python, "--implementation", "cp",
+            "--abi", f"cp{python.replace('.', '')}"]
+    for p in platforms(glibc):
+        args += ["--platform", p]
+    return args
+
+
 def download(folder, python, *, glibc=TARGET_GLIBC, requirements=None, pip_args=(), echo=print):
     """``pip download`` the wheels of ``requirements`` (default: the device's, and pip) into ``folder``.
 
@@ -202,11 +212,8 @@ def download(folder, python, *, glibc=TARGET_GLIBC, requirements=None, pip_args=
     """
     os.makedirs(folder, exist_ok=True)
     reqs = list(requirements) if requirements is not None else device_requirements(python) + ["pip"]
-    cmd = [sys.executable, "-m", "pip", "download", "--dest", folder, "--only-binary=:all:",
-           "--python-version", python, "--implementation", "cp", "--abi", f"cp{python.replace('.', '')}",
-           "--disable-pip-version-check", *pip_args]
-    for p in platforms(glibc):
-        cmd += ["--platform", p]
+    cmd = [sys.executable, "-m", "pip", "download", "--dest", folder, "--disable-pip-version-check",
+           *pip_target_args(python, glibc=glibc), *pip_args]
     echo(f"fetch-wheels: pip download for CPython {python} aarch64 (glibc {glibc[0]}.{glibc[1]}): "
          f"{' '.join(reqs)}")
     if subprocess.run(cmd + reqs).returncode != 0:
