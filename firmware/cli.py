@@ -40,7 +40,7 @@ _file = click.Path(dir_okay=False)
               help="Device settings TOML (offload-run keys + rate/depth); copied to offload/device.toml.")
 @click.option("--key-file", type=_file, help="The device's API key (one line); moved to /etc/offload, mode 0600, at first boot.")
 @click.option("--wheels", "wheels_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder from 'offload-firmware fetch-wheels': our sdist and aarch64 wheels.")
+              help="Folder from 'offload-firmware fetch-wheels': our aarch64 wheel and its dependencies'.")
 @click.option("--policy", type=_file, help="Policy blob [default: the committed policy.bin].")
 @click.option("--model", type=_file, help="Weak model .tflite [default: the committed weak_int8.tflite].")
 @click.option("--edgetpu-model", type=_file, help="The weak model compiled by edgetpu_compiler (optional).")

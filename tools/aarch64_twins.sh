@@ -11,8 +11,8 @@
 #    -Dnative_cpu=false -mcpu=cortex-a72);
 # 2. unpacks Debian trixie's arm64 CPython 3.13 into a folder (firmware/sysroot.py:
 #    apt-get download + dpkg -x with a private apt state; the host's apt is untouched);
-# 3. installs that wheel, numpy's aarch64 wheel from PyPI and pytest into a
-#    target folder (pip install --target --platform ..., wheels only);
+# 3. installs that wheel, numpy's aarch64 wheel from PyPI and pytest into
+#    target folders (pip install --target --platform ..., wheels only);
 # 4. runs, under `qemu-aarch64 -L SYSROOT SYSROOT/usr/bin/python3.13` (invoked
 #    explicitly; no binfmt handler is registered), the tests that compare every
 #    native kernel with its numpy twin bit for bit, from tests/ as they are.
@@ -66,7 +66,11 @@ export OFFLOAD_AARCH64_CACHE="$CACHE"
 mkdir -p "$CACHE"
 WHEEL_DIR="$CACHE/wheel-$TARGET"
 DL="$CACHE/wheels-$TARGET"
-SITE="$CACHE/site-$TARGET"
+# The test dependencies stay installed between runs (with the byte code the emulated
+# interpreter wrote for them: compiling them again under emulation costs minutes);
+# our package is installed afresh from the wheel built above, every run.
+DEPS="$CACHE/site-deps-$TARGET"
+SITE="$CACHE/site-offload-$TARGET"
 rm -rf "$WHEEL_DIR" "$SITE"
 
 echo "aarch64_twins: 1/4 cross-compiling the offload wheel for CPython $TARGET aarch64"
@@ -78,12 +82,17 @@ echo "aarch64_twins: 3/4 numpy and pytest for CPython $TARGET aarch64 (pip, whee
 mapfile -t PLAT < <("$PY" -c 'from firmware import wheels
 for p in wheels.platforms(): print("--platform"); print(p)')
 TEST_REQS=(numpy pytest pytest-timeout hypothesis click tqdm)
-"$PY" -c 'import sys; from firmware import wheels
+pipt=(-m pip install --quiet --disable-pip-version-check --no-index --only-binary=:all:
+      --python-version "$TARGET" --implementation cp --abi "cp${TARGET/./}" "${PLAT[@]}")
+if [ "$(cat "$DEPS/.requirements" 2>/dev/null)" != "${TEST_REQS[*]}" ]; then
+    rm -rf "$DEPS"
+    "$PY" -c 'import sys; from firmware import wheels
 wheels.download(sys.argv[1], sys.argv[2], requirements=sys.argv[3:], pip_args=["--quiet"])' \
-    "$DL" "$TARGET" "${TEST_REQS[@]}"
-"$PY" -m pip install --quiet --disable-pip-version-check --target "$SITE" --no-index \
-    --find-links "$DL" --find-links "$WHEEL_DIR" --only-binary=:all: --python-version "$TARGET" \
-    --implementation cp --abi "cp${TARGET/./}" "${PLAT[@]}" offload "${TEST_REQS[@]}"
+        "$DL" "$TARGET" "${TEST_REQS[@]}"
+    "$PY" "${pipt[@]}" --target "$DEPS" --find-links "$DL" "${TEST_REQS[@]}"
+    echo "${TEST_REQS[*]}" > "$DEPS/.requirements"
+fi
+"$PY" "${pipt[@]}" --target "$SITE" --no-deps --find-links "$WHEEL_DIR" offload
 
 echo "aarch64_twins: 4/4 the twin tests under qemu-aarch64 (timings are emulated: no speed claims)"
 QEMU=(qemu-aarch64 -L "$ROOT" "$ROOT/usr/bin/python$TARGET")
@@ -94,7 +103,7 @@ EOF
 # Run outside the checkout, so `offload` is the wheel's copy in $SITE (with its
 # AArch64 modules), never the checkout's sources or a host build.
 cd "$CACHE"
-export PYTHONPATH="$SITE" PYTHONDONTWRITEBYTECODE=1 HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
+export PYTHONPATH="$SITE:$DEPS" HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-ci}"
 "${QEMU[@]}" - "$SITE" <<'EOF'
 import platform, sys, sysconfig
 import numpy, offload_native, offload.mlp
