@@ -13,8 +13,8 @@
 #    apt-get download + dpkg -x with a private apt state; the host's apt is untouched);
 # 3. installs that wheel, numpy's aarch64 wheel from PyPI and pytest into
 #    target folders (pip install --target --platform ..., wheels only);
-# 4. runs, under `qemu-aarch64 -L SYSROOT SYSROOT/usr/bin/python3.13` (invoked
-#    explicitly; no binfmt handler is registered), the tests that compare every
+# 4. runs, under `qemu-aarch64 -cpu cortex-a72 -L SYSROOT SYSROOT/usr/bin/python3.13`
+#    (invoked explicitly; no binfmt handler is registered), the tests that compare every
 #    native kernel with its numpy twin bit for bit, from tests/ as they are.
 # Emulated timings mean nothing about a Pi: no speed is claimed from this run.
 # Downloads are cached in $OFFLOAD_AARCH64_CACHE (default ~/.cache/offload/aarch64).
@@ -95,7 +95,10 @@ fi
 "$PY" "${pipt[@]}" --target "$SITE" --no-deps --find-links "$WHEEL_DIR" offload
 
 echo "aarch64_twins: 4/4 the twin tests under qemu-aarch64 (timings are emulated: no speed claims)"
-QEMU=(qemu-aarch64 -L "$ROOT" "$ROOT/usr/bin/python$TARGET")
+# qemu-aarch64 -cpu cortex-a72 -L SYSROOT SYSROOT/usr/bin/python3.13 (firmware.sysroot.qemu_command:
+# the Pi 4's CPU; qemu's default CPU model broke numpy's OpenBLAS, see there).
+mapfile -t QEMU < <("$PY" -c 'import sys; from firmware import sysroot
+print("\n".join(sysroot.qemu_command(sys.argv[1], sys.argv[2])))' "$ROOT" "$TARGET")
 cat > "$CACHE/pytest.ini" <<EOF
 [pytest]
 timeout = 1200
