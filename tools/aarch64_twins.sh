@@ -5,6 +5,9 @@
 #   bash tools/aarch64_twins.sh --install    # apt-get install the tools first (root or sudo)
 #   bash tools/aarch64_twins.sh --skip-unavailable   # CI: one SKIPPED line when the tools
 #                                            # cannot be had, exit 0
+#   bash tools/aarch64_twins.sh --card wheels/   # also: install a fetch-wheels folder as first
+#                                            # boot does (venv, pip --no-index --only-binary)
+#                                            # with the emulated CPython 3.13, then import it
 #
 # 1. cross-compiles the project's wheel for CPython 3.13 on a Raspberry Pi 4
 #    (offload-firmware wheel: gcc-aarch64-linux-gnu, tools/cross/aarch64-linux-gnu.ini,
@@ -27,13 +30,16 @@ TESTS=(tests/test_mlp.py tests/test_bucket.py tests/test_ring.py tests/test_deci
        tests/test_simulate.py tests/test_oracle.py tests/test_policies.py)
 install=0
 skip=0
-for arg in "$@"; do
-    case "$arg" in
+card=""
+while [ $# -gt 0 ]; do
+    case "$1" in
         --install) install=1 ;;
         --skip-unavailable) skip=1 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-        *) echo "aarch64_twins: unknown option $arg (see --help)" >&2; exit 2 ;;
+        --card) shift; card="$(cd "${1:?--card needs a folder}" && pwd)" ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        *) echo "aarch64_twins: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
+    shift
 done
 start=$(date +%s)
 tools_missing() {
@@ -122,5 +128,20 @@ for t in "${TESTS[@]}"; do tests+=("$REPO/$t"); done
 status=0
 "${QEMU[@]}" -m pytest -q -p no:cacheprovider -c "$CACHE/pytest.ini" --rootdir "$REPO/tests" \
     "${tests[@]}" || status=$?
+if [ -n "$card" ] && [ "$status" = 0 ]; then
+    echo "aarch64_twins: the card's wheels, installed as first boot does, on the emulated CPython $TARGET"
+    VENV="$CACHE/card-venv"
+    rm -rf "$VENV"
+    "${QEMU[@]}" -m venv --without-pip "$VENV"
+    pipwhl=$(ls "$card"/pip-*.whl | tail -n 1)
+    unset PYTHONPATH
+    QV=("${QEMU[@]:0:$((${#QEMU[@]} - 1))}" "$VENV/bin/python")
+    "${QV[@]}" "$pipwhl/pip" --isolated install --quiet --no-index --find-links "$card" \
+        --only-binary=:all: --disable-pip-version-check --no-cache-dir "offload[device]" || status=$?
+    # LiteRT is imported, not run: its interpreter crashes under qemu-user 7.2 (docs/firmware.md).
+    "${QV[@]}" -c 'import platform, numpy, cv2, ai_edge_litert.interpreter, offload_native
+print("aarch64_twins: card venv on", platform.machine(), "imports numpy", numpy.__version__,
+      "cv2", cv2.__version__, "LiteRT and", offload_native._mlp.__file__.rsplit("/", 1)[-1])' || status=$?
+fi
 echo "aarch64_twins: done in $(( $(date +%s) - start )) s (exit $status)"
 exit $status
