@@ -62,9 +62,9 @@ if [ -n "$gone" ] && [ "$install" = 1 ] && command -v apt-get >/dev/null 2>&1; t
     gone=$(tools_missing)
 fi
 if [ -n "$gone" ]; then
-    msg="aarch64 twin tests: SKIPPED: not installed:$gone (apt-get install --no-install-recommends gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user pkgconf)"
-    if [ "$skip" = 1 ]; then echo "$msg"; exit 0; fi
-    echo "$msg" >&2; exit 1
+    msg="not installed:$gone (apt-get install --no-install-recommends gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu qemu-user pkgconf)"
+    if [ "$skip" = 1 ]; then echo "aarch64 twin tests: SKIPPED: $msg"; exit 0; fi
+    echo "aarch64 twin tests: error: $msg" >&2; exit 1
 fi
 
 CACHE="${OFFLOAD_AARCH64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/offload/aarch64}"
