@@ -31,10 +31,12 @@ __all__ = ["SUITES", "PACKAGES", "QEMU_CPU", "KEYRING", "MIRROR", "default_cache
 #: The Debian release whose arm64 packages give each target CPython.
 SUITES = {"3.13": "trixie", "3.11": "bookworm"}
 #: What the folder holds: the interpreter, its standard library and headers, and
-#: the shared libraries they (and numpy's aarch64 wheel) load.
+#: the shared libraries they (and numpy's aarch64 wheel) load. ``a|b``: the first the
+#: release has; ``?``: only where the release has it (bookworm's CPython 3.11 carries
+#: its own mpdecimal, trixie's links libmpdec4).
 PACKAGES = ["python{v}-minimal", "libpython{v}-minimal", "libpython{v}-stdlib", "libpython{v}-dev",
             "libc6", "libexpat1", "zlib1g", "libffi8", "libbz2-1.0", "liblzma5", "libuuid1",
-            "libmpdec3|libmpdec4", "libgcc-s1", "libstdc++6", "libzstd1", "libssl3|libssl3t64"]
+            "libgcc-s1", "libstdc++6", "libzstd1", "libssl3|libssl3t64", "?libmpdec4"]
 #: The CPU qemu-aarch64 emulates: the Pi 4's. qemu's default ("max": SVE, SME and more)
 #: is no Pi, and under Debian bookworm's qemu 7.2 numpy's OpenBLAS computed wrong float32
 #: matrix products on it (errors of 47 on a 64x96 by 96x80 product); on cortex-a72 they
@@ -95,11 +97,17 @@ def _apt(root, *args, cwd=None):
 
 
 def _pick(root, alternatives):
-    """The first of ``a|b`` that the suite has (library packages were renamed between releases)."""
-    for name in alternatives.split("|"):
+    """The first of ``a|b`` that the suite has (library packages were renamed between releases).
+
+    ``None`` for an optional (``?name``) package the suite lacks.
+    """
+    optional = alternatives.startswith("?")
+    for name in alternatives.lstrip("?").split("|"):
         with contextlib.suppress(FirmwareError):
             if _apt(root, "apt-cache", "show", "--no-all-versions", name).strip():
                 return name
+    if optional:
+        return None
     raise FirmwareError(f"none of {alternatives} in the arm64 package index")
 
 
@@ -134,7 +142,7 @@ def ensure(python="3.13", *, cache=None, echo=print):
     open(os.path.join(apt, "state", "status"), "a").close()
     echo(f"sysroot: arm64 package index of Debian {suite} (private apt state in {apt})")
     _apt(apt, "apt-get", "update")
-    names = [_pick(apt, p.format(v=python)) for p in PACKAGES]
+    names = [n for n in (_pick(apt, p.format(v=python)) for p in PACKAGES) if n]
     debs = os.path.join(apt, "debs")
     for old in os.listdir(debs):
         os.unlink(os.path.join(debs, old))
