@@ -18,7 +18,9 @@ Modules, one concept each:
 * ``yamlout``: a tiny block-style YAML emitter for the cloud-init documents;
 * ``cloudinit``: ``user-data`` and ``network-config``;
 * ``edgetpu``: the libedgetpu build that pairs with our LiteRT, and .deb checks;
-* ``wheels``: the offline wheel folder (fetching it, checking it);
+* ``wheels``: the offline wheel folder (fetching it, checking it; the aarch64 platform tags);
+* ``sysroot``: an arm64 CPython unpacked from Debian packages, run under qemu-aarch64;
+* ``crosswheel``: our aarch64 wheel, cross-compiled and retagged;
 * ``payload``: everything that goes on the boot partition;
 * ``build``: input image -> output image, atomically;
 * ``provision``: first boot on the Pi (settings -> /etc/offload);

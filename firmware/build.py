@@ -24,7 +24,7 @@ What goes on the boot partition (``BOOT`` = ``/boot/firmware`` on the Pi)::
     offload/policy.bin               the policy blob
     offload/weak.tflite              the weak model (+ weak_edgetpu.tflite)
     offload/edgetpu/*.deb            the Edge TPU runtime
-    offload/wheels/                  our sdist + aarch64 wheels
+    offload/wheels/                  our aarch64 wheel + the dependencies' (no sdist)
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def build(input_image, output_image, *, force=False, echo=print, **options):
         boot = info.boot
         for folder in p.folders:
             fat.mkdir(tmp, boot, folder)
-        echo(f"build: writing {len(p.wheel_files)} wheels/sdists and {len(p.entries)} files "
+        echo(f"build: writing {len(p.wheel_files)} wheels and {len(p.entries)} files "
              f"({_mb(need)}) to the boot partition")
         fat.put_many(tmp, boot, p.wheel_files, "/" + BOOT_DIR + "/wheels")
         for e in p.entries:

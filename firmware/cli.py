@@ -2,7 +2,8 @@
 
 ::
 
-    offload-firmware fetch-wheels wheels/ --python 3.13
+    offload-firmware fetch-wheels wheels/ --python 3.13    # dependencies + our wheel, cross-compiled
+    offload-firmware wheel dist/ --python 3.13             # our aarch64 wheel alone
     offload-firmware build raspios-trixie-arm64-lite.img cam.img --settings device.toml \\
         --key-file cam1.key --ca-file tls/ca.pem --wheels wheels/ \\
         --edgetpu-deb libedgetpu1-std_16.0tf2.19.1-1.bookworm_arm64.deb
@@ -39,7 +40,7 @@ _file = click.Path(dir_okay=False)
               help="Device settings TOML (offload-run keys + rate/depth); copied to offload/device.toml.")
 @click.option("--key-file", type=_file, help="The device's API key (one line); moved to /etc/offload, mode 0600, at first boot.")
 @click.option("--wheels", "wheels_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder from 'offload-firmware fetch-wheels': our sdist and aarch64 wheels.")
+              help="Folder from 'offload-firmware fetch-wheels': our aarch64 wheel and its dependencies'.")
 @click.option("--policy", type=_file, help="Policy blob [default: the committed policy.bin].")
 @click.option("--model", type=_file, help="Weak model .tflite [default: the committed weak_int8.tflite].")
 @click.option("--edgetpu-model", type=_file, help="The weak model compiled by edgetpu_compiler (optional).")
@@ -75,21 +76,48 @@ def build(input_image, output_image, force, **options):
     click.echo("flash it with rpi-imager (no OS customisation) or dd; see docs/firmware.md")
 
 
+def _python_option(python):
+    if not python.count(".") == 1 or not all(x.isdigit() for x in python.split(".")):
+        raise FirmwareError(f"--python {python!r}: give MAJOR.MINOR, e.g. 3.13")
+    return python
+
+
 @main.command("fetch-wheels")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--python", "python", default="3.13", show_default=True,
               help="The image's Python (Raspberry Pi OS trixie: 3.13).")
+@click.option("--glibc", default=None,
+              help="The image's glibc, MAJOR.MINOR: wheels tagged manylinux_2_17 up to it are "
+                   "accepted [default: 2.41, trixie's].")
 @click.option("--source", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="The offload checkout to build the sdist from.")
-def fetch_wheels(folder, python, source):
-    """Fill FOLDER with aarch64 wheels (needs the network) and the offload sdist."""
-    from firmware.wheels import fetch
+              help="The offload checkout to cross-compile our wheel from.")
+@click.option("--offload-wheel", type=_file,
+              help="Use this aarch64 offload wheel instead of cross-compiling one.")
+def fetch_wheels(folder, python, glibc, source, offload_wheel):
+    """Fill FOLDER with aarch64 wheels (needs the network) and the offload wheel, cross-compiled."""
+    from firmware import wheels
 
     with user_errors():
-        if not python.count(".") == 1 or not all(x.isdigit() for x in python.split(".")):
-            raise FirmwareError(f"--python {python!r}: give MAJOR.MINOR, e.g. 3.13")
-        files = fetch(folder, python, os.path.abspath(source), echo=click.echo)
-    click.echo(f"{folder}: {len(files)} files ready for CPython {python} aarch64")
+        python = _python_option(python)
+        target = wheels.parse_glibc(glibc) if glibc else wheels.TARGET_GLIBC
+        files = wheels.fetch(folder, python, os.path.abspath(source), glibc=target,
+                             offload_wheel=offload_wheel, echo=click.echo)
+    click.echo(f"{folder}: {len(files)} wheels ready for CPython {python} aarch64")
+
+
+@main.command("wheel")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--python", "python", default="3.13", show_default=True,
+              help="The target's CPython (Raspberry Pi OS trixie: 3.13; bookworm: 3.11).")
+@click.option("--source", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="The offload checkout.")
+def wheel(folder, python, source):
+    """Cross-compile the offload wheel for a Raspberry Pi 4 (aarch64) into FOLDER."""
+    from firmware import crosswheel
+
+    with user_errors():
+        crosswheel.build(os.path.abspath(source), folder, python=_python_option(python),
+                         echo=click.echo)
 
 
 @main.command()
@@ -104,3 +132,7 @@ def provision(boot, root, user):
 
     with user_errors():
         run_provision(boot, root=root, user=user, echo=click.echo)
+
+
+if __name__ == "__main__":  # python -m firmware.cli (tools/aarch64_twins.sh)
+    main()

@@ -105,11 +105,7 @@ WHEEL_NAMES = [
     "click-8.2.1-py3-none-any.whl",
     "tqdm-4.67.1-py3-none-any.whl",
     "pip-25.2-py3-none-any.whl",
-    "meson_python-0.18.0-py3-none-any.whl",
-    "meson-1.9.0-py3-none-any.whl",
-    "ninja-1.13.0-py3-none-manylinux2014_aarch64.manylinux_2_17_aarch64.whl",
-    "cython-3.1.3-cp313-cp313-manylinux2014_aarch64.manylinux_2_17_aarch64.whl",
-    "offload-0.1.0.tar.gz",
+    "offload-0.1.0-cp313-cp313-manylinux_2_17_aarch64.whl",
 ]
 
 
@@ -325,10 +321,13 @@ def test_firstboot_script_parses_and_uses_the_right_paths():
     assert res.returncode == 0, res.stderr
     with open(data_path("firstboot.sh")) as f:
         text = f.read()
-    for needle in ("--no-index --find-links", "--no-build-isolation", '"offload[device]"',
+    for needle in ("--no-index --find-links", "--only-binary=:all:", '"offload[device]"',
                    "offload-firmware\" provision --boot", "systemctl enable offload.service",
                    "venv --without-pip --system-site-packages"):
         assert needle in text
+    # First boot compiles nothing: no build tools, no compiler, no apt-get of one.
+    for gone in ("--no-build-isolation", "meson", "gcc", "python3-dev", "apt-get update"):
+        assert gone not in text
 
 
 # ---------------------------------------------------------------- first boot
@@ -501,7 +500,15 @@ def test_refuses_other_bad_inputs(inputs, tmp_path):
     no_litert = make_wheels(tmp_path / "w2", [n for n in WHEEL_NAMES if "litert" not in n])
     cases.append((build_args(dict(inputs, wheels=no_litert)), "no wheel for CPython 3.13 aarch64 of ai-edge-litert"))
     x86 = make_wheels(tmp_path / "w3", [n.replace("aarch64", "x86_64") for n in WHEEL_NAMES])
-    cases.append((build_args(dict(inputs, wheels=x86)), "no wheel for CPython 3.13 aarch64 of ninja, cython, numpy"))
+    cases.append((build_args(dict(inputs, wheels=x86)), "offload-0.1.0-cp313-cp313-manylinux_2_17_x86_64.whl "
+                  "is not for aarch64 Linux"))
+    no_ours = make_wheels(tmp_path / "w4", [n for n in WHEEL_NAMES if not n.startswith("offload")])
+    cases.append((build_args(dict(inputs, wheels=no_ours)), "no offload wheel for CPython 3.13 aarch64"))
+    py311 = make_wheels(tmp_path / "w5", [n.replace("offload-0.1.0-cp313-cp313", "offload-0.1.0-cp311-cp311")
+                                          for n in WHEEL_NAMES])
+    cases.append((build_args(dict(inputs, wheels=py311)), "is for CPython 3.11, and the image has CPython 3.13"))
+    no_numpy = make_wheels(tmp_path / "w6", [n for n in WHEEL_NAMES if not n.startswith("numpy")])
+    cases.append((build_args(dict(inputs, wheels=no_numpy)), "no wheel for CPython 3.13 aarch64 of numpy"))
     cases.append((build_args(dict(inputs, deb=make_deb(tmp_path / "x.deb", arch="amd64"))),
                   "architecture 'amd64'"))
     (tmp_path / "notdeb.deb").write_bytes(b"hello")

@@ -1,10 +1,15 @@
 #!/bin/bash
 # offload first boot: cloud-init runs this once as root (runcmd in user-data)
 # from the boot partition. It installs the Edge TPU runtime and the project
-# from files on the card (no internet needed when a prebuilt offload wheel
-# or a compiler is present), validates the device settings, writes
-# /etc/offload and starts offload.service. Safe to run again by hand after
-# fixing a setting:  sudo bash /boot/firmware/offload/firstboot.sh
+# from the wheels on the card (no compiler, no network: pip --no-index
+# --only-binary), validates the device settings, writes /etc/offload and
+# starts offload.service. Safe to run again by hand after fixing a setting:
+#   sudo bash /boot/firmware/offload/firstboot.sh
+#
+# OFFLOAD_ROOT, OFFLOAD_PYTHON and OFFLOAD_USER exist for the rehearsal on a
+# workstation (tests/test_firstboot_rehearsal.py: a scratch root folder, the
+# host's Python, stand-in commands for apt-get, systemctl and udevadm); on the
+# Pi they are unset.
 set -euo pipefail
 
 BOOT="${OFFLOAD_BOOT:-}"
@@ -13,9 +18,11 @@ if [ -z "$BOOT" ]; then
         if [ -d "$d" ]; then BOOT="$d"; break; fi
     done
 fi
-VENV=/opt/offload/venv
-PY=/usr/bin/python3
-LOG=/var/log/offload-firstboot.log
+ROOT="${OFFLOAD_ROOT:-}"
+VENV="$ROOT/opt/offload/venv"
+PY="${OFFLOAD_PYTHON:-/usr/bin/python3}"
+SERVICE_USER="${OFFLOAD_USER:-offload}"
+LOG="$ROOT/var/log/offload-firstboot.log"
 
 say() { echo "offload-firstboot: $*"; }
 die() { echo "offload-firstboot: error: $*" >&2; exit 1; }
@@ -24,17 +31,18 @@ die() { echo "offload-firstboot: error: $*" >&2; exit 1; }
 WHEELS="$BOOT/wheels"
 # Everything also goes to a persistent log (cloud-init keeps its own copy in
 # /var/log/cloud-init-output.log).
+mkdir -p "$(dirname "$LOG")"
 exec > >(tee -a "$LOG") 2>&1
 say "starting from $BOOT"
 
 # 1. The unprivileged service user (cloud-init's users module creates it;
 #    this covers a run by hand on a system where that did not happen).
-if ! id offload >/dev/null 2>&1; then
+if ! id "$SERVICE_USER" >/dev/null 2>&1; then
     useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
-            --user-group offload
+            --user-group "$SERVICE_USER"
 fi
 for g in video plugdev; do
-    if getent group "$g" >/dev/null; then usermod -a -G "$g" offload; fi
+    if getent group "$g" >/dev/null; then usermod -a -G "$g" "$SERVICE_USER"; fi
 done
 
 # 2. The Edge TPU runtime (libedgetpu built against the TensorFlow Lite that
@@ -54,25 +62,14 @@ else
     say "no Edge TPU runtime on the boot partition; offload-run will use the CPU"
 fi
 
-# 3. A compiler for the native core, unless a prebuilt offload wheel for this
-#    Python and CPU is on the card.
+# 3. Our wheel for this Python: cross-compiled on the workstation (offload-firmware
+#    fetch-wheels), so nothing is compiled here and no compiler is needed.
 pytag=$("$PY" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-pyinc=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("include"))')
-prebuilt=""
-for f in "$WHEELS"/offload-*-"$pytag"-*aarch64.whl; do
-    if [ -f "$f" ]; then prebuilt="$f"; fi
+ours=""
+for f in "$WHEELS"/offload-*-"$pytag"-*.whl; do
+    if [ -f "$f" ]; then ours="$f"; fi
 done
-if [ -z "$prebuilt" ]; then
-    need=""
-    command -v gcc >/dev/null 2>&1 || need="$need gcc"
-    [ -f "$pyinc/Python.h" ] || need="$need python3-dev"
-    if [ -n "$need" ]; then
-        say "the native core is compiled on this Pi and needs:$need; installing with apt (needs the network)"
-        if ! { apt-get update && apt-get install -y --no-install-recommends $need; }; then
-            die "could not install$need: connect the Pi to the network, or put a prebuilt offload wheel for $pytag aarch64 in $WHEELS, then run: sudo bash $BOOT/firstboot.sh"
-        fi
-    fi
-fi
+[ -n "$ours" ] || die "no offload wheel for $pytag in $WHEELS: rebuild the card with a wheel folder from 'offload-firmware fetch-wheels --python $("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')'"
 
 # 4. The virtual environment. --without-pip: Raspberry Pi OS Lite may lack
 #    python3-venv (ensurepip), so pip comes from the wheel on the card.
@@ -86,17 +83,19 @@ for f in "$WHEELS"/pip-*.whl; do
     if [ -f "$f" ]; then pipwhl="$f"; fi
 done
 [ -n "$pipwhl" ] || die "no pip wheel in $WHEELS"
-pip=("$VENV/bin/python" -m pip install --no-index --find-links "$WHEELS" --ignore-installed
-     --disable-pip-version-check --no-cache-dir)
-"$VENV/bin/python" "$pipwhl/pip" install --no-index --find-links "$WHEELS" --ignore-installed \
+# --only-binary=:all: as well as --no-index: never a source build, whatever the folder
+# holds; --isolated: no pip.conf or PIP_* variable adds another source (Raspberry Pi OS's
+# /etc/pip.conf names piwheels).
+pip=("$VENV/bin/python" -m pip --isolated install --no-index --find-links "$WHEELS" --only-binary=:all:
+     --ignore-installed --disable-pip-version-check --no-cache-dir)
+"$VENV/bin/python" "$pipwhl/pip" --isolated install --no-index --find-links "$WHEELS" --ignore-installed \
     --disable-pip-version-check --no-cache-dir --quiet pip
-say "installing offload (compiling the native core for this CPU: a few minutes on a Pi 4)"
-"${pip[@]}" meson-python meson ninja Cython
-"${pip[@]}" --no-build-isolation "offload[device]"
+say "installing $(basename "$ours") and its dependencies from $WHEELS"
+"${pip[@]}" "offload[device]"
 
 # 5. Settings -> /etc/offload (validated again here), key and TLS files moved off the boot
 #    partition, systemd unit and udev rule installed.
-"$VENV/bin/offload-firmware" provision --boot "$BOOT"
+"$VENV/bin/offload-firmware" provision --boot "$BOOT" --root "${ROOT:-/}" --user "$SERVICE_USER"
 udevadm control --reload || true
 udevadm trigger --subsystem-match=usb --subsystem-match=video4linux || true
 
