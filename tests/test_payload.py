@@ -8,7 +8,8 @@ from offload.device import make_config, run
 from offload.device.capture import MemorySource
 from offload.device.config import ConfigError
 from offload.device.framelog import read_log
-from offload.device.payload import Payload, parse_size, resolve_format, shrink_to_fit
+from offload.device.payload import (Payload, card_box, parse_size, resolve_format,
+                                    shrink_to_cover, shrink_to_fit)
 
 from device_helpers import DQN, KEY, MODEL, FakeServer, demo_frames
 
@@ -97,3 +98,49 @@ def test_the_server_receives_the_send_size_and_the_log_counts_the_bytes(tmp_path
     assert s["sent_bytes"]["total"] == sum(by_id.values())
     assert s["sent_bytes"]["requests"] == len(srv.requests)
     assert s["stages_ms"]["encode"]["n"] == len(sent)
+
+
+def _card(tmp_path, resize, size=(64, 64)):
+    path = tmp_path / f"strong-{resize}.card.toml"
+    path.write_text(f'height = {size[1]}\nwidth = {size[0]}\nchannels = 3\nresize = "{resize}"\n')
+    return str(path)
+
+
+def test_card_box_covers_for_a_cropping_model(tmp_path):
+    assert card_box(_card(tmp_path, "crop", (64, 48))) == ((64, 48), True)
+    assert card_box(_card(tmp_path, "letterbox")) == ((64, 64), False)
+    (tmp_path / "nosize.card.toml").write_text('resize = "crop"\n')
+    with pytest.raises(ValueError, match="declares no height and width"):
+        card_box(str(tmp_path / "nosize.card.toml"))
+    with pytest.raises(ValueError, match="cannot read the card"):
+        card_box(str(tmp_path / "missing.card.toml"))
+
+
+@pytest.mark.parametrize("shape,want", [((240, 320, 3), (64, 85)), ((320, 240, 3), (85, 64)),
+                                        ((60, 60, 3), (60, 60))])
+def test_shrink_to_cover(shape, want):
+    out = shrink_to_cover(np.zeros(shape, np.uint8), 64, 64)
+    assert out.shape[:2] == want
+    assert out.shape[0] >= min(64, shape[0]) and out.shape[1] >= min(64, shape[1])
+
+
+def test_send_size_card_needs_a_card():
+    with pytest.raises(ConfigError, match="send-size: card needs --server-card"):
+        make_config(overrides={"send_size": "card"})
+    with pytest.raises(ConfigError, match="server-card: only applies to --protocol v2, or to"):
+        make_config(overrides={"server_card": "x.card.toml"})
+
+
+@pytest.mark.parametrize("resize,want", [("crop", (64, 85, 3)), ("stretch", (48, 64, 3))])
+def test_send_size_card_sends_the_server_models_size(tmp_path, resize, want):
+    frames, _ = demo_frames()
+    big = [cv2.resize(f, (320, 240), interpolation=cv2.INTER_LINEAR) for f in frames[:60]]
+    srv = FakeServer()
+    try:
+        cfg = make_config(overrides=dict(policy=DQN, model=MODEL, accelerator="cpu", key=KEY,
+                                         server=srv.url, queue_size=200, send_size="card",
+                                         server_card=_card(tmp_path, resize)))
+        run(cfg, source=MemorySource(big), echo=lambda m: None, install_signals=False)
+    finally:
+        srv.kill()
+    assert srv.requests and {q["shape"] for q in srv.requests} == {want}

@@ -62,8 +62,10 @@ def _check_model_name(name):
 
 
 def _check_size(text):
-    from offload.device.payload import parse_size
+    from offload.device.payload import CARD_SIZE, parse_size
 
+    if str(text).strip().lower() == CARD_SIZE:
+        return CARD_SIZE
     parse_size(text)
     return str(text).strip().lower()
 
@@ -103,10 +105,11 @@ class RunConfig:
     server_model: Optional[str] = setting(None, "v2: the model's name on the server "
                                           "(/v2/models/NAME); offload-serve's is its model file's "
                                           "stem, e.g. strong.", check=_check_model_name)
-    server_card: Optional[str] = setting(None, "v2: model card (TOML) of the server's model: how "
+    server_card: Optional[str] = setting(None, "Model card (TOML) of the server's model. v2: how "
                                          "a frame becomes its input tensor (size, colour order, "
                                          "mean/std, resize; docs/classifiers.md); none: the card "
-                                         "defaults, resolved against its metadata.")
+                                         "defaults, resolved against its metadata. v1: the size "
+                                         "for send-size card.")
     v2_binary: str = setting("auto", "v2: binary tensor extension: auto (binary until the server "
                              "refuses it, then JSON), on, off (JSON).",
                              choices=("auto", "on", "off"))
@@ -147,8 +150,10 @@ class RunConfig:
                                 "folder).", choices=("auto", "png", "jpeg"))
     jpeg_quality: int = setting(90, "JPEG quality 1..100 when frames are sent as jpeg.", ge=1, le=100)
     send_size: Optional[str] = setting(None, "Shrink offloaded frames to fit inside WIDTHxHEIGHT "
-                                       "pixels (aspect ratio kept, never enlarged), e.g. 236x236; "
-                                       "none: send them whole.", check=_check_size)
+                                       "pixels (aspect ratio kept, never enlarged), e.g. 236x236, "
+                                       "or card: the input size server-card declares (covered, "
+                                       "not fitted, when its resize is crop); none: send them "
+                                       "whole.", check=_check_size)
     top_k: int = setting(3, "Classes kept per answer in the log.", ge=1)
     max_frames: Optional[int] = setting(None, "Stop after this many frames; none: until the source "
                                           "ends.", ge=1)
@@ -376,9 +381,12 @@ def make_config(file_values=None, overrides=None):
     if v["protocol"] == "v2" and v["server"] and v["server-model"] is None:
         raise ConfigError("server-model: --protocol v2 needs the model's name on the server "
                           "(--server-model NAME)")
-    for name in ("server-model", "server-card"):
-        if v["protocol"] != "v2" and v[name] is not None:
-            raise ConfigError(f"{name}: only applies to --protocol v2")
+    if v["protocol"] != "v2" and v["server-model"] is not None:
+        raise ConfigError("server-model: only applies to --protocol v2")
+    if v["protocol"] != "v2" and v["server-card"] is not None and v["send-size"] != "card":
+        raise ConfigError("server-card: only applies to --protocol v2, or to --send-size card")
+    if v["send-size"] == "card" and v["server-card"] is None:
+        raise ConfigError("send-size: card needs --server-card FILE (the server model's card)")
     if v["protocol"] == "v2" and v["send-size"] is not None:
         raise ConfigError("send-size: only applies to --protocol v1 (v2 sends the model's input "
                           "tensor, whose size the model's metadata gives)")

@@ -36,7 +36,7 @@ from offload.blob import read_blob
 from offload.device.capture import open_source
 from offload.device.config import ConfigError, RunConfig, make_config, read_key
 from offload.device.framelog import FrameLog
-from offload.device.payload import parse_size, resolve_format
+from offload.device.payload import CARD_SIZE, card_box, parse_size, resolve_format
 from offload.device.policy import FrameMetric, Policy
 from offload.device.record import FrameRecord, Outcome
 from offload.device.sender import Sender
@@ -228,6 +228,18 @@ def _weak_factories(cfg, model_path, make_classifier, make_cpu_classifier, say):
     return spec.make, make_cpu, first
 
 
+def _send_box(cfg):
+    """``(send size, cover)`` for the v1 sender: ``WxH``, the server card's size, or none."""
+    if cfg.send_size is None:
+        return None, False
+    if cfg.send_size == CARD_SIZE:
+        try:
+            return card_box(cfg.server_card)
+        except ValueError as e:
+            raise ConfigError(f"server-card: {e}") from None
+    return parse_size(cfg.send_size), False
+
+
 def _open_loop(stack, cfg, blob, key, stats, *, model_path, source, make_classifier,
                make_cpu_classifier, status_stream, say):
     """Open the run's parts on ``stack`` (each released by it) and the loop over them."""
@@ -246,6 +258,7 @@ def _open_loop(stack, cfg, blob, key, stats, *, model_path, source, make_classif
     sender = None
     if cfg.server:
         protocol = None  # v1: the frame as an image
+        send_size, cover = _send_box(cfg)
         if cfg.protocol == "v2":
             from offload.device.oipclient import V2Protocol
 
@@ -256,7 +269,7 @@ def _open_loop(stack, cfg, blob, key, stats, *, model_path, source, make_classif
                         connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout,
                         image_format=resolve_format(cfg.image_format, cfg.source[0]),
                         jpeg_quality=cfg.jpeg_quality,
-                        send_size=None if cfg.send_size is None else parse_size(cfg.send_size),
+                        send_size=send_size, send_cover=cover,
                         n_classes=watchdog.n_classes, ca_file=cfg.ca_file,
                         client_cert=cfg.client_cert, client_key=cfg.client_key, warn=say,
                         protocol=protocol)

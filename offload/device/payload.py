@@ -21,8 +21,8 @@ import numpy as np
 
 from offload import wire
 
-__all__ = ["Payload", "parse_size", "shrink_to_fit", "resolve_format", "CAMERA_SOURCES",
-           "FORMATS"]
+__all__ = ["Payload", "parse_size", "shrink_to_fit", "shrink_to_cover", "resolve_format", "card_box",
+           "CAMERA_SOURCES", "FORMATS", "CARD_SIZE"]
 
 #: ``--image-format`` values: ``auto`` resolves by the source (:func:`resolve_format`).
 FORMATS = ("auto", "png", "jpeg")
@@ -30,6 +30,9 @@ FORMATS = ("auto", "png", "jpeg")
 CAMERA_SOURCES = ("camera", "picamera")
 #: Largest side accepted by ``--send-size``, pixels (the server's default cap is 2048x2048).
 MAX_SIDE = 8192
+
+#: ``--send-size`` value meaning "the input size the server model's card declares".
+CARD_SIZE = "card"
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -80,6 +83,43 @@ def shrink_to_fit(image, width, height):
     return cv2.resize(np.ascontiguousarray(a), size, interpolation=cv2.INTER_AREA)
 
 
+def card_box(card_path):
+    """``((width, height), cover)`` for ``--send-size card`` from a TOML model card.
+
+    ``cover`` is True when the card's resize is ``crop``: the frame is then
+    shrunk only until it covers the box, so the server's centre crop keeps
+    full resolution; for ``stretch`` and ``letterbox`` it is shrunk to fit.
+
+    Raises ``ValueError`` naming the file when the card cannot be read or
+    declares no height and width.
+    """
+    from offload.card import CardError, read_card
+
+    try:
+        card = read_card(card_path, override=card_path)
+    except (CardError, OSError) as e:
+        raise ValueError(f"cannot read the card {card_path}: {e}") from None
+    if card.height is None or card.width is None:
+        raise ValueError(f"{card_path} declares no height and width, which send-size card needs")
+    return (int(card.width), int(card.height)), card.resize == "crop"
+
+
+def shrink_to_cover(image, width, height):
+    """``image`` scaled down until it just covers ``width x height`` pixels, aspect kept.
+
+    Never enlarged; OpenCV's area interpolation, as :func:`shrink_to_fit`.
+    """
+    import cv2
+
+    a = np.asarray(image)
+    h0, w0 = a.shape[:2]
+    s = max(width / w0, height / h0)
+    if s >= 1.0:
+        return a
+    size = (max(width, round(w0 * s)), max(height, round(h0 * s)))
+    return cv2.resize(np.ascontiguousarray(a), size, interpolation=cv2.INTER_AREA)
+
+
 class Payload:
     """How one frame is turned into a request body.
 
@@ -90,21 +130,25 @@ class Payload:
         JPEG quality 1..100.
     size : (width, height) or None
         Shrink frames to fit inside this many pixels; None: send them whole.
+    cover : bool
+        Shrink only until the frame covers ``size`` (for a server that
+        centre-crops, :func:`card_box`), instead of fitting inside it.
     """
 
-    def __init__(self, *, fmt="png", quality=90, size=None):
+    def __init__(self, *, fmt="png", quality=90, size=None, cover=False):
         if fmt not in wire.CONTENT_TYPES:
             raise ValueError(f"image format must be png or jpeg, got {fmt!r}")
         if not 1 <= int(quality) <= 100:
             raise ValueError(f"JPEG quality must be 1..100, got {quality}")
         self.fmt, self.quality = fmt, int(quality)
         self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.cover = bool(cover)
 
     def encode(self, image):
         """``(body bytes, content type)`` for one uint8 frame; :class:`wire.WireError` if unusable."""
         a = np.asarray(image)
         if self.size is not None and a.ndim in (2, 3) and a.size:
-            a = shrink_to_fit(a, *self.size)
+            a = (shrink_to_cover if self.cover else shrink_to_fit)(a, *self.size)
         return wire.encode_image(a, self.fmt, quality=self.quality)
 
     def __repr__(self):

@@ -246,6 +246,8 @@ class Sender:
     send_size : (width, height), optional
         Shrink frames to fit inside this many pixels before encoding
         (:class:`offload.device.payload.Payload`); None: send them whole.
+    send_cover : bool
+        Shrink only until the frame covers ``send_size`` (a server that crops).
     n_classes : int, optional
         When given, answers with a class outside ``0..n_classes-1`` are ``bad-answer``.
     protocol : callable (base path) -> protocol, optional
@@ -269,8 +271,8 @@ class Sender:
     """
 
     def __init__(self, server, key, *, queue_size=8, connect_timeout=1.0, read_timeout=2.0,
-                 image_format="png", jpeg_quality=90, send_size=None, n_classes=None,
-                 clock=time.monotonic,
+                 image_format="png", jpeg_quality=90, send_size=None, send_cover=False,
+                 n_classes=None, clock=time.monotonic,
                  ca_file=None, client_cert=None, client_key=None, warn=None, protocol=None):
         u = urlsplit(server)
         if u.scheme not in ("http", "https") or not u.hostname:
@@ -280,7 +282,8 @@ class Sender:
         base = u.path.rstrip("/")
         if protocol is None:
             try:
-                payload = Payload(fmt=image_format, quality=jpeg_quality, size=send_size)
+                payload = Payload(fmt=image_format, quality=jpeg_quality, size=send_size,
+                                  cover=send_cover)
             except ValueError as e:
                 raise ConfigError(f"image-format: {e}") from None
             self.protocol = ImageProtocol(payload, n_classes=n_classes, base=base)
