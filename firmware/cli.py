@@ -95,12 +95,12 @@ def _python_option(python):
               help="Use this aarch64 offload wheel instead of cross-compiling one.")
 def fetch_wheels(folder, python, glibc, source, offload_wheel):
     """Fill FOLDER with aarch64 wheels (needs the network) and the offload wheel, cross-compiled."""
-    from firmware import wheels
+    from firmware import crosswheel, wheels
 
     with user_errors():
         python = _python_option(python)
         target = wheels.parse_glibc(glibc) if glibc else wheels.TARGET_GLIBC
-        files = wheels.fetch(folder, python, os.path.abspath(source), glibc=target,
+        files = crosswheel.fetch(folder, python, os.path.abspath(source), glibc=target,
                              offload_wheel=offload_wheel, echo=click.echo)
     click.echo(f"{folder}: {len(files)} wheels ready for CPython {python} aarch64")
 

@@ -38,10 +38,12 @@ import zipfile
 
 from firmware import sysroot
 from firmware.tools import FirmwareError, which
+from firmware import wheels
 from firmware.wheels import MANYLINUX_FLOOR, parse_wheel
 from offload.atomic import atomic_path
 
-__all__ = ["CROSS_FILE", "ALLOWED_LIBS", "REQUIRED_FLAGS", "FORBIDDEN_FLAGS", "elf_info", "platform_tag", "build", "retag"]
+__all__ = ["CROSS_FILE", "ALLOWED_LIBS", "REQUIRED_FLAGS", "FORBIDDEN_FLAGS", "elf_info", "platform_tag", "build", "retag",
+           "fetch"]
 
 #: The committed cross file, relative to the checkout.
 CROSS_FILE = os.path.join("tools", "cross", "aarch64-linux-gnu.ini")
@@ -210,3 +212,21 @@ def build(source, dest, *, python="3.13", cache=None, echo=print):
             shutil.rmtree(work)
     echo(f"crosswheel: {out} ({count} AArch64 modules, glibc {glibc[0]}.{glibc[1]} or later)")
     return out
+
+
+def fetch(folder, python, source, *, glibc=wheels.TARGET_GLIBC, offload_wheel=None, echo=print):
+    """Fill ``folder`` for CPython ``python`` on aarch64: the dependencies' wheels and ours.
+
+    Our wheel is ``offload_wheel`` when given (checked like the rest), else
+    cross-compiled from the checkout ``source`` (:func:`build`;
+    needs Debian's gcc-aarch64-linux-gnu and qemu-user, and the network once
+    for the target's Python headers). Returns :func:`firmware.wheels.check`'s list.
+    """
+    if not os.path.isfile(os.path.join(source, "pyproject.toml")):
+        raise FirmwareError(f"--source {source}: no pyproject.toml (give the offload checkout)")
+    wheels.download(folder, python, glibc=glibc, echo=echo)
+    if offload_wheel is not None:
+        shutil.copy2(offload_wheel, folder)
+    else:
+        build(source, folder, python=python, echo=echo)
+    return wheels.check(folder, python, glibc=glibc)

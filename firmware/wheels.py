@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 from firmware.tools import FirmwareError
 
 __all__ = ["REQUIRED", "TARGET_GLIBC", "MANYLINUX_FLOOR", "PYTHONS", "platforms", "parse_glibc",
-           "parse_wheel", "compatible", "check", "device_requirements", "pip_target_args", "download",
-           "fetch"]
+           "parse_wheel", "compatible", "check", "device_requirements", "pip_target_args", "download"]
 
 #: glibc of the target image: Raspberry Pi OS trixie (Debian 13) ships 2.41.
 TARGET_GLIBC = (2, 41)
@@ -218,23 +216,3 @@ def download(folder, python, *, glibc=TARGET_GLIBC, requirements=None, pip_args=
          f"{' '.join(reqs)}")
     if subprocess.run(cmd + reqs).returncode != 0:
         raise FirmwareError("pip download failed (see its output above)")
-
-
-def fetch(folder, python, source, *, glibc=TARGET_GLIBC, offload_wheel=None, echo=print):
-    """Fill ``folder`` for CPython ``python`` on aarch64: the dependencies' wheels and ours.
-
-    Our wheel is ``offload_wheel`` when given (checked like the rest), else
-    cross-compiled from the checkout ``source`` (``firmware.crosswheel``;
-    needs Debian's gcc-aarch64-linux-gnu and qemu-user, and the network once
-    for the target's Python headers). Returns :func:`check`'s list.
-    """
-    if not os.path.isfile(os.path.join(source, "pyproject.toml")):
-        raise FirmwareError(f"--source {source}: no pyproject.toml (give the offload checkout)")
-    download(folder, python, glibc=glibc, echo=echo)
-    if offload_wheel is not None:
-        shutil.copy2(offload_wheel, folder)
-    else:
-        from firmware import crosswheel
-
-        crosswheel.build(source, folder, python=python, echo=echo)
-    return check(folder, python, glibc=glibc)

@@ -159,7 +159,7 @@ def profile_own_pair(*, weak_model, strong_model, images, labels_path, weak_card
     """The body of ``offload-train profile --images``: see the module docstring."""
     from offload.scenario import named_seed
     from training.data import DataError, list_labelled_images
-    from training.pair_commands import write_breakdown
+    from training.profiling import write_breakdown
     from training.profiling import build_profile, run_pair_on_files, stratified_split
     from training.remote_strong import RemoteError, RemoteStrong
 
@@ -207,7 +207,7 @@ def profile_own_pair(*, weak_model, strong_model, images, labels_path, weak_card
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     prof.save(out_path, compress=True)
     kept_paths = [files.paths[i] for i in kept]
-    write_breakdown(prof, out_path, fig_path, k=k, source=files.source,
+    write_breakdown(prof, out_path, fig_path, echo=click.echo, k=k, source=files.source,
                     on_edgetpu=weak.on_edgetpu,
                     extra=dict(class_names=files.class_names, weak_model=weak_model,
                                strong_model=strong_model, seed=seed,

@@ -20,11 +20,12 @@ import time
 import click
 import numpy as np
 
-from offload.atomic import atomic_write_json, atomic_write_text
+from offload.atomic import atomic_write_json
 from offload.commandline import fail, require_torch
 from training.data import FASHION_MNIST_DIR, DataError, load_images, make_split
+from training.profiling import write_breakdown
 
-__all__ = ["classifiers", "onnx", "profile", "write_breakdown", "DEFAULT_OUT", "MANIFEST", "WEAK_FILE", "STRONG_FILE",
+__all__ = ["classifiers", "onnx", "profile", "DEFAULT_OUT", "MANIFEST", "WEAK_FILE", "STRONG_FILE",
            "STRONG_ONNX_FILE"]
 
 DEFAULT_OUT = "artifacts"
@@ -421,7 +422,7 @@ def profile(models_dir, data_dir, weak_model, strong_model, images, labels_path,
                          weak_model=weak_model, strong_model=strong_model, progress=progress)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     prof.save(out_path, compress=True)
-    write_breakdown(prof, out_path, fig_path, k=k, source=data.source,
+    write_breakdown(prof, out_path, fig_path, echo=click.echo, k=k, source=data.source,
                     on_edgetpu=weak.on_edgetpu)
     if demo_count > 0:
         from training.demo import write_demo
@@ -482,31 +483,3 @@ def _profile_pair(weak, strong, images, labels, split, *, size, k, source, weak_
                                     f"(int8, LiteRT), strong {os.path.basename(strong_model)}")
     except ValueError as exc:
         fail(f"metric fit failed: {exc}")
-
-
-def write_breakdown(prof, out_path, fig_path, *, k, source, on_edgetpu, extra=None):
-    """Print the section II breakdown; write it (JSON, text) beside the profile, and Fig. 3.
-
-    ``extra``: more entries for the JSON summary (the any-pair profile's skipped images, ...).
-    """
-    from training.profiling import breakdown, format_breakdown, plot_fig3
-
-    table = breakdown(prof)
-    text = format_breakdown(table, k)
-    click.echo(text)
-    summary = dict(
-        profile=os.path.basename(out_path), k=k, images=prof.n, source=source,
-        split_counts={name: int(np.sum(prof.split == code)) for code, name in
-                      ((0, "train"), (1, "validation"), (2, "test"))},
-        breakdown=table,
-        metric=dict(tinv=prof.tinv, metric_mean=prof.metric_mean, metric_std=prof.metric_std,
-                    entropy_range=[float(prof.lut_x[0]), float(prof.lut_x[-1])],
-                    metric_range=[float(prof.lut_y.min()), float(prof.lut_y.max())]),
-        weak_on_edgetpu=on_edgetpu,
-        **(extra or {}),
-    )
-    base = os.path.splitext(out_path)[0]
-    atomic_write_json(base + "_breakdown.json", summary)
-    atomic_write_text(base + "_breakdown.txt", text + "\n")
-    plot_fig3(prof, fig_path)
-    click.echo(f"calibrated tinv={prof.tinv:.4f}; wrote {out_path}, {base}_breakdown.json, {fig_path}")

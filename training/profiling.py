@@ -17,9 +17,12 @@ with the fitted metric curve).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from tqdm import tqdm
 
+from offload.atomic import atomic_write_json, atomic_write_text
 from offload.profile import TEST, TRAIN, VALIDATION, Profile
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "format_breakdown",
     "plot_fig3",
     "SPLIT_NAMES",
+    "write_breakdown",
 ]
 
 SPLIT_NAMES = {TRAIN: "train", VALIDATION: "validation", TEST: "test"}
@@ -253,3 +257,31 @@ def plot_fig3(profile, path, title=None, seed=0):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def write_breakdown(prof, out_path, fig_path, *, k, source, on_edgetpu, extra=None,
+                    echo=print):
+    """Print the section II breakdown; write it (JSON, text) beside the profile, and Fig. 3.
+
+    ``extra``: more entries for the JSON summary (the any-pair profile's skipped images, ...);
+    ``echo``: where the printed lines go (the commands pass ``click.echo``).
+    """
+    table = breakdown(prof)
+    text = format_breakdown(table, k)
+    echo(text)
+    summary = dict(
+        profile=os.path.basename(out_path), k=k, images=prof.n, source=source,
+        split_counts={name: int(np.sum(prof.split == code)) for code, name in
+                      ((0, "train"), (1, "validation"), (2, "test"))},
+        breakdown=table,
+        metric=dict(tinv=prof.tinv, metric_mean=prof.metric_mean, metric_std=prof.metric_std,
+                    entropy_range=[float(prof.lut_x[0]), float(prof.lut_x[-1])],
+                    metric_range=[float(prof.lut_y.min()), float(prof.lut_y.max())]),
+        weak_on_edgetpu=on_edgetpu,
+        **(extra or {}),
+    )
+    base = os.path.splitext(out_path)[0]
+    atomic_write_json(base + "_breakdown.json", summary)
+    atomic_write_text(base + "_breakdown.txt", text + "\n")
+    plot_fig3(prof, fig_path)
+    echo(f"calibrated tinv={prof.tinv:.4f}; wrote {out_path}, {base}_breakdown.json, {fig_path}")
