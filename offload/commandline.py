@@ -39,7 +39,14 @@ __all__ = ["fail", "user_errors", "os_error_line", "require_torch", "TORCH_MISSI
            "load_scenario", "select_profile", "committed_profile", "COMMITTED_PROFILE",
            "fit_thresholds", "run_named_policy", "check_policy_names", "threshold_policy_blob",
            "format_table",
-           "echo_table", "format_cell"]
+           "echo_table", "format_cell", "ray_option"]
+
+def ray_option(what):
+    """The ``--ray ADDRESS`` option (into ``ray_address``): run ``what`` as tasks on a Ray cluster."""
+    return click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                        help=f"Run {what} as tasks on the Ray cluster at ADDRESS (e.g. "
+                             "127.0.0.1:6379 or auto) instead; needs the ray extra.")
+
 
 #: How to get torch when a training command needs it (README: install).
 TORCH_MISSING = ("offload-train needs the training extra: pip install torch==2.13.0 "

@@ -21,7 +21,8 @@ import numpy as np
 
 from offload import strategies
 from offload.atomic import atomic_write_text
-from offload.commandline import echo_table, fail, scenario_options, select_profile, user_errors
+from offload.commandline import (echo_table, fail, ray_option, scenario_options, select_profile,
+                                 user_errors)
 from offload.scenario import Scenario, ScenarioError
 
 __all__ = ["fleet", "fleet_setting", "load_cameras", "fleet_rows", "run_blobs", "MAX_CAMERAS"]
@@ -136,13 +137,14 @@ def fleet_rows(results):
               help="Training streams per camera of the hierarchical search.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="Local processes for the grid's MDP solves.")
+@ray_option("the grid's MDP solves")
 @click.option("--grid-step", default=1, type=click.IntRange(1),
               help="Search every n-th rate and depth of the published grid (1: all of it).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Write the table as JSON.")
 def fleet(cameras, switch_rate, switch_depth_per_camera, profile_path, synthetic, choice, spread,
           rprob, arrivals, markov, seed, camera_profiles, camera_blobs, order, names, length,
-          streams, train_length, train_streams, workers, grid_step, json_path):
+          streams, train_length, train_streams, workers, ray_address, grid_step, json_path):
     """Compare fleet strategies: K cameras behind one switch bucket (r_g, K * b_p)."""
     setting = fleet_setting(cameras, switch_rate, switch_depth_per_camera)
     paths = camera_profiles or ([profile_path] if profile_path else [])
@@ -157,7 +159,7 @@ def fleet(cameras, switch_rate, switch_depth_per_camera, profile_path, synthetic
             datas, setting, length=length, n_seq=streams, train_length=train_length,
             train_seq=train_streams, order=order, seed=seed,
             names=list(names) or list(strategies.STRATEGIES), grid_step=grid_step, workers=workers,
-            progress=True)
+            ray_address=ray_address, progress=True)
     if camera_blobs:
         results["blobs"] = run_blobs(datas, setting, camera_blobs, length=length, n_seq=streams,
                                      order=order, seed=seed)

@@ -23,6 +23,7 @@ point on short training streams: seconds for the whole published grid.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,26 +176,29 @@ class PolicyCache:
             self._theta[key] = (bucket, theta, data)  # data kept alive: its id is the key
         return self._theta[key][:2]
 
-    def prefetch(self, data, buckets, *, workers=1, progress=False):
+    def prefetch(self, data, buckets, *, workers=1, ray_address=None, progress=False):
         """Solve the MDPs of every ``(rate, depth)`` in ``buckets`` not yet cached.
 
-        ``workers > 1`` solves them in that many local processes (each bucket's
-        value iteration is independent; the results are the same numbers).
+        ``workers > 1`` solves them in that many local processes, ``ray_address``
+        as tasks on that Ray cluster (like ``offload-train sweep --ray``); each
+        bucket's value iteration is independent, so the numbers are the same.
         """
         todo = [rb for rb in dict.fromkeys(buckets)
                 if (id(data), float(rb[0]), float(rb[1]), True) not in self._theta]
-        if workers <= 1 or len(todo) < 2:
-            for rb in tqdm(todo, desc="MDP policies", unit="bucket", leave=False,
-                           disable=None if progress else True):
-                self.mdp(data, *rb)
-            return
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
         args = [(data.train, rb, data.arrivals()) for rb in todo]
-        with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-            it = pool.map(_solve, args, chunksize=max(1, len(args) // (4 * workers)))
-            for rb, theta in tqdm(zip(todo, it), total=len(todo), desc="MDP policies",
+        with contextlib.ExitStack() as stack:
+            if ray_address:
+                thetas = _solve_on_ray(args, ray_address)
+            elif workers <= 1 or len(todo) < 2:
+                thetas = map(_solve, args)
+            else:
+                import concurrent.futures as cf
+                import multiprocessing as mp
+
+                pool = stack.enter_context(
+                    cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")))
+                thetas = pool.map(_solve, args, chunksize=max(1, len(args) // (4 * workers)))
+            for rb, theta in tqdm(zip(todo, thetas), total=len(todo), desc="MDP policies",
                                   unit="bucket", leave=False, disable=None if progress else True):
                 self._theta[(id(data), float(rb[0]), float(rb[1]), True)] = (
                     Bucket.from_rate(*rb), theta, data)
@@ -206,6 +210,24 @@ class PolicyCache:
             train = tuple(np.concatenate([d.train[j] for d in datas]) for j in (0, 1))
             self._merged[key] = (CameraData("merged", datas[0].scenario, train, ()), datas)
         return self._merged[key][0]
+
+
+def _solve_on_ray(args, address):
+    """``_solve`` over ``args`` as Ray tasks on the cluster at ``address``, results in order."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("--ray needs Ray: pip install 'offload[ray]'") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises several types for a bad address
+            raise ValueError(f"--ray {address}: cannot connect ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    task = ray.remote(num_cpus=1, max_retries=0)(_solve)
+    refs = [task.remote(a) for a in args]
+    for ref in refs:
+        yield ray.get(ref)
 
 
 def _solve(args):
@@ -253,19 +275,19 @@ def pooled(datas, setting, streams, cache, *, order="fixed", seed=0):
 
 
 def grid_search(datas, setting, train_streams, cache, *, feedback="none", order="fixed", seed=0,
-                points=None, workers=1, progress=False):
+                points=None, workers=1, ray_address=None, progress=False):
     """Training reward of every grid point (every camera the same ``(r_i, b_i)``).
 
     Returns ``(points, rewards)``: the ``(r_i, b_i)`` searched (``grid_points``
     unless given) and the fleet's mean reward per image at each on the training
     streams. The MDP policies are solved first (``PolicyCache.prefetch``, in
-    ``workers`` local processes), then the fleet runs in this process.
+    ``workers`` local processes or on ``ray_address``), then the fleet runs in this process.
     """
     points = grid_points(setting) if points is None else list(points)
     if not points:
         raise ValueError("the search grid has no bucket at least as large as (r_g, b_p)")
     for d in dict.fromkeys(datas):
-        cache.prefetch(d, points, workers=workers, progress=progress)
+        cache.prefetch(d, points, workers=workers, ray_address=ray_address, progress=progress)
     rewards = np.empty(len(points))
     stack = fleet.stack_streams(train_streams)
     for j, rb in enumerate(tqdm(points, desc="fleet grid", unit="bucket", leave=False,
@@ -277,7 +299,8 @@ def grid_search(datas, setting, train_streams, cache, *, feedback="none", order=
 
 
 def hierarchical(datas, setting, streams, train_streams, cache, *, feedback="none", order="fixed",
-                 seed=0, name="hierarchical", points=None, workers=1, progress=False):
+                 seed=0, name="hierarchical", points=None, workers=1, ray_address=None,
+                 progress=False):
     """The grid's best ``(r_i, b_i)`` on the training streams, run on ``streams``.
 
     Returns ``(FleetResult, search)``; ``search`` holds the grid points, their
@@ -285,6 +308,7 @@ def hierarchical(datas, setting, streams, train_streams, cache, *, feedback="non
     """
     pts, rewards = grid_search(datas, setting, train_streams, cache, feedback=feedback,
                                order=order, seed=seed, points=points, workers=workers,
+                               ray_address=ray_address,
                                progress=progress)
     best = pts[int(np.argmax(rewards))]  # first of equals, as the published nanargmax
     buckets = [best] * len(datas)
@@ -295,11 +319,12 @@ def hierarchical(datas, setting, streams, train_streams, cache, *, feedback="non
 
 def run_strategies(datas, setting, *, length, n_seq, train_length, train_seq, cache=None,
                    order="fixed", seed=0, names=STRATEGIES, grid_step=1, workers=1,
-                   progress=False):
+                   ray_address=None, progress=False):
     """Every strategy in ``names`` on the same test streams: ``(results by name, searches)``.
 
     ``grid_step``: the hierarchical searches' grid (``grid_points(step=...)``);
-    ``workers``: local processes for its MDP solves.
+    ``workers``: local processes for its MDP solves; ``ray_address``: a Ray cluster
+    for them instead.
     """
     cache = PolicyCache() if cache is None else cache
     if len(datas) != setting.cameras:
@@ -319,6 +344,7 @@ def run_strategies(datas, setting, *, length, n_seq, train_length, train_seq, ca
             out[name], searches[name] = hierarchical(
                 datas, setting, test, train, cache, feedback=fb, order=order, seed=seed,
                 name=name, points=grid_points(setting, step=grid_step), workers=workers,
+                ray_address=ray_address,
                 progress=progress)
         else:
             raise ValueError(f"unknown strategy {name!r} (one of {', '.join(STRATEGIES)})")

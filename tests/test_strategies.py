@@ -170,3 +170,42 @@ def test_offload_sim_fleet_heterogeneous_profiles(tmp_path):
     doc = json.loads(out.read_text())
     assert [p.endswith(n) for p, n in zip(doc["profiles"], ["p1.npz", "p2.npz", "p1.npz"])] == [
         True] * 3
+
+
+def test_grid_search_on_a_local_ray_cluster(synthetic_camera, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    import tempfile
+
+    # Ray puts the driver's working directory first on its workers' sys.path; from a
+    # checkout that would be the source tree, whose offload_native has no compiled core.
+    monkeypatch.chdir(tmp_path)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths
+    ctx = ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp,
+                   log_to_driver=False, configure_logging=False)
+    try:
+        pts = [(0.1, 2.0), (0.2, 3.0), (0.15, 4.0)]
+        local, remote = strategies.PolicyCache(), strategies.PolicyCache()
+        local.prefetch(synthetic_camera, pts)
+        remote.prefetch(synthetic_camera, pts, ray_address=ctx.address_info["gcs_address"])
+        for rb in pts:
+            assert np.array_equal(local.mdp(synthetic_camera, *rb)[1],
+                                  remote.mdp(synthetic_camera, *rb)[1])
+        assert len(remote) == len(pts)
+        r = sim("fleet", "-K", 2, "--synthetic", 2000, "--length", 500, "--streams", 2,
+                "--train-length", 400, "--train-streams", 2, "--grid-step", 6,
+                "--strategy", "hierarchical", "--ray", ctx.address_info["gcs_address"])
+        assert r.exit_code == 0, r.output
+        assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["hierarchical"]
+    finally:
+        ray.shutdown()
+
+
+def test_ray_not_installed_is_one_error_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
+    r = sim("fleet", "-K", 2, "--synthetic", 2000, "--length", 500, "--streams", 2,
+            "--grid-step", 6, "--strategy", "hierarchical", "--ray", "auto")
+    assert r.exit_code != 0
+    assert "--ray needs Ray: pip install 'offload[ray]'" in r.output
+    assert "Traceback" not in r.output

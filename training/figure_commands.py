@@ -16,8 +16,8 @@ import click
 import numpy as np
 
 from offload.commandline import (check_policy_names, fail, fit_thresholds, load_scenario,
-                                 require_torch, run_named_policy, scenario_options, select_profile,
-                                 user_errors)
+                                 ray_option, require_torch, run_named_policy, scenario_options,
+                                 select_profile, user_errors)
 
 __all__ = ["sweep", "plot", "trace"]
 
@@ -38,9 +38,7 @@ __all__ = ["sweep", "plot", "trace"]
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Points run at once in local processes (default: the number of cores; "
                    "1: in this process).")
-@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
-              help="Run the points as tasks on the Ray cluster at ADDRESS (e.g. "
-                   "127.0.0.1:6379 or auto) instead; needs the ray extra.")
+@ray_option("the points")
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
               help="Profile .npz in any layout offload-sim reads (this project's, or the MDP "
                    "or DQN paper's); default: the committed artifacts/profile.npz.")

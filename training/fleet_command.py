@@ -27,7 +27,7 @@ import click
 import numpy as np
 
 from offload import blob, strategies
-from offload.commandline import (echo_table, fail, scenario_options, select_profile,
+from offload.commandline import (echo_table, fail, ray_option, scenario_options, select_profile,
                                  threshold_policy_blob, user_errors)
 from offload.fleet_command import MAX_CAMERAS, fleet_rows, fleet_setting, load_cameras
 
@@ -133,12 +133,13 @@ def _write(out, files):
               help="A DQN setting for --dqn-top, e.g. iterations=200 (repeatable).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
               help="Local processes for the grid's MDP solves.")
+@ray_option("the grid's MDP solves")
 @click.option("--grid-step", default=1, show_default=True, type=click.IntRange(1),
               help="Search every n-th rate and depth of the published grid.")
 def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_camera,
           profile_path, synthetic, choice, spread, rprob, arrivals, markov, seed, strategy, out,
           prefix, switch_name, keys_path, length, streams, train_length, train_streams,
-          dqn_top, dqn_preset, dqn_set, workers, grid_step):
+          dqn_top, dqn_preset, dqn_set, workers, ray_address, grid_step):
     """Provision K cameras behind one link: every camera's bucket, policy blob and key line."""
     _check_out(out)
     if dqn_top and strategy == "isolated":
@@ -155,7 +156,7 @@ def fleet(cameras, switch_rate, link_bps, image_bytes, fps, switch_depth_per_cam
         results, searches = strategies.run_strategies(
             datas, setting, length=length, n_seq=streams, train_length=train_length,
             train_seq=train_streams, seed=seed, names=_compared(strategy), grid_step=grid_step,
-            workers=workers, cache=cache, progress=True)
+            workers=workers, ray_address=ray_address, cache=cache, progress=True)
     chosen, pols, dqn_report = results[strategy], None, None
     if dqn_top:
         dqn_res, pols, dqn_report = _dqn_search(
