@@ -78,21 +78,24 @@ DL="$CACHE/wheels-$TARGET"
 DEPS="$CACHE/site-deps-$TARGET"
 SITE="$CACHE/site-offload-$TARGET"
 rm -rf "$WHEEL_DIR" "$SITE"
+# The host Python imports the INSTALLED firmware and offload packages: run it outside the
+# checkout, whose offload_native holds no compiled core after a regular install.
+host() { (cd "$CACHE" && "$PY" "$@"); }
 
 echo "aarch64_twins: 1/4 cross-compiling the offload wheel for CPython $TARGET aarch64"
-PATH="$(dirname "$PY"):$PATH" "$PY" -m firmware.cli wheel "$WHEEL_DIR" --python "$TARGET" --source "$REPO"
+PATH="$(dirname "$PY"):$PATH" host -m firmware.cli wheel "$WHEEL_DIR" --python "$TARGET" --source "$REPO"
 echo "aarch64_twins: 2/4 the arm64 CPython $TARGET (Debian packages, dpkg -x)"
-ROOT=$("$PY" -c 'import sys; from firmware import sysroot
+ROOT=$(host -c 'import sys; from firmware import sysroot
 print(sysroot.ensure(sys.argv[1], echo=lambda s: print(s, file=sys.stderr)))' "$TARGET")
 echo "aarch64_twins: 3/4 numpy and pytest for CPython $TARGET aarch64 (pip, wheels only)"
-mapfile -t PLAT < <("$PY" -c 'from firmware import wheels
+mapfile -t PLAT < <(host -c 'from firmware import wheels
 for p in wheels.platforms(): print("--platform"); print(p)')
 TEST_REQS=(numpy pytest pytest-timeout hypothesis click tqdm)
 pipt=(-m pip install --quiet --disable-pip-version-check --no-index --only-binary=:all:
       --python-version "$TARGET" --implementation cp --abi "cp${TARGET/./}" "${PLAT[@]}")
 if [ "$(cat "$DEPS/.requirements" 2>/dev/null)" != "${TEST_REQS[*]}" ]; then
     rm -rf "$DEPS"
-    "$PY" -c 'import sys; from firmware import wheels
+    host -c 'import sys; from firmware import wheels
 wheels.download(sys.argv[1], sys.argv[2], requirements=sys.argv[3:], pip_args=["--quiet"])' \
         "$DL" "$TARGET" "${TEST_REQS[@]}"
     "$PY" "${pipt[@]}" --target "$DEPS" --find-links "$DL" "${TEST_REQS[@]}"
@@ -103,7 +106,7 @@ fi
 echo "aarch64_twins: 4/4 the twin tests under qemu-aarch64 (timings are emulated: no speed claims)"
 # qemu-aarch64 -cpu cortex-a72 -L SYSROOT SYSROOT/usr/bin/python3.13 (firmware.sysroot.qemu_command:
 # the Pi 4's CPU; qemu's default CPU model broke numpy's OpenBLAS, see there).
-mapfile -t QEMU < <("$PY" -c 'import sys; from firmware import sysroot
+mapfile -t QEMU < <(host -c 'import sys; from firmware import sysroot
 print("\n".join(sysroot.qemu_command(sys.argv[1], sys.argv[2])))' "$ROOT" "$TARGET")
 cat > "$CACHE/pytest.ini" <<EOF
 [pytest]
