@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from offload.atomic import atomic_path
+from offload.card import ONNX_META_KEY
 
 __all__ = [
     "ExportError",
@@ -62,7 +63,7 @@ EDGETPU_OPS = frozenset({
     "SQUARED_DIFFERENCE", "TANH", "TRANSPOSE_CONV",
 })
 #: Name of the JSON metadata stored inside the strong TorchScript file.
-STRONG_META_NAME = "offload.json"
+STRONG_META_NAME = ONNX_META_KEY
 
 
 class ExportError(RuntimeError):

@@ -31,13 +31,13 @@ import time
 import numpy as np
 
 from offload import preprocess
-from offload.card import CardError, read_card, resolve, tensor_layout
+from offload.card import ONNX_META_KEY, CardError, read_card, resolve, tensor_layout
 from offload.preprocess import ImageError
 
 __all__ = ["ModelError", "StrongModel", "softmax", "top_k", "default_providers", "META_NAME"]
 
 #: ``metadata_props`` key of the model's JSON metadata (as in the TorchScript file).
-META_NAME = "offload.json"
+META_NAME = ONNX_META_KEY
 
 
 class ModelError(ValueError):
