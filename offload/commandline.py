@@ -39,13 +39,36 @@ __all__ = ["fail", "user_errors", "os_error_line", "require_torch", "TORCH_MISSI
            "load_scenario", "select_profile", "committed_profile", "COMMITTED_PROFILE",
            "fit_thresholds", "run_named_policy", "check_policy_names", "threshold_policy_blob",
            "format_table",
-           "echo_table", "format_cell", "ray_option"]
+           "echo_table", "format_cell", "ray_option", "connect_ray", "RAY_MISSING"]
 
 def ray_option(what):
     """The ``--ray ADDRESS`` option (into ``ray_address``): run ``what`` as tasks on a Ray cluster."""
     return click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
                         help=f"Run {what} as tasks on the Ray cluster at ADDRESS (e.g. "
                              "127.0.0.1:6379 or auto) instead; needs the ray extra.")
+
+
+#: How to get Ray when ``--ray`` is given.
+RAY_MISSING = "--ray needs Ray: pip install 'offload[ray]'"
+
+
+def connect_ray(address):
+    """The ``ray`` module, connected to the cluster at ``address`` (once per process).
+
+    Raises ``ValueError`` with one line: Ray not installed (:data:`RAY_MISSING`),
+    or the cluster cannot be reached.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(RAY_MISSING) from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except Exception as exc:  # ConnectionError, ValueError, RuntimeError by version
+            raise ValueError(f"--ray {address}: cannot connect ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return ray
 
 
 #: How to get torch when a training command needs it (README: install).

@@ -214,16 +214,9 @@ class PolicyCache:
 
 def _solve_on_ray(args, address):
     """``_solve`` over ``args`` as Ray tasks on the cluster at ``address``, results in order."""
-    try:
-        import ray
-    except ImportError:
-        raise ValueError("--ray needs Ray: pip install 'offload[ray]'") from None
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except Exception as exc:  # noqa: BLE001 - Ray raises several types for a bad address
-            raise ValueError(f"--ray {address}: cannot connect ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    from offload.commandline import connect_ray
+
+    ray = connect_ray(address)
     task = ray.remote(num_cpus=1, max_retries=0)(_solve)
     refs = [task.remote(a) for a in args]
     for ref in refs:

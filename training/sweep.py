@@ -23,6 +23,7 @@ import time
 import traceback
 
 from offload.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from offload.commandline import RAY_MISSING, connect_ray
 from training.grid import (CONFIG_KEYS, GRIDS, PARAM_COLUMNS, SCALES, SCENARIO_KEYS, Grid,
                            GridError, Part, Point, grid_from_dict, load_grid, load_toml,
                            point_scenario, points, ready_grid, resolve, scale_config)
@@ -256,7 +257,7 @@ def run_sweep(grid, out, scale, prof, profile_label, workers=None, ray_address=N
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise GridError("--ray needs Ray: pip install 'offload[ray]'") from None
+            raise GridError(RAY_MISSING) from None
     cores = os.cpu_count() or 1
     workers = max(1, int(workers or cores))
     if threads is None:
@@ -359,15 +360,9 @@ def _ray_task(point, config, prof, fingerprint, threads):
 
 def _run_ray(todo, configs, prof, fingerprint, threads, address, finished):
     try:
-        import ray
-    except ImportError:
-        raise GridError("--ray needs Ray: pip install 'offload[ray]'") from None
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except Exception as exc:  # ConnectionError, ValueError, RuntimeError by version
-            raise GridError(f"--ray {address}: cannot connect ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        ray = connect_ray(address)
+    except ValueError as exc:
+        raise GridError(str(exc)) from None
     task = ray.remote(num_cpus=threads, max_retries=0)(_ray_task)
     prof_ref = ray.put(prof)
     refs = {task.remote(pt, configs[pt.id], prof_ref, fingerprint, threads): pt for pt in todo}
