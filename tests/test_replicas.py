@@ -164,7 +164,10 @@ def test_replicas_share_one_budget_and_survive_redis_restarts(replicas, redis_se
     admitted = {n: _count(recs, key=n, status=200) for n in KEYS}
     for n in KEYS:
         assert admitted[n] <= key_bound, (n, admitted[n], key_bound)
-        assert admitted[n] >= 1
+    # A key refused by the switch has still spent its token (the fleet model), so under
+    # scheduling luck one key's sends can all meet an empty switch: only the whole
+    # fleet is sure to get through, not each key (a CI run saw a key admit 0).
+    assert sum(admitted.values()) >= 1
     assert sum(admitted.values()) <= switch_bound, (admitted, switch_bound)
     assert _count(recs, status=429, refused_by="switch") >= 1  # the switch did bind
     assert _count(recs, status=429, refused_by="key") >= 1
