@@ -28,7 +28,7 @@ from offload.fleet_command import fleet
 
 BUILTIN = ("lower-bound", "baseline", "mdp", "oracle", "oracle-metric")
 #: Policies run only when asked for by name.
-OPTIONAL = ("ceiling",)
+OPTIONAL = ("ceiling", "belief")
 #: What every run needs besides the policies asked for: the shares' reference points.
 REFERENCES = ("baseline", "oracle", "oracle-metric")
 
@@ -47,7 +47,8 @@ sim_errors = functools.partial(user_errors,
 @click.option("--policy", "policy_names", multiple=True,
               help=f"Policy to run (repeatable): {', '.join(BUILTIN + OPTIONAL)} or a policy "
                    "blob path. Default: all but ceiling (offload.ceiling: knows the "
-                   "generators' hidden state; adds a share_of_ceiling_gain column).")
+                   "generators' hidden state) and belief (offload.belief: infers it from the "
+                   "history by Bayes' rule); each adds a share_of_..._gain column.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the table as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Write the table as CSV.")
 @click.option("--write-blob", "write_blob", nargs=2, type=(click.Choice(["mdp", "baseline"]),
@@ -73,7 +74,9 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
                f"(mean {st.mean_interarrival:.3f} slots)", err=True)
     want_mdp = "mdp" in names or any(k == "mdp" for k, _ in write_blob)
     thresholds = fit_thresholds(m[tr], prof.reward[tr], sc, st, mdp=want_mdp)
-    results = {name: _run_one(name, sc, st, prof, m, tr, te, thresholds)
+    solved = _solve_ceiling(sc, prof.metric[te], m[te]) if {"ceiling", "belief"} & set(names) \
+        else None
+    results = {name: _run_one(name, sc, st, prof, m, tr, te, thresholds, solved)
                for name in names + [n for n in REFERENCES if n not in names]}
     rows, cols = _table(names, results)
     echo_table(rows, cols)
@@ -89,13 +92,18 @@ def sim_main(profile_path, synthetic, rate, depth, choice, spread, rprob, arriva
             click.echo(f"wrote {kind} policy blob {path}", err=True)
 
 
-def _run_one(name, sc, st, prof, m, tr, te, thresholds):
+def _run_one(name, sc, st, prof, m, tr, te, thresholds, solved):
     """The ``SimResult`` of policy ``name`` (a built-in or a blob file) on the test streams."""
     with sim_errors(name):
         if name == "lower-bound":
             return simulate.run_lower_bound(m[tr], st, sc.rate)
         if name == "ceiling":
-            return _run_ceiling(sc, st, prof.metric[te], m[te])
+            from offload import ceiling
+            return ceiling.run_ceiling(solved, st, sc.bucket)
+        if name == "belief":
+            from offload import belief
+            model = belief.belief_model(m[te], sc, bins=solved.bins)
+            return belief.run_belief(model, solved, st, sc.bucket)
         if name in ("oracle", "oracle-metric"):
             return simulate.run_oracle(st, sc.bucket, metric_only=name == "oracle-metric",
                                        progress=True)
@@ -104,20 +112,21 @@ def _run_one(name, sc, st, prof, m, tr, te, thresholds):
                                 progress=name not in thresholds)[0]
 
 
-def _run_ceiling(sc, st, raw_metric, metric):
-    """The structure-aware ceiling (``offload.ceiling``) on the test streams."""
+def _solve_ceiling(sc, raw_metric, metric):
+    """The structure-aware ceiling (``offload.ceiling``) of the test images; the belief policy acts on it too."""
     from offload import ceiling
 
     click.echo("ceiling: value iteration over (hidden state, tokens)...", err=True)
-    c = ceiling.ceiling_policy(raw_metric, sc, metric=metric)
+    with sim_errors("ceiling"):
+        c = ceiling.ceiling_policy(raw_metric, sc, metric=metric)
     if not c.converged:
         click.echo(f"ceiling: warning: not converged after {c.sweeps} sweeps", err=True)
-    return ceiling.run_ceiling(c, st, sc.bucket)
+    return c
 
 
 def _table(names, results):
     """``(rows, columns)``: each policy's row with its share of every oracle's gain over Baseline."""
-    refs = ["oracle", "oracle-metric"] + (["ceiling"] if "ceiling" in results else [])
+    refs = ["oracle", "oracle-metric"] + [n for n in OPTIONAL if n in results]
     rows = []
     for name in names:
         row = results[name].row()
