@@ -449,9 +449,21 @@ def test_cli_end_to_end_blob_runs_in_offload_sim(profile_file, tmp_path):
     rep = json.loads((tmp_path / "fig7.json").read_text())
     names = [row["policy"] for row in rep["test"]]
     assert names == ["dqn-float", "dqn-int8", "mdp", "baseline", "lower-bound", "oracle",
-                     "oracle-metric", "ceiling"]
+                     "oracle-metric", "belief", "ceiling"]
     shares = {row["policy"]: row["share_of_ceiling_gain"] for row in rep["test"]}
     assert shares["ceiling"] == 1.0 and shares["baseline"] == 0.0
+    # The belief policy: every row's share of its gain beside the ceiling's; the
+    # per-stream rewards give paired standard errors.
+    belief = {row["policy"]: row["share_of_belief_gain"] for row in rep["test"]}
+    assert belief["belief"] == 1.0 and belief["baseline"] == 0.0
+    for row in rep["test"]:
+        assert len(row["stream_reward"]) == 2
+        assert np.mean(row["stream_reward"]) == pytest.approx(row["mean_reward"])
+    assert rep["belief"]["bins"] == rep["ceiling"]["bins"] and rep["belief"]["arrival_states"] == 1
+    assert "belief" not in rep["int8"] and "ceiling" not in rep["int8"]
+    header = next(ln for ln in r.stdout.splitlines() if "policy" in ln)
+    assert "share_of_belief_gain" in header and "share_of_ceiling_gain" in header
+    assert any(ln.split()[:1] == ["belief"] for ln in r.stdout.splitlines())
     assert rep["training"]["curve"] and rep["int8"]["int8_agreement"]["decisions"] == 2000
     # Options not given keep the preset's values (a CLI default must not override them).
     given = {"iterations", "steps", "batch", "validate_every", "train_streams", "train_length",

@@ -95,15 +95,23 @@ def test_two_point_grid_end_to_end(two_point_sweep):
     assert len(rows) == 2 * len(S.POLICIES)
     assert {r["status"] for r in rows} == {"done"}
     assert sorted({r["depth"] for r in rows}) == ["2.0", "4.0"]
-    assert [r["policy"] for r in rows[:8]] == list(S.POLICIES)
+    assert [r["policy"] for r in rows[:len(S.POLICIES)]] == list(S.POLICIES)
+    assert "belief" in S.POLICIES and "share_of_belief_gain" in S.TABLE_COLUMNS
     for r in rows:
         assert r["rate"] == "0.1" and r["T"] == "9" and r["choice"] == "location-reset"
         assert float(r["avg_loss"]) > 0 and float(r["seconds"]) > 0
+        assert 0 < float(r["train_seconds"]) < float(r["seconds"]) and r["stopped_by"]
+        assert r["share_of_belief_gain"] != "" and "stream_reward" not in r
     ceiling = [r for r in rows if r["policy"] == "ceiling"]
     assert all(float(r["share_of_ceiling_gain"]) == 1.0 for r in ceiling)
+    belief = [r for r in rows if r["policy"] == "belief"]
+    assert len(belief) == 2 and all(float(r["share_of_belief_gain"]) == 1.0 for r in belief)
+    assert all(float(r["share_of_belief_gain"]) == 0.0 for r in rows if r["policy"] == "baseline")
     doc = json.loads(open(os.path.join(out, "results.json")).read())
     assert doc["points"] == {"total": 2, "done": 2, "failed": 0}
-    assert doc["scale"] == "smoke" and len(doc["rows"]) == 16
+    assert doc["scale"] == "smoke" and len(doc["rows"]) == 2 * len(S.POLICIES)
+    # results.json's rows carry each policy's reward on each test stream (paired errors)
+    assert all(len(r["stream_reward"]) == 2 for r in doc["rows"])
     assert doc["parts"][0]["x"] == "depth" and len(doc["parts"][0]["points"]) == 2
     for pid in {r["point"] for r in rows}:
         assert pid.startswith("r0.1-b") and "T9" in pid
@@ -399,7 +407,7 @@ def test_results_figures_one_line_per_policy_and_a_panel_per_facet():
     assert len(spread.axes) == 2 and len(reset.axes) == 2  # rprob 0.1, 0.01 / sp 0.1, 0.2
     labels = [ln.get_label() for ln in spread.axes[0].get_lines()]
     assert labels == ["DQN", "MDP", "Baseline", "Lower bound", "Oracle (metric)",
-                      "Ceiling (knows hidden state)"]
+                      "Belief (history + generator model)", "Ceiling (knows hidden state)"]
     assert list(spread.axes[0].get_lines()[0].get_xdata()) == [0.1, 0.5, 1.0]
     assert reset.axes[0].get_xscale() == "log"
     with_oracle = F.results_figures(rows, meta, oracle=True)[0][1]
@@ -411,6 +419,49 @@ def test_results_figures_one_line_per_policy_and_a_panel_per_facet():
     derived = [{**r, "tprob1": r["rprob"], "tprob2": r["rprob"] / (2 if r["sp"] < 0.3 else 4)}
                for r in rows if r["status"] == "done"]
     assert len(F.facet_keys(derived, "tprob1", ["sp", "tprob1", "tprob2"])) == 1
+
+
+def test_results_figures_of_a_table_without_the_belief_policy(tmp_path):
+    """Sweeps written before the belief policy: no belief rows, no share or training columns."""
+    rows, meta = _fake_rows()
+    old = [{k: v for k, v in r.items() if k not in ("share_of_belief_gain", "train_seconds",
+                                                     "stopped_by", "stream_reward")}
+           for r in rows if r.get("policy") != "belief"]
+    labels = [ln.get_label() for ln in F.results_figures(old, meta)[0][1].axes[0].get_lines()]
+    assert "Belief (history + generator model)" not in labels
+    assert labels[-1] == "Ceiling (knows hidden state)"
+    # result columns that differ between points (training time, what stopped it) are no facets
+    timed = [{**r, "train_seconds": 100.0 + i, "stopped_by": f"reason {i % 3}",
+              "stream_reward": [0.1, 0.2]} for i, r in enumerate(rows)]
+    meta_cols = {**meta, "columns": list(timed[0])}
+    assert [len(f.axes) for _, f in F.results_figures(timed, meta_cols)] == [2, 2]
+    assert (len(F.results_figures(timed, {})[0][1].axes)
+            == len(F.results_figures(rows, {})[0][1].axes))
+    # and through the command, from an old results.json
+    path = tmp_path / "old" / "results.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**meta, "rows": old}))
+    res = _cli(["plot", path.parent, "--out", tmp_path / "figs"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert len(list((tmp_path / "figs").iterdir())) == 2
+    res = _cli(["table", path])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "### fig5: spread" in res.output and "| - |" in res.output
+
+
+def test_table_command_on_a_sweep(two_point_sweep):
+    out, _ = two_point_sweep
+    res = _cli(["table", out])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    lines = res.output.splitlines()
+    head = [c.strip() for c in next(ln for ln in lines if ln.startswith("| b |")).split("|")]
+    body = [[c.strip() for c in ln.split("|")] for ln in lines
+            if ln.startswith("| 2 |") or ln.startswith("| 4 |")]
+    assert len(body) == 2
+    for cells in body:
+        row = dict(zip(head, cells))
+        assert row["belief share"].endswith("%") and row["DQN / belief"].endswith("%")
+        assert row["MDP - DQN"].endswith(" SE)") and row["training s"] != "-"
 
 
 def test_plot_command_writes_pngs(two_point_sweep, tmp_path):

@@ -29,6 +29,11 @@ Commands
 ``offload-train plot``
     Figures of a sweep's results table in the paper's style
     (``training.figures``).
+``offload-train table``
+    The markdown tables of the docs from sweeps' results tables
+    (``training.tables``): losses, shares of the metric oracle's, belief
+    policy's and ceiling's gains, the DQN < MDP < Baseline ordering against
+    the sampling noise, training time.
 ``offload-train trace``
     Two policies' decisions on one simulated stream (the paper's Figs. 7, 10, 11).
 ``offload-train fleet``
@@ -50,7 +55,7 @@ from offload.atomic import atomic_write_json
 from offload.commandline import (COMMITTED_PROFILE, committed_profile, echo_table, fail,
                                  load_scenario, require_torch, scenario_options)
 from training.example_pair import example_pair
-from training.figure_commands import plot, sweep, trace
+from training.figure_commands import plot, sweep, table, trace
 from training.fleet_command import fleet
 from training.pair_commands import classifiers, onnx, profile
 
@@ -60,7 +65,7 @@ def main():
     """Train, quantise and profile the weak/strong classifier pair (workstation, torch)."""
 
 
-for _command in (classifiers, onnx, profile, example_pair, sweep, plot, trace, fleet):
+for _command in (classifiers, onnx, profile, example_pair, sweep, plot, table, trace, fleet):
     main.add_command(_command)
 
 
@@ -205,7 +210,7 @@ class _DQNConsole:
 
 def _echo_test_table(rows, extra):
     cols = ["policy", "avg_loss", "mean_reward", "offload_rate", "share_of_oracle-metric_gain",
-            "share_of_ceiling_gain"]
+            "share_of_belief_gain", "share_of_ceiling_gain"]
     echo_table(rows, cols)
     a = extra["int8_agreement"]
     click.echo(f"int8 vs float: {100 * a['n_ge_P']:.2f}% of decisions with n >= P agree "

@@ -1,10 +1,11 @@
-"""``offload-train sweep``, ``plot`` and ``trace``: the paper's evaluation figures.
+"""``offload-train sweep``, ``plot``, ``table`` and ``trace``: the paper's evaluation figures.
 
 ``sweep`` trains and evaluates a DQN at every point of a grid
 (``training.sweep``) into one results table, ``plot`` draws that table in the
-paper's style and ``trace`` draws two policies' decisions on one simulated
-stream (``training.figures``). Registered on the ``offload-train`` group by
-``training.cli``.
+paper's style, ``table`` prints it as the markdown tables of the docs
+(``training.tables``) and ``trace`` draws two policies' decisions on one
+simulated stream (``training.figures``). Registered on the ``offload-train``
+group by ``training.cli``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from offload.commandline import (check_policy_names, fail, fit_thresholds, load_
                                  ray_option, require_torch, run_named_policy, scenario_options,
                                  select_profile, user_errors)
 
-__all__ = ["sweep", "plot", "trace"]
+__all__ = ["sweep", "plot", "table", "trace"]
 
 
 # --------------------------------------------------------------------------- sweep
@@ -56,8 +57,9 @@ def sweep(grid, out_dir, scale, workers, ray_address, profile_path, synthetic, s
 
     GRID is a ready-made grid (fig5, fig6, fig8, fig9, fig11, fig12: the
     paper's evaluation figures) or a TOML file (docs/sweeps.md). Every point
-    trains a DQN and tests it with MDP, Baseline, Lower bound, both oracles
-    and the structure-aware ceiling on the same test sequences. A failed point
+    trains a DQN and tests it with MDP, Baseline, Lower bound, both oracles,
+    the belief policy and the structure-aware ceiling on the same test
+    sequences. A failed point
     is recorded with its error and retried by the next run; Ctrl+C keeps every
     finished point, and the same command resumes.
     """
@@ -114,8 +116,10 @@ def plot(results, out_dir, oracle, dpi):
     """Figures of a sweep's RESULTS (results.json, results.csv or the sweep folder).
 
     Average loss against the swept parameter, one line per policy (DQN int8,
-    MDP, Baseline, Lower bound, metric-only oracle, ceiling), one figure per
-    grid part and one panel per value of its other axes.
+    MDP, Baseline, Lower bound, metric-only oracle, belief policy, ceiling),
+    one figure per grid part and one panel per value of its other axes. A
+    policy the table does not have (the belief policy in results written
+    before it was reported) is left out.
     """
     from training import figures as F
 
@@ -132,6 +136,46 @@ def plot(results, out_dir, oracle, dpi):
         F.save_png(fig, path, dpi)
         click.echo(f"wrote {path}", err=True)
 
+
+
+# --------------------------------------------------------------------------- table
+
+
+@click.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Markdown file to write (atomically); default: standard output.")
+def table(results, out_path):
+    """Markdown tables of one or more sweeps' RESULTS (results.json, results.csv or folder).
+
+    One table per grid part, a row per finished point: its varying
+    settings; average loss of DQN int8, MDP and Baseline; the shares of the
+    metric oracle's gain that MDP, the DQN, the belief policy and the
+    ceiling capture; the DQN's share of the belief's and of the ceiling's;
+    whether DQN < MDP < Baseline holds, with both margins against their
+    paired standard errors (results.json of this version); training seconds
+    and what stopped training. Missing values are "-".
+    """
+    from offload.atomic import atomic_write_text
+    from training import figures as F
+    from training import tables as T
+
+    texts = []
+    for path in results:
+        try:
+            rows, meta = F.read_results(path)
+        except ValueError as exc:
+            fail(exc)
+        text = T.markdown_tables(rows, meta)
+        if not text:
+            fail(f"{path}: no finished or failed points to tabulate")
+        texts.append(text)
+    doc = "\n".join(texts)
+    if out_path:
+        atomic_write_text(out_path, doc)
+        click.echo(f"wrote {out_path}", err=True)
+    else:
+        click.echo(doc, nl=False)
 
 
 # --------------------------------------------------------------------------- trace

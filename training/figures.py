@@ -30,9 +30,13 @@ PLOT_POLICIES = {
     "baseline": ("Baseline", "#2ca02c", "^", "-"),
     "lower-bound": ("Lower bound", "#d62728", "v", "-"),
     "oracle-metric": ("Oracle (metric)", "#7f7f7f", "", "--"),
+    "belief": ("Belief (history + generator model)", "#e377c2", "", (0, (5, 1, 1, 1))),
     "ceiling": ("Ceiling (knows hidden state)", "#9467bd", "", ":"),
     "oracle": ("Oracle (true rewards)", "#8c564b", "", "-."),
 }
+#: Columns of a results table that are results, not settings (never a panel or an axis).
+_RESULT_COLUMNS = ("point", "status", "parts", "policy", "avg_loss", "mean_reward", "offload_rate",
+                   "train_seconds", "stopped_by", "stream_reward", "seconds", "error")
 _PARAMS = ("rate", "depth", "choice", "sp", "rprob", "arrivals", "I1", "I2", "tprob1", "tprob2",
            "T", "interarrival", "train_choice", "seed")
 _LABELS = {"rate": "token rate r", "depth": "bucket depth b", "sp": "sub-sequence spread sp",
@@ -133,9 +137,7 @@ def results_figures(rows, meta=None, policies=None, oracle=False):
     done = [r for r in rows if r.get("status") == "done" and r.get("avg_loss") is not None]
     names = list(policies or [p for p in PLOT_POLICIES if p != "oracle" or oracle])
     extra_keys = [k for k in (meta.get("columns") or (rows[0].keys() if rows else []))
-                  if k not in _PARAMS and k not in ("point", "status", "parts", "policy",
-                                                    "avg_loss", "mean_reward", "offload_rate",
-                                                    "seconds", "error")
+                  if k not in _PARAMS and k not in _RESULT_COLUMNS
                   and not str(k).startswith("share_of")]
     keys = list(_PARAMS) + extra_keys
     parts = meta.get("parts") or [{"name": meta.get("grid", "sweep"), "x": None, "logx": 0,

@@ -31,14 +31,19 @@ from training.grid import (CONFIG_KEYS, GRIDS, PARAM_COLUMNS, SCALES, SCENARIO_K
 __all__ = ["GRIDS", "SCALES", "GridError", "Grid", "Part", "Point", "ready_grid", "load_toml",
            "load_grid", "grid_from_dict", "points", "point_scenario", "resolve", "scale_config",
            "SCENARIO_KEYS", "CONFIG_KEYS", "PARAM_COLUMNS", "run_point", "run_sweep",
-           "results_rows", "TABLE_COLUMNS", "POLICIES", "PointInterrupted", "SweepSummary"]
+           "results_rows", "TABLE_COLUMNS", "JSON_ONLY_COLUMNS", "POLICIES", "PointInterrupted",
+           "SweepSummary"]
 
 #: The policies ``training.dqn.evaluate`` reports, in its order.
 POLICIES = ("dqn-float", "dqn-int8", "mdp", "baseline", "lower-bound", "oracle", "oracle-metric",
-            "ceiling")
+            "belief", "ceiling")
+#: Columns of ``results.csv`` (after the point's settings). ``results.json``'s
+#: rows also carry ``JSON_ONLY_COLUMNS``: each policy's mean reward per image
+#: on each test stream, for paired standard errors (``training.tables``).
 TABLE_COLUMNS = ("point", "status", "policy", "avg_loss", "mean_reward", "offload_rate",
-                 "share_of_oracle_gain", "share_of_oracle-metric_gain", "share_of_ceiling_gain",
-                 "seconds", "error")
+                 "share_of_oracle_gain", "share_of_oracle-metric_gain", "share_of_belief_gain",
+                 "share_of_ceiling_gain", "train_seconds", "stopped_by", "seconds", "error")
+JSON_ONLY_COLUMNS = ("stream_reward",)
 
 
 def _dqn():
@@ -161,8 +166,12 @@ def results_rows(out, grid_points, config_keys=()):
         base = {"point": pt.id, **pt.params, **{k: pt.config.get(k) for k in config_keys},
                 "status": rec.get("status"), "parts": "; ".join(pt.parts)}
         if rec.get("status") == "done":
+            training = rec.get("training") or {}
             for r in rec.get("test") or []:
-                rows.append({**base, **{k: r.get(k) for k in TABLE_COLUMNS if k in r},
+                rows.append({**base, **{k: r.get(k) for k in TABLE_COLUMNS + JSON_ONLY_COLUMNS
+                                        if k in r},
+                             "train_seconds": training.get("seconds"),
+                             "stopped_by": training.get("stopped_by"),
                              "seconds": rec.get("total_seconds"), "error": ""})
         else:
             rows.append({**base, "policy": "", "error": rec.get("error", ""),

@@ -1,13 +1,20 @@
 """The test report of a trained policy: every policy on the test streams (SPEC sections 5, 6).
 
 The DQN (float and int8) runs against MDP, Baseline, the lower bound, both
-oracles and the structure-aware ceiling on the same test streams; each row
-also gives the share of each oracle's and of the ceiling's gain over
-Baseline that the policy captures. ``int8_agreement`` says how often the
-float network decides as the int8 one along the int8 trajectory.
+oracles, the belief policy (``offload.belief``: the best a history-only
+policy that knows the generator's model can do, as a yardstick) and the
+structure-aware ceiling on the same test streams; each row also gives the
+share of each oracle's, of the belief policy's and of the ceiling's gain
+over Baseline that the policy captures, and its mean reward per image on
+each test stream (``stream_reward``: every policy runs on the same streams,
+so the difference of two policies has a paired standard error).
+``int8_agreement`` says how often the float network decides as the int8 one
+along the int8 trajectory.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -51,10 +58,12 @@ def evaluate(trainer, layers, qmlp, *, scenario=None, progress=False, threads=No
     sweep running several points at once gives each its share).
 
     Returns ``(rows, extra)``: one dict per policy (average loss, reward per
-    image, offload rate, share of each oracle's and of the structure-aware
-    ceiling's gain over Baseline) and the int8 agreement figures.
+    image, offload rate, share of each oracle's, of the belief policy's and
+    of the structure-aware ceiling's gain over Baseline, per-stream reward)
+    and the int8 agreement figures, the ceiling's and the belief policy's
+    settings.
     """
-    from offload import ceiling
+    from offload import belief, ceiling
 
     cfg, data = trainer.cfg, trainer.data
     sc = trainer.sc if scenario is None else scenario
@@ -63,6 +72,10 @@ def evaluate(trainer, layers, qmlp, *, scenario=None, progress=False, threads=No
     st = data.streams(sc, "test", length=cfg.test_length, n_seq=cfg.test_streams, hidden=True)
     te = data.test
     ceil = ceiling.ceiling_policy(data.raw_metric[te], sc, metric=data.metric[te])
+    t0 = time.perf_counter()
+    bel = belief.belief_model(data.metric[te], sc, bins=ceil.bins)
+    bel_res = belief.run_belief(bel, ceil, st, b)
+    bel_seconds = time.perf_counter() - t0
     dqn_args = dict(H=cfg.H, use_interarrival=cfg.interarrival, progress=progress)
     res = {
         "dqn-float": simulate.run_dqn(float_forward(layers), st, b, name="dqn-float", **dqn_args),
@@ -74,6 +87,7 @@ def evaluate(trainer, layers, qmlp, *, scenario=None, progress=False, threads=No
         "lower-bound": simulate.run_lower_bound(data.metric[data.train], st, rate),
         "oracle": simulate.run_oracle(st, b, progress=progress),
         "oracle-metric": simulate.run_oracle(st, b, metric_only=True, progress=progress),
+        "belief": bel_res,
         "ceiling": ceiling.run_ceiling(ceil, st, b),
     }
     agreement = int8_agreement(layers, st, b, res["dqn-int8"], H=cfg.H, use_ia=cfg.interarrival)
@@ -81,11 +95,15 @@ def evaluate(trainer, layers, qmlp, *, scenario=None, progress=False, threads=No
     for name, r in res.items():
         row = r.row()
         row["policy"] = name
-        for o in ("oracle", "oracle-metric", "ceiling"):
+        for o in ("oracle", "oracle-metric", "belief", "ceiling"):
             row[f"share_of_{o}_gain"] = simulate.captured_share(r, res["baseline"], res[o])
+        row["stream_reward"] = [float(v) for v in r.stream_reward]
         rows.append(row)
     extra = {"int8_agreement": agreement,
              "ceiling": {"bins": ceil.bins, "sweeps": ceil.sweeps, "converged": ceil.converged},
+             "belief": {"bins": int(bel.lik.shape[1]), "arrival_states": int(bel.law.shape[0]),
+                        "observations": int(len(bel.values)), "rprob": bel.rprob,
+                        "seconds": bel_seconds},
              "int8_minus_float_avg_loss": res["dqn-int8"].avg_loss - res["dqn-float"].avg_loss,
              "test": {"streams": cfg.test_streams, "length": cfg.test_length, "seed": sc.seed,
                       "mean_interarrival": st.mean_interarrival}}

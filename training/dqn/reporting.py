@@ -74,8 +74,11 @@ def report(trainer, prof, rows, extra, *, scenario, int8_tuning, seconds, profil
         "int8_tuning": int8_tuning,
         "test": rows,
         # No test report (extra None) when training was interrupted.
-        "int8": {k: v for k, v in extra.items() if k != "ceiling"} if extra else None,
+        "int8": ({k: v for k, v in extra.items() if k not in ("ceiling", "belief")}
+                 if extra else None),
         "ceiling": extra.get("ceiling") if extra else None,
+        # The belief policy's location bins (the ceiling's), arrival states, time.
+        "belief": extra.get("belief") if extra else None,
         "files": {k: files.get(k) for k in ("policy", "curve_png", "checkpoint")},
         "total_seconds": seconds,
     })
