@@ -104,7 +104,7 @@ def row(setting, preset, rep):
     when = ("" if ttq.get("seconds") is None
             else f"{ttq['seconds']:.0f} s (it. {ttq['iteration']:,})")
     return {"setting": setting, "preset": preset, "stopped_by": tr["stopped_by"],
-            "training s": f"{tr['seconds']:.0f}", "iterations": f"{tr['iterations']:,}",
+            "training s": f"{tr['seconds']:.1f}" if tr["seconds"] < 10 else f"{tr['seconds']:.0f}", "iterations": f"{tr['iterations']:,}",
             "best at": f"{tr['best_iteration']:,}", "99% of final val. gain": when,
             **{f"DQN / {label}": _pct(dqn.get(f"share_of_{key}_gain"))
                for key, label in _SHARES}}
@@ -146,7 +146,7 @@ def main(argv=None):
     legend = "\n".join(f"* `{k}`: {v[0]}" for k, v in SETTINGS.items()
                        if k in (args.setting or SETTINGS))
     presets = "\n".join(f"* `{k}`: `{v}`" for k, v in PRESETS.items())
-    extra_s = f" plus `{shlex.join(extra)}`" if extra else ""
+    extra_s = f"\n* every run also: `{shlex.join(extra)}`" if extra else ""
     text = (f"{markdown(rows)}\n{legend}\n{presets}{extra_s}\n\nShares: the int8 DQN's share "
             "of each yardstick's gain over Baseline on the test sequences; 99%: the first "
             "validation reaching 99% of the final best validation gain over Baseline.\n")
