@@ -104,7 +104,7 @@ def row(setting, preset, rep):
     when = ("" if ttq.get("seconds") is None
             else f"{ttq['seconds']:.0f} s (it. {ttq['iteration']:,})")
     return {"setting": setting, "preset": preset, "stopped_by": tr["stopped_by"],
-            "training s": f"{tr['seconds']:.1f}" if tr["seconds"] < 10 else f"{tr['seconds']:.0f}", "iterations": f"{tr['iterations']:,}",
+            "training s": f"{tr['seconds']:.{1 if tr['seconds'] < 10 else 0}f}", "iterations": f"{tr['iterations']:,}",
             "best at": f"{tr['best_iteration']:,}", "99% of final val. gain": when,
             **{f"DQN / {label}": _pct(dqn.get(f"share_of_{key}_gain"))
                for key, label in _SHARES}}
