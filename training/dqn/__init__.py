@@ -50,6 +50,8 @@ as SPEC section 6 and the device's history ring give them.
 The package, one module per concept (each imports only those before it)::
 
     settings     DQNConfig (each setting declared once, with its help), PRESETS, preset
+    convergence  plateau_action (the stopping rule), time_to_quality: pure functions
+                 of the validation curve
     split        Data, prepare_data, profile_fingerprint: the profile's images split
     replay       Replay: training sequences and vectorised tuple sampling
     targets      q_targets (and its loop twin), ceiling_targets
@@ -69,6 +71,7 @@ from __future__ import annotations
 import importlib
 
 # Torch-free, imported at once: what a command line needs to list its options.
+from .convergence import CONVERGED, plateau_action, time_to_quality
 from .settings import PRESETS, DQNConfig, preset, resolve_interarrival
 from .split import Data, prepare_data, profile_fingerprint
 
@@ -93,6 +96,7 @@ _LAZY = {
 }
 
 __all__ = ["DQNConfig", "PRESETS", "preset", "resolve_interarrival",
+           "CONVERGED", "plateau_action", "time_to_quality",
            "Data", "prepare_data", "profile_fingerprint", *_LAZY]
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from .convergence import time_to_quality
 from .split import profile_fingerprint
 
 __all__ = ["report", "clean"]
@@ -69,6 +70,8 @@ def report(trainer, prof, rows, extra, *, scenario, int8_tuning, seconds, profil
             "validation_mdp_reward": trainer.val_mdp,
             "validation_baseline_reward": trainer.val_base,
             "curve": trainer.curve,
+            # When validation first reached 99% of the final best gain over Baseline.
+            "time_to_quality": time_to_quality(trainer.curve, 0.99),
         },
         # Quantisation-aware tuning (int8.tune_int8); None when it did not run.
         "int8_tuning": int8_tuning,

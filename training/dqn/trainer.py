@@ -4,7 +4,8 @@ Each iteration freezes the target network, samples ``steps x batch`` tuples
 from the replay, computes their targets (``training.dqn.targets``) in one
 batch, shifts them by their mean (per batch or per row, ``DQNConfig.shift``)
 and takes ``steps`` Adam steps of MSE on every output. Validation runs the
-judged float network in the simulator and keeps the best. SIGINT / SIGTERM
+judged float network in the simulator and keeps the best; the learning-rate
+schedule and the convergence rule (``training.dqn.convergence``) act on it. SIGINT / SIGTERM
 stop the run cleanly at the next iteration (``offload.stopsignal``).
 Quantisation (``training.dqn.int8``) and the test report
 (``training.dqn.evaluation``) work on a finished trainer.
@@ -27,6 +28,7 @@ from offload.stopsignal import StopOnSignal
 
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, damaged, identity,
                          load_checkpoint, save_checkpoint)
+from .convergence import CONVERGED, plateau_action
 from .network import TorchForward, adam, build_network, center_output, export_layers
 from .replay import Replay
 from .targets import ceiling_targets, q_targets
@@ -66,8 +68,9 @@ class Trainer:
     ``lr``, ``din``, ``dout``, ``device``.
 
     ``run()`` trains until the schedule ends, the time limit passes, validation
-    stops improving or a signal arrives, and returns the best float network
-    (by validation reward) as exported layers (raw-slot inputs).
+    stops improving or has converged (``training.dqn.convergence``) or a signal
+    arrives, and returns the best float network (by validation reward) as
+    exported layers (raw-slot inputs).
     """
 
     def __init__(self, data, scenario, config, fingerprint, checkpoint=None):
@@ -367,13 +370,27 @@ class Trainer:
         else:
             self.since_best += 1
             if final_from is None and self.since_best >= cfg.patience:
-                if self.lr * cfg.lr_decay < cfg.lr_min * (1 - 1e-9):
+                if not self._can_decay():
                     stop = "validation stopped improving"
                 else:
                     self._set_lr(self.lr * cfg.lr_decay)
                     self.since_best = 0
+                self.save()
+                return val, stop
+        if final_from is None:  # the convergence rule (converge_window 0: off)
+            action = plateau_action(self.curve, cfg.converge_window, cfg.converge_tol,
+                                    cfg.converge_decays)
+            if action == "decay" and self._can_decay():
+                self._set_lr(self.lr * cfg.lr_decay)
+                self.since_best = 0
+            elif action:
+                stop = CONVERGED
         self.save()
         return val, stop
+
+    def _can_decay(self):
+        """Whether one more learning-rate decay stays at or above ``lr_min``."""
+        return self.lr * self.cfg.lr_decay >= self.cfg.lr_min * (1 - 1e-9)
 
     def best_layers(self):
         """The best network so far (by validation reward), exported with raw-slot inputs."""
