@@ -47,14 +47,10 @@ import numpy as np
 
 from offload import ceiling as ceiling_mod
 from offload import sequences, simulate
-from offload_native import walk_block
 
 __all__ = ["BeliefModel", "belief_model", "location_likelihood", "bin_bounds", "tie_groups",
-           "filter_locations", "filter_arrivals", "belief_thresholds", "run_belief"]
+           "filter_locations", "filter_arrivals", "posteriors", "expected_threshold", "run_belief"]
 
-#: Entries of the largest (streams x positions x arrival states x token states)
-#: block of thresholds ``run_belief`` holds at once.
-_BLOCK_ENTRIES = 1 << 21
 #: Sorted positions per chunk when the location likelihoods are built.
 _CHUNK = 2048
 
@@ -234,47 +230,64 @@ def filter_arrivals(gaps_before, model, *, belief=None):
     return out
 
 
-def belief_thresholds(model, ceiling, streams, bucket, *, block=None):
-    """Yield ``(k0, k1, thr)``: the belief policy's thresholds at positions ``k0..k1-1``.
+def posteriors(model, streams, *, block=4096):
+    """Yield ``(k0, k1, pg, pa)``: the posteriors at positions ``k0..k1-1`` of every stream.
 
-    ``thr`` (S, k1-k0, M-P+1) is ``E_b theta[g, s, n]`` for ``n = P..M`` under
-    the posterior at each image. The posterior depends only on what was
-    observed, not on the decisions, so the thresholds come block by block
-    ahead of the token walk.
+    ``pg`` (S, k1-k0, G) over location bins, ``pa`` (S, k1-k0, A) over
+    arrival states, each given the image at its position and all before it.
+    The posterior depends only on what was observed, not on the decisions,
+    so it comes block by block ahead of the token walk.
     """
     S, L = streams.shape
-    theta = ceiling.theta[:, :, bucket.P:]                   # (G, A, K')
-    G, A, Kp = theta.shape
-    if model.lik.shape[1] != G or model.law.shape[0] != A:
-        raise ValueError(f"belief model ({model.lik.shape[1]} bins, {model.law.shape[0]} "
-                         f"arrival states) does not match the ceiling ({G} bins, {A} states)")
     obs = model.observe(streams.metric)
-    step = block or max(1, _BLOCK_ENTRIES // max(1, S * A * Kp))
     bg = ba = None
-    flat = theta.reshape(G, A * Kp)
-    for k0 in range(0, L, step):
-        k1 = min(L, k0 + step)
+    for k0 in range(0, L, block):
+        k1 = min(L, k0 + block)
         pg = filter_locations(obs[:, k0:k1], model, belief=bg)
         before = streams.interarrival[:, max(k0 - 1, 0):k1 - 1]
         if k0 == 0:  # the first image has no gap before it
             before = np.concatenate([np.ones((S, 1), np.int64), before], axis=1)
         pa = filter_arrivals(before, model, belief=ba)
         bg, ba = pg[:, -1], pa[:, -1]
-        per_state = (pg @ flat).reshape(S, k1 - k0, A, Kp)
-        yield k0, k1, np.einsum("skat,ska->skt", per_state, pa)
+        yield k0, k1, pg, pa
 
 
-def run_belief(model, ceiling, streams, bucket, *, name="belief"):
+def expected_threshold(theta, pg, pa, n):
+    """``E_b theta[g, s, n]`` per stream: ``theta`` (G, A, M+1), ``pg`` (S, G), ``pa`` (S, A), ``n`` (S,) tokens ``>= P``."""
+    per_state = np.einsum("sg,gas->sa", pg, theta[:, :, n])
+    return np.einsum("sa,sa->s", per_state, pa)
+
+
+def run_belief(model, ceiling, streams, bucket, *, name="belief", trace=False):
     """Score the belief policy on ``streams`` (true rewards): a ``simulate.SimResult``.
 
     ``ceiling`` the ceiling solved for the split ``model`` was built on, the
-    same bucket. Offloads iff ``n >= P`` and ``raw_metric >= E_b theta``.
+    same bucket (scaled tokens). Offloads iff ``n >= P`` and
+    ``raw_metric >= E_b theta[g, s, n]``, the threshold at the stream's own
+    token count only (so the cost does not grow with the bucket). ``trace``
+    keeps each decision and token count.
     """
-    S, _ = streams.shape
+    G, A = ceiling.theta.shape[:2]
+    if model.lik.shape[1] != G or model.law.shape[0] != A:
+        raise ValueError(f"belief model ({model.lik.shape[1]} bins, {model.law.shape[0]} "
+                         f"arrival states) does not match the ceiling ({G} bins, {A} states)")
+    S, L = streams.shape
     N, P, M = bucket
     n, total, count, hist = simulate.walk_start(bucket, S)
-    for k0, k1, thr in belief_thresholds(model, ceiling, streams, bucket):
-        send = streams.raw_metric[:, k0:k1, None] >= thr
-        walk_block(send, streams.reward, streams.interarrival, k0, n, total, count, hist,
-                   N, P, M)
-    return simulate.SimResult.from_totals(name, streams, total, count, token_hist=hist)
+    dec = np.zeros((S, L), np.uint8) if trace else None
+    tok = np.zeros((S, L), np.int32) if trace else None
+    for k0, _, pg, pa in posteriors(model, streams):
+        for j in range(pg.shape[1]):
+            k = k0 + j
+            ok = n >= P
+            thr = expected_threshold(ceiling.theta, pg[:, j], pa[:, j], np.where(ok, n, P))
+            a = ok & (streams.raw_metric[:, k] >= thr)
+            np.add.at(hist, n, 1)
+            if trace:
+                dec[:, k], tok[:, k] = a, n
+            total += np.where(a, streams.reward[:, k], 0.0)
+            count += a
+            n = np.minimum(M, n - P * a + N * streams.interarrival[:, k])
+    res = simulate.SimResult.from_totals(name, streams, total, count, token_hist=hist)
+    res.decisions, res.tokens = dec, tok
+    return res

@@ -59,14 +59,18 @@ def test_hand_worked_two_bins():
     # predicted 0.5 * 1 + 0.5 * 0.5 = 0.75 for bin {0, 1}; seeing 0 is as likely from both
     np.testing.assert_allclose(post[1], [0.75, 0.25])
     np.testing.assert_allclose(post[2], [0.0, 1.0])     # 3 only from {2, 3}
-    # The thresholds average the ceiling's over the belief: 0.2 in bin 0, 0.6 in bin 1.
-    theta = np.full((2, 1, 3), np.inf)
-    theta[0, 0, 2], theta[1, 0, 2] = 0.2, 0.6
+    # The thresholds average the ceiling's over the belief: 0.2 in bin 0, 0.6 in bin 1, so
+    # 0.2, 0.75 * 0.2 + 0.25 * 0.6 = 0.3 and 0.6 at the three images.
+    theta = np.full((2, 1, 5), np.inf)
+    theta[0, 0, 2:], theta[1, 0, 2:] = 0.2, 0.6
     c = ceiling.Ceiling(theta, 4, 2, 1, True)
+    np.testing.assert_allclose(belief.expected_threshold(theta, post, np.ones((3, 1)),
+                                                         np.full(3, 2)), [0.2, 0.3, 0.6])
+    # (N, P, M) = (1, 2, 4): every image finds a token; expected rewards 0.3, 0.29, 0.7
     st = simulate.Streams(np.array([[1.0, 0.0, 3.0]]), np.zeros((1, 3)), np.zeros((1, 3)),
-                          np.ones((1, 3), np.int64), np.array([[0.3, 0.3, 0.7]]))
-    (k0, k1, thr), = belief.belief_thresholds(model, c, st, Bucket(1, 2, 2))
-    np.testing.assert_allclose(thr[0, :, 0], [0.2, 0.75 * 0.2 + 0.25 * 0.6, 0.6])
+                          np.ones((1, 3), np.int64), np.array([[0.3, 0.29, 0.7]]))
+    res = belief.run_belief(model, c, st, Bucket(1, 2, 4), trace=True)
+    assert res.decisions[0].tolist() == [1, 0, 1] and res.tokens[0].tolist() == [4, 3, 4]
 
 
 def _brute_locations(obs_positions, n, spread, rho, groups):
