@@ -105,11 +105,12 @@ def test_time_to_quality_on_a_synthetic_curve():
     assert never["iteration"] is None and never["final_gain"] == pytest.approx(-0.0005)
 
 
-def test_quick_preset_converges_and_the_old_stopping_is_one_option_away():
+def test_the_convergence_stop_is_opt_in_and_one_option_away():
+    # measured too early in one setting (docs/dqn.md), so neither preset turns it on
     q = dqn.preset("quick")
-    assert q.converge_window > 0 and q.time_limit == 300
-    old = dqn.preset("quick", converge_window=0, time_limit=480.0)
-    assert old.converge_window == 0 and old.patience == q.patience
+    assert q.converge_window == 0 and q.time_limit == 480
+    rule = dqn.preset("quick", converge_window=20, time_limit=300.0)
+    assert rule.converge_window == 20 and rule.patience == q.patience
     assert dqn.DQNConfig().converge_window == 0 and dqn.preset("paper").converge_window == 0
     with pytest.raises(ValueError, match="converge_tol"):
         dqn.DQNConfig(converge_tol=0.0).validate()

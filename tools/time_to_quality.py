@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Time to quality of ``offload-train dqn``: the quick preset against the one before it, per setting.
+"""Time to quality of ``offload-train dqn``: the quick preset with and without the convergence stop, per setting.
 
 For each setting (default: the two of issue 22's table, then the Fig. 7 and
 Fig. 10 settings of docs/dqn.md) the script runs ``offload-train dqn
 --preset quick`` twice, one run after the other (so they do not share the
-cores): as the preset is now (``new``: stops when validation has converged,
-300 s at most) and as it was before issue 22 (``old``: ``--converge-window 0
---time-limit 480``, the learning-rate schedule's own stop). From each run's
+cores): with the convergence stop (``converge``: ``--converge-window 20
+--converge-tol 0.002 --converge-decays 1 --time-limit 300``, stops when
+validation has converged, 300 s at most) and as the preset is
+(``quick``: the learning-rate schedule's own stop, 480 s at most). From each run's
 report (``POLICY.json``) it prints and writes a Markdown table: why training
 stopped, training seconds and iterations, when validation first reached 99%
 of the final best gain over Baseline (``training.time_to_quality``), and the
@@ -14,7 +15,7 @@ int8 DQN's test shares of the metric oracle's, the ceiling's and, where the
 report has it, the belief policy's gain over Baseline.
 
     .venv/bin/python tools/time_to_quality.py --out ttq                   # 8 runs, ~50 min on 2 cores
-    .venv/bin/python tools/time_to_quality.py --out ttq --setting fig7 --preset new
+    .venv/bin/python tools/time_to_quality.py --out ttq --setting fig7 --preset converge
     .venv/bin/python tools/time_to_quality.py --out ttq-smoke -- --iterations 50 --test-streams 2
 
 Arguments after ``--`` go to every ``offload-train dqn`` run (a profile,
@@ -52,8 +53,9 @@ SETTINGS = {
 }
 
 #: The preset as it is, and as it was before issue 22, as options of --preset quick.
-PRESETS = {"new": "--preset quick",
-           "old": "--preset quick --converge-window 0 --time-limit 480"}
+PRESETS = {"converge": "--preset quick --converge-window 20 --converge-tol 0.002 "
+                  "--converge-decays 1 --time-limit 300",
+           "quick": "--preset quick"}
 
 _SHARES = (("oracle-metric", "metric oracle"), ("ceiling", "ceiling"), ("belief", "belief"))
 
@@ -132,7 +134,7 @@ def main(argv=None):
                     help="A setting to run (repeatable; default: all, in this order: "
                          + ", ".join(SETTINGS) + ").")
     ap.add_argument("--preset", action="append", choices=list(PRESETS),
-                    help="new: the quick preset; old: the quick preset before issue 22 "
+                    help="converge: the quick preset with the convergence stop; quick: the quick preset "
                          "(repeatable; default: both).")
     ap.add_argument("--fresh", action="store_true", help="Rerun runs whose report exists.")
     args = ap.parse_args(argv)

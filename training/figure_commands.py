@@ -34,7 +34,7 @@ __all__ = ["sweep", "plot", "table", "trace"]
 @click.option("--scale", type=click.Choice(["smoke", "quick", "paper"]), default="quick",
               show_default=True,
               help="paper: the figure's full grid, published schedule; quick: a reduced grid, "
-                   "the quick preset's training per point; smoke: the quick grid in seconds "
+                   "at most 240 s of training per point; smoke: the quick grid in seconds "
                    "(tests).")
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Points run at once in local processes (default: the number of cores; "
